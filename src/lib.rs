@@ -1,0 +1,49 @@
+//! pharox: a lease engine for pools of upstream proxies, and the daemon built on it.
+//!
+//! Module map:
+//! - [`model`]: pools, proxies, consumers, leases, pool statistics.
+//! - [`filter`]: the filter language (scalar fields, geo radius, combinators, predicates).
+//! - [`selector`]: selector strategies.
+//! - [`storage`]: the storage contract and the in-memory backend.
+//! - [`manager`]: [`ProxyManager`] (acquire, retry, release, renew, cleanup, callbacks) and
+//!   [`LeaseGuard`].
+//! - [`retry`]: retry policy and the clock/sleeper seams.
+//! - [`events`]: acquire and release event payloads.
+//!
+//! ```
+//! use pharox::{AcquireRequest, InMemoryStorage, Pool, Proxy, ProxyManager, ProxyProtocol, Storage};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let manager = ProxyManager::new(InMemoryStorage::new());
+//! manager.storage().upsert_pool(Pool::new("latam")).await?;
+//! let proxy = Proxy::new("p1", "latam", ProxyProtocol::Http, "10.0.0.1", 8080);
+//! manager.storage().upsert_proxy(proxy.with_max_concurrency(Some(1))).await?;
+//!
+//! let lease = manager.acquire_proxy(&AcquireRequest::new("latam")).await?.expect("free");
+//! assert!(manager.acquire_proxy(&AcquireRequest::new("latam")).await?.is_none());
+//! manager.release_proxy(&lease).await?;
+//! # Ok::<(), pharox::LeaseError>(())
+//! # }).unwrap();
+//! ```
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms, missing_docs)]
+
+pub mod events;
+pub mod filter;
+pub mod manager;
+pub mod model;
+pub mod retry;
+pub mod selector;
+pub mod storage;
+
+pub use events::{AcquireEvent, ReleaseEvent};
+pub use filter::{Filter, FilterError};
+pub use manager::{LeaseGuard, ProxyManager, SweeperHandle};
+pub use model::{
+    Consumer, Credentials, DEFAULT_CONSUMER_NAME, Lease, LeaseId, LeaseStatus, Pool, PoolStats,
+    Proxy, ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus, Secret,
+};
+pub use retry::{Clock, RetryPolicy, Sleeper};
+pub use selector::Selector;
+pub use storage::{AcquireRequest, InMemoryStorage, LeaseError, Storage};

@@ -1,0 +1,467 @@
+//! The lease engine's data model: pools, proxies, consumers, leases and pool statistics.
+//!
+//! These are plain values. The storage owns the live state (lease counts, the lease table);
+//! what callers hold are snapshots. Secrets are wrapped in [`Secret`] so that `Debug` output
+//! and logs never show them.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use serde::{Serialize, Serializer};
+use tokio::time::Instant;
+
+/// Name of the consumer used when a caller does not name one. It always exists.
+pub const DEFAULT_CONSUMER_NAME: &str = "default";
+
+/// A string that must never be printed: `Debug` and `Display` show `***`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that must send it (never for logging).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True when the secret is the empty string.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Stable identifier of a proxy, unique across all pools. Ordered as a string; the
+/// `round_robin` selector visits proxies in this order.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProxyId(Arc<str>);
+
+impl ProxyId {
+    /// Makes an id from any string.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        Self(id.into())
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ProxyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for ProxyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Borrow<str> for ProxyId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for ProxyId {
+    fn from(s: &str) -> Self {
+        Self::new(s)
+    }
+}
+
+impl Serialize for ProxyId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// Identifier of a lease: 64 bits, shown as 16 hex digits. Unique within a process; the
+/// sequence starts at a random point so that ids from two runs rarely meet.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(u64);
+
+impl LeaseId {
+    /// The next id of this process.
+    pub fn next() -> Self {
+        static NEXT: LazyLock<AtomicU64> =
+            LazyLock::new(|| AtomicU64::new(fastrand::u64(1 << 32..1 << 62)));
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The raw value.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// Builds an id from its raw value (for storage backends and tests).
+    pub fn from_raw(raw: u64) -> Self {
+        Self(raw)
+    }
+}
+
+impl fmt::Debug for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaseId({:016x})", self.0)
+    }
+}
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl FromStr for LeaseId {
+    type Err = std::num::ParseIntError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        u64::from_str_radix(s, 16).map(Self)
+    }
+}
+
+impl Serialize for LeaseId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Defines a string-valued enum with `FromStr`, `Display` and `Serialize` in snake_case.
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The canonical lower-case name.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl ::std::str::FromStr for $name {
+            type Err = $crate::model::UnknownName;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err($crate::model::UnknownName {
+                        what: stringify!($name),
+                        got: s.to_owned(),
+                        expected: &[$($text),+],
+                    }),
+                }
+            }
+        }
+
+        impl<'de> ::serde::Deserialize<'de> for $name {
+            fn deserialize<D: ::serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <::std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(::serde::de::Error::custom)
+            }
+        }
+
+        impl ::serde::Serialize for $name {
+            fn serialize<S: ::serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use string_enum;
+
+/// A name that is not one of an enum's values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} `{got}` (expected one of: {})", expected.join(", "))]
+pub struct UnknownName {
+    /// The kind of value.
+    pub what: &'static str,
+    /// What was given.
+    pub got: String,
+    /// The accepted names.
+    pub expected: &'static [&'static str],
+}
+
+string_enum! {
+    /// Health of a proxy. Only `Active` proxies are leased.
+    ProxyStatus {
+        /// Usable.
+        Active = "active",
+        /// Not usable (unreachable or not yet checked).
+        Inactive = "inactive",
+        /// Reachable but slower than the configured threshold.
+        Slow = "slow",
+        /// Taken out of rotation by an operator or a consumer report.
+        Banned = "banned",
+    }
+}
+
+string_enum! {
+    /// How the daemon talks to an upstream.
+    ProxyProtocol {
+        /// HTTP proxy: CONNECT for tunnels, absolute-form requests for plain HTTP.
+        Http = "http",
+        /// HTTP proxy reached over TLS.
+        Https = "https",
+        /// SOCKS5 proxy; target names are resolved locally.
+        Socks5 = "socks5",
+        /// SOCKS5 proxy; target names are resolved by the proxy.
+        Socks5h = "socks5h",
+        /// No proxy: connect to the target from this host.
+        Direct = "direct",
+    }
+}
+
+/// Credentials of an upstream proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name, sent as is.
+    pub username: String,
+    /// Password; never printed.
+    pub password: Secret,
+}
+
+impl Credentials {
+    /// Builds credentials from a user name and a password.
+    pub fn new(username: impl Into<String>, password: impl Into<String>) -> Self {
+        Self { username: username.into(), password: Secret::new(password) }
+    }
+}
+
+/// A named set of proxies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Pool {
+    /// Unique name.
+    pub name: String,
+    /// Free text for operators.
+    pub description: Option<String>,
+}
+
+impl Pool {
+    /// A pool with a name and no description.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into(), description: None }
+    }
+}
+
+/// An upstream proxy as the inventory describes it. Live figures (lease count, draining)
+/// are in [`ProxyInfo`]; a proxy's lease count survives any update of this record.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    /// Unique id across all pools.
+    pub id: ProxyId,
+    /// Name of the pool the proxy belongs to.
+    pub pool: String,
+    /// Host name or IP literal (empty for `direct`).
+    pub host: String,
+    /// Port (0 for `direct`).
+    pub port: u16,
+    /// How to talk to it.
+    pub protocol: ProxyProtocol,
+    /// Credentials for the upstream, if it needs them.
+    pub credentials: Option<Credentials>,
+    /// Health status; only `Active` proxies are leased. Default: `Active`.
+    pub status: ProxyStatus,
+    /// Maximum simultaneous leases: `None` unlimited, 1 exclusive, N shared.
+    pub max_concurrency: Option<u32>,
+    /// When the proxy was last checked; `least_used` prefers the oldest on ties.
+    pub checked_at: SystemTime,
+    /// Provider or origin of the proxy.
+    pub source: Option<String>,
+    /// ISO country code, upper-cased on input.
+    pub country: Option<String>,
+    /// City name (compared exactly).
+    pub city: Option<String>,
+    /// Internet service provider (compared exactly).
+    pub isp: Option<String>,
+    /// Autonomous system number.
+    pub asn: Option<u32>,
+    /// Latitude in degrees.
+    pub latitude: Option<f64>,
+    /// Longitude in degrees.
+    pub longitude: Option<f64>,
+    /// Last measured latency; `lowest_latency` puts unmeasured proxies last.
+    pub latency: Option<Duration>,
+}
+
+impl Proxy {
+    /// An active proxy with no limit and no metadata.
+    pub fn new(
+        id: impl Into<ProxyId>,
+        pool: impl Into<String>,
+        protocol: ProxyProtocol,
+        host: impl Into<String>,
+        port: u16,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            pool: pool.into(),
+            host: host.into(),
+            port,
+            protocol,
+            credentials: None,
+            status: ProxyStatus::Active,
+            max_concurrency: None,
+            checked_at: SystemTime::UNIX_EPOCH,
+            source: None,
+            country: None,
+            city: None,
+            isp: None,
+            asn: None,
+            latitude: None,
+            longitude: None,
+            latency: None,
+        }
+    }
+
+    /// The same proxy with a concurrency cap.
+    pub fn with_max_concurrency(mut self, max: Option<u32>) -> Self {
+        self.max_concurrency = max;
+        self
+    }
+
+    /// The same proxy with a status.
+    pub fn with_status(mut self, status: ProxyStatus) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// The same proxy with a country (upper-cased).
+    pub fn with_country(mut self, country: &str) -> Self {
+        self.country = Some(country.to_ascii_uppercase());
+        self
+    }
+
+    /// `host:port`, with brackets around IPv6 literals.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Normalises input values in place (country codes to upper case).
+    pub(crate) fn normalise(&mut self) {
+        if let Some(c) = &mut self.country {
+            c.make_ascii_uppercase();
+        }
+    }
+}
+
+impl From<String> for ProxyId {
+    fn from(s: String) -> Self {
+        Self::new(s)
+    }
+}
+
+/// A proxy with its live figures, as the storage reports it.
+#[derive(Clone, Debug)]
+pub struct ProxyInfo {
+    /// The inventory record.
+    pub proxy: Arc<Proxy>,
+    /// Live leases on this proxy.
+    pub current_leases: u32,
+    /// Removed from the inventory but still carrying leases: no new leases.
+    pub draining: bool,
+}
+
+/// A consumer: whoever leases proxies. Only a name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Consumer {
+    /// Unique name.
+    pub name: Arc<str>,
+}
+
+string_enum! {
+    /// State of a lease.
+    LeaseStatus {
+        /// Held.
+        Active = "active",
+        /// Given back by its holder (or by an operator).
+        Released = "released",
+        /// Released by cleanup because it was not renewed in time.
+        Expired = "expired",
+    }
+}
+
+/// A lease on one proxy. The value is a snapshot: releasing does not change the copy a
+/// caller holds; the storage knows the live state.
+#[derive(Clone, Debug, Serialize)]
+pub struct Lease {
+    /// Unique id.
+    pub id: LeaseId,
+    /// The leased proxy's id.
+    pub proxy_id: ProxyId,
+    /// The pool it was leased from.
+    pub pool_name: Arc<str>,
+    /// Who holds it.
+    pub consumer_name: Arc<str>,
+    /// When it was acquired (monotonic).
+    #[serde(skip)]
+    pub acquired_at: Instant,
+    /// When it expires unless renewed (monotonic).
+    #[serde(skip)]
+    pub expires_at: Instant,
+    /// When it was acquired (wall clock, for display).
+    #[serde(serialize_with = "ser_unix_seconds")]
+    pub acquired_wall: SystemTime,
+    /// Status at the time of this snapshot.
+    pub status: LeaseStatus,
+    /// The leased proxy's connection details, as they were when the lease was made.
+    #[serde(skip)]
+    pub proxy: Arc<Proxy>,
+}
+
+fn ser_unix_seconds<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    s.serialize_f64(secs)
+}
+
+/// Counters of one pool at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PoolStats {
+    /// The pool's name.
+    pub pool_name: Arc<str>,
+    /// Proxies in the inventory (draining ones excluded).
+    pub total: u32,
+    /// Of those, with status `active`.
+    pub active: u32,
+    /// Active proxies with a free slot (what a lease could get right now).
+    pub available: u32,
+    /// Proxies carrying at least one lease (draining ones included).
+    pub leased: u32,
+    /// Live leases in the pool.
+    pub total_leases: u64,
+}

@@ -1,0 +1,27 @@
+//! Selector strategies: which eligible proxy of a pool a lease gets.
+//!
+//! The strategies only name an order; the storage keeps an index per order so that a choice
+//! costs O(log n) in the pool size (see `storage::memory`).
+
+use crate::model::string_enum;
+
+string_enum! {
+    /// How to choose among the eligible proxies of a pool. Default: `first_available`.
+    #[derive(Default)]
+    Selector {
+        /// The first eligible proxy in inventory order (the order proxies were added).
+        #[default]
+        FirstAvailable = "first_available",
+        /// The fewest live leases; ties go to the oldest `checked_at`, then the smallest id.
+        LeastUsed = "least_used",
+        /// The next proxy by id after the one chosen last in this pool, wrapping around. The
+        /// position is a proxy id, so proxies becoming (in)eligible neither skip nor repeat
+        /// the others.
+        RoundRobin = "round_robin",
+        /// The lowest measured latency, then the fewest leases, then the smallest id;
+        /// unmeasured proxies come last.
+        LowestLatency = "lowest_latency",
+        /// Uniformly at random among the eligible proxies.
+        Random = "random",
+    }
+}

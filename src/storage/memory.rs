@@ -1,0 +1,331 @@
+//! [`InMemoryStorage`]: the embedded storage backend.
+//!
+//! Pools live in a `DashMap` (sharded, no global lock); each pool's state sits behind its own
+//! mutex, held for one short, allocation-free critical section per operation and never across
+//! an `.await`. Find and lease happen in that one critical section, which is what makes
+//! acquire atomic. See `pool.rs` for the per-pool indexes that keep a choice O(log n).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dashmap::DashMap;
+use tokio::time::Instant;
+
+use super::pool::{Freed, Pick, PoolState};
+use super::{AcquireRequest, Acquired, CapacitySignal, LeaseError, Released, Storage};
+use crate::model::{
+    Consumer, DEFAULT_CONSUMER_NAME, Lease, LeaseId, LeaseStatus, Pool, PoolStats, Proxy,
+    ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus,
+};
+
+/// One pool: its state and its capacity signal.
+struct PoolEntry {
+    state: Mutex<PoolState>,
+    signal: Arc<CapacitySignal>,
+}
+
+impl PoolEntry {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // The state is only mutated through methods that do not panic midway; a poisoned
+        // lock (a panic elsewhere while holding it) leaves it consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The in-memory storage. Cheap to clone: clones share the same state.
+#[derive(Clone)]
+pub struct InMemoryStorage {
+    pools: Arc<DashMap<Arc<str>, Arc<PoolEntry>>>,
+    consumers: Arc<DashMap<Arc<str>, Consumer>>,
+}
+
+impl Default for InMemoryStorage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for InMemoryStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryStorage").field("pools", &self.pools.len()).finish()
+    }
+}
+
+impl InMemoryStorage {
+    /// An empty storage with the default consumer.
+    pub fn new() -> Self {
+        let consumers = DashMap::new();
+        let name: Arc<str> = DEFAULT_CONSUMER_NAME.into();
+        consumers.insert(name.clone(), Consumer { name });
+        Self { pools: Arc::new(DashMap::new()), consumers: Arc::new(consumers) }
+    }
+
+    fn pool(&self, name: &str) -> Option<Arc<PoolEntry>> {
+        self.pools.get(name).map(|e| e.value().clone())
+    }
+
+    fn all_pools(&self) -> Vec<Arc<PoolEntry>> {
+        self.pools.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Forgets a removed pool once its last lease is gone.
+    fn forget_if_gone(&self, entry: &Arc<PoolEntry>, state: &PoolState) {
+        if state.is_gone() {
+            self.pools.remove_if(&**state.name(), |_, e| Arc::ptr_eq(e, entry));
+        }
+    }
+
+    fn intern_consumer(&self, name: &Arc<str>) {
+        if !self.consumers.contains_key(&**name) {
+            self.consumers.entry(name.clone()).or_insert_with(|| Consumer { name: name.clone() });
+        }
+    }
+
+    /// Releases one live lease of `entry`.
+    fn release_in(
+        &self,
+        entry: &Arc<PoolEntry>,
+        id: LeaseId,
+        now: Instant,
+    ) -> Option<Released> {
+        let freed = {
+            let mut state = entry.lock();
+            let freed = state.release(id, LeaseStatus::Released);
+            self.forget_if_gone(entry, &state);
+            freed
+        }?;
+        entry.signal.notify();
+        Some(released(freed, now))
+    }
+
+    /// Finds the pool holding a proxy id.
+    fn pool_of(&self, id: &ProxyId) -> Option<Arc<PoolEntry>> {
+        self.all_pools().into_iter().find(|e| e.lock().proxy(id).is_some())
+    }
+}
+
+fn released(freed: Freed, now: Instant) -> Released {
+    Released { lease: freed.lease, released_at: now, stats: freed.stats }
+}
+
+/// Rejects records the engine cannot work with.
+fn validate_proxy(p: &Proxy) -> Result<(), LeaseError> {
+    let bad = |reason: &str| {
+        Err(LeaseError::InvalidProxy { id: p.id.clone(), reason: reason.to_owned() })
+    };
+    if p.id.as_str().is_empty() {
+        return bad("empty id");
+    }
+    if p.max_concurrency == Some(0) {
+        return bad("max_concurrency must be at least 1 (omit it for unlimited)");
+    }
+    if p.protocol != ProxyProtocol::Direct && (p.host.is_empty() || p.port == 0) {
+        return bad("host and a non-zero port are required");
+    }
+    match (p.latitude, p.longitude) {
+        (Some(lat), Some(lon)) if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) => {}
+        (None, None) => {}
+        (Some(_), Some(_)) => return bad("coordinates out of range"),
+        _ => return bad("latitude and longitude must be given together"),
+    }
+    if [&p.country, &p.city, &p.source, &p.isp].iter().any(|v| v.as_deref() == Some("")) {
+        return bad("empty metadata value");
+    }
+    Ok(())
+}
+
+impl Storage for InMemoryStorage {
+    async fn acquire(&self, req: &AcquireRequest, now: Instant) -> Result<Acquired, LeaseError> {
+        if req.duration.is_zero() {
+            return Err(LeaseError::InvalidDuration);
+        }
+        let entry = self.pool(&req.pool).ok_or_else(|| LeaseError::UnknownPool(req.pool.to_string()))?;
+        let default_consumer;
+        let consumer = match &req.consumer {
+            Some(name) => {
+                self.intern_consumer(name);
+                name
+            }
+            None => {
+                default_consumer = Arc::from(DEFAULT_CONSUMER_NAME);
+                &default_consumer
+            }
+        };
+        let pick = Pick {
+            selector: req.selector,
+            filter: req.filter.as_deref(),
+            consumer,
+            duration: req.duration,
+            now,
+        };
+        let mut expired = Vec::new();
+        let (lease, stats) = {
+            let mut state = entry.lock();
+            if state.removed {
+                return Err(LeaseError::UnknownPool(req.pool.to_string()));
+            }
+            state.sweep(now, &mut expired);
+            let lease = state.acquire(&pick);
+            (lease, state.stats())
+        };
+        if !expired.is_empty() {
+            entry.signal.notify();
+        }
+        let expired = expired.into_iter().map(|f| released(f, now)).collect();
+        Ok(Acquired { lease, stats, expired })
+    }
+
+    async fn release(&self, lease: &Lease, now: Instant) -> Result<Option<Released>, LeaseError> {
+        Ok(self.pool(&lease.pool_name).and_then(|entry| self.release_in(&entry, lease.id, now)))
+    }
+
+    async fn release_by_id(&self, id: LeaseId, now: Instant) -> Result<Option<Released>, LeaseError> {
+        let entry = self.all_pools().into_iter().find(|e| e.lock().lease(id).is_some());
+        Ok(entry.and_then(|entry| self.release_in(&entry, id, now)))
+    }
+
+    async fn renew(&self, lease: &Lease, expires_at: Instant) -> Result<Option<Lease>, LeaseError> {
+        Ok(self.pool(&lease.pool_name).and_then(|e| e.lock().renew(lease.id, expires_at)))
+    }
+
+    async fn cleanup_expired(&self, now: Instant) -> Result<Vec<Released>, LeaseError> {
+        let mut out = Vec::new();
+        for entry in self.all_pools() {
+            let mut freed = Vec::new();
+            {
+                let mut state = entry.lock();
+                state.sweep(now, &mut freed);
+                self.forget_if_gone(&entry, &state);
+            }
+            if !freed.is_empty() {
+                entry.signal.notify();
+            }
+            out.extend(freed.into_iter().map(|f| released(f, now)));
+        }
+        Ok(out)
+    }
+
+    async fn pool_stats(&self, pool: &str) -> Result<Option<PoolStats>, LeaseError> {
+        Ok(self.pool(pool).map(|e| e.lock().stats()).filter(|s| self.pool(&s.pool_name).is_some()))
+    }
+
+    async fn list_pools(&self) -> Result<Vec<(Pool, PoolStats)>, LeaseError> {
+        let mut pools: Vec<(Pool, PoolStats)> = self
+            .all_pools()
+            .iter()
+            .filter_map(|e| {
+                let state = e.lock();
+                let pool = Pool {
+                    name: state.name().to_string(),
+                    description: state.description().map(str::to_owned),
+                };
+                (!state.removed).then(|| (pool, state.stats()))
+            })
+            .collect();
+        pools.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        Ok(pools)
+    }
+
+    async fn upsert_pool(&self, pool: Pool) -> Result<(), LeaseError> {
+        let entry = self
+            .pools
+            .entry(Arc::from(pool.name.as_str()))
+            .or_insert_with(|| {
+                Arc::new(PoolEntry {
+                    state: Mutex::new(PoolState::new(pool.name.as_str().into(), None)),
+                    signal: Arc::default(),
+                })
+            })
+            .value()
+            .clone();
+        let mut state = entry.lock();
+        state.removed = false;
+        state.set_description(pool.description);
+        Ok(())
+    }
+
+    async fn remove_pool(&self, name: &str) -> Result<bool, LeaseError> {
+        let Some(entry) = self.pool(name) else { return Ok(false) };
+        let mut state = entry.lock();
+        if state.removed {
+            return Ok(false);
+        }
+        state.drain_all();
+        self.forget_if_gone(&entry, &state);
+        Ok(true)
+    }
+
+    async fn upsert_proxy(&self, proxy: Proxy) -> Result<(), LeaseError> {
+        validate_proxy(&proxy)?;
+        let entry = self.pool(&proxy.pool).ok_or_else(|| LeaseError::UnknownPool(proxy.pool.clone()))?;
+        if let Some(other) = self.pool_of(&proxy.id)
+            && !Arc::ptr_eq(&other, &entry)
+        {
+            let reason = format!("already belongs to pool `{}`", other.lock().name());
+            return Err(LeaseError::InvalidProxy { id: proxy.id.clone(), reason });
+        }
+        {
+            let mut state = entry.lock();
+            if state.removed {
+                return Err(LeaseError::UnknownPool(proxy.pool.clone()));
+            }
+            state.upsert(proxy);
+        }
+        entry.signal.notify();
+        Ok(())
+    }
+
+    async fn remove_proxy(&self, id: &ProxyId) -> Result<bool, LeaseError> {
+        let Some(entry) = self.pool_of(id) else { return Ok(false) };
+        let removed = entry.lock().remove(id);
+        Ok(removed)
+    }
+
+    async fn set_proxy_status(
+        &self,
+        id: &ProxyId,
+        status: ProxyStatus,
+    ) -> Result<ProxyStatus, LeaseError> {
+        let entry = self.pool_of(id).ok_or_else(|| LeaseError::UnknownProxy(id.clone()))?;
+        let old = entry.lock().set_status(id, status).ok_or_else(|| LeaseError::UnknownProxy(id.clone()))?;
+        if status == ProxyStatus::Active && old != status {
+            entry.signal.notify();
+        }
+        Ok(old)
+    }
+
+    async fn get_proxy(&self, id: &ProxyId) -> Result<Option<ProxyInfo>, LeaseError> {
+        Ok(self.all_pools().iter().find_map(|e| e.lock().proxy(id)))
+    }
+
+    async fn list_proxies(&self, pool: &str) -> Result<Vec<ProxyInfo>, LeaseError> {
+        let entry = self.pool(pool).ok_or_else(|| LeaseError::UnknownPool(pool.to_owned()))?;
+        let proxies = entry.lock().proxies();
+        Ok(proxies)
+    }
+
+    async fn get_lease(&self, id: LeaseId) -> Result<Option<Lease>, LeaseError> {
+        Ok(self.all_pools().iter().find_map(|e| e.lock().lease(id)))
+    }
+
+    async fn list_leases(&self, pool: Option<&str>) -> Result<Vec<Lease>, LeaseError> {
+        let entries = match pool {
+            Some(name) => self.pool(name).into_iter().collect(),
+            None => self.all_pools(),
+        };
+        let mut leases: Vec<Lease> =
+            entries.iter().flat_map(|e| e.lock().leases().cloned().collect::<Vec<_>>()).collect();
+        leases.sort_by_key(|l| (l.acquired_at, l.id));
+        Ok(leases)
+    }
+
+    async fn ensure_consumer(&self, name: &str) -> Result<Consumer, LeaseError> {
+        let name = if name.is_empty() { DEFAULT_CONSUMER_NAME } else { name };
+        let consumer =
+            self.consumers.entry(Arc::from(name)).or_insert_with(|| Consumer { name: name.into() });
+        Ok(consumer.value().clone())
+    }
+
+    fn capacity_signal(&self, pool: &str) -> Option<Arc<CapacitySignal>> {
+        self.pool(pool).map(|e| e.signal.clone())
+    }
+}

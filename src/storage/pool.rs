@@ -1,0 +1,634 @@
+//! One pool's live state inside the in-memory storage: its proxies (slots), its live leases,
+//! its counters and the selector indexes.
+//!
+//! Everything here runs under the pool's mutex, without allocation on the common path and
+//! never across an `.await`. The selector indexes hold only *eligible* slots (active, not
+//! draining, below their cap), one ordered set per selector order, per *view*. A view is the
+//! subset of the pool matching an [`IndexKey`] (view 0 is the whole pool); views and their
+//! indexes are built the first time a key or selector is used, then kept up to date on every
+//! change of a slot, so a choice is the first element of a set: O(log n).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use smallvec::SmallVec;
+use tokio::time::Instant;
+
+use crate::filter::{Filter, IndexKey};
+use crate::model::{
+    Lease, LeaseId, LeaseStatus, PoolStats, Proxy, ProxyId, ProxyInfo, ProxyStatus,
+};
+use crate::selector::Selector;
+
+/// Most views a pool keeps; filters with other keys fall back to scanning view 0.
+const MAX_VIEWS: usize = 256;
+
+/// A proxy of the pool with its live figures.
+struct Slot {
+    proxy: Arc<Proxy>,
+    leases: u32,
+    draining: bool,
+    /// Views this slot belongs to (always includes view 0).
+    views: SmallVec<[u16; 4]>,
+}
+
+impl Slot {
+    fn eligible(&self) -> bool {
+        !self.draining
+            && self.proxy.status == ProxyStatus::Active
+            && self.proxy.max_concurrency.is_none_or(|max| self.leases < max)
+    }
+
+    fn snap(&self) -> Snap {
+        Snap { proxy: self.proxy.clone(), leases: self.leases, eligible: self.eligible() }
+    }
+
+    fn contribution(&self) -> Counters {
+        let listed = !self.draining;
+        let active = listed && self.proxy.status == ProxyStatus::Active;
+        Counters {
+            total: listed as u32,
+            active: active as u32,
+            available: (listed && self.eligible()) as u32,
+            leased: (self.leases > 0) as u32,
+            leases: self.leases as u64,
+        }
+    }
+}
+
+/// What an index needs to know about a slot before or after a change.
+struct Snap {
+    proxy: Arc<Proxy>,
+    leases: u32,
+    eligible: bool,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Counters {
+    total: u32,
+    active: u32,
+    available: u32,
+    leased: u32,
+    leases: u64,
+}
+
+impl Counters {
+    fn add(&mut self, c: Counters) {
+        self.total += c.total;
+        self.active += c.active;
+        self.available += c.available;
+        self.leased += c.leased;
+        self.leases += c.leases;
+    }
+
+    fn sub(&mut self, c: Counters) {
+        self.total -= c.total;
+        self.active -= c.active;
+        self.available -= c.available;
+        self.leased -= c.leased;
+        self.leases -= c.leases;
+    }
+}
+
+/// Sort key of `lowest_latency`: measured latency in µs (unmeasured last), leases, id.
+type LatencyKey = (u64, u32, ProxyId, u32);
+/// Sort key of `least_used`: leases, oldest `checked_at`, id.
+type LeastUsedKey = (u32, SystemTime, ProxyId, u32);
+
+/// The eligible slots of one view in one selector's order.
+enum Index {
+    /// Insertion order (slot number).
+    First(BTreeSet<u32>),
+    /// Id order.
+    Id(BTreeSet<(ProxyId, u32)>),
+    LeastUsed(BTreeSet<LeastUsedKey>),
+    Latency(BTreeSet<LatencyKey>),
+    /// Unordered, for uniform random picks: a vector plus each slot's position in it.
+    Random { items: Vec<u32>, pos: HashMap<u32, usize> },
+}
+
+impl Index {
+    fn new(selector: Selector) -> Self {
+        match selector {
+            Selector::FirstAvailable => Index::First(BTreeSet::new()),
+            Selector::RoundRobin => Index::Id(BTreeSet::new()),
+            Selector::LeastUsed => Index::LeastUsed(BTreeSet::new()),
+            Selector::LowestLatency => Index::Latency(BTreeSet::new()),
+            Selector::Random => Index::Random { items: Vec::new(), pos: HashMap::new() },
+        }
+    }
+
+    /// Does moving from `before` to `after` change this index's key for the slot?
+    fn key_changed(&self, before: &Snap, after: &Snap) -> bool {
+        match self {
+            Index::First(_) | Index::Random { .. } => false,
+            Index::Id(_) => before.proxy.id != after.proxy.id,
+            Index::LeastUsed(_) => {
+                before.leases != after.leases
+                    || before.proxy.checked_at != after.proxy.checked_at
+                    || before.proxy.id != after.proxy.id
+            }
+            Index::Latency(_) => {
+                before.leases != after.leases
+                    || before.proxy.latency != after.proxy.latency
+                    || before.proxy.id != after.proxy.id
+            }
+        }
+    }
+
+    fn insert(&mut self, slot: u32, s: &Snap) {
+        match self {
+            Index::First(set) => {
+                set.insert(slot);
+            }
+            Index::Id(set) => {
+                set.insert((s.proxy.id.clone(), slot));
+            }
+            Index::LeastUsed(set) => {
+                set.insert(least_used_key(slot, s));
+            }
+            Index::Latency(set) => {
+                set.insert(latency_key(slot, s));
+            }
+            Index::Random { items, pos } => {
+                pos.insert(slot, items.len());
+                items.push(slot);
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: u32, s: &Snap) {
+        match self {
+            Index::First(set) => {
+                set.remove(&slot);
+            }
+            Index::Id(set) => {
+                set.remove(&(s.proxy.id.clone(), slot));
+            }
+            Index::LeastUsed(set) => {
+                set.remove(&least_used_key(slot, s));
+            }
+            Index::Latency(set) => {
+                set.remove(&latency_key(slot, s));
+            }
+            Index::Random { items, pos } => {
+                if let Some(i) = pos.remove(&slot) {
+                    items.swap_remove(i);
+                    if let Some(&moved) = items.get(i) {
+                        pos.insert(moved, i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Eligible slots in this index's preference order. `rr_after` is the round-robin
+    /// position (candidates after it first, then from the start); `start` rotates the random
+    /// index.
+    fn candidates<'a>(
+        &'a self,
+        rr_after: Option<&ProxyId>,
+        start: usize,
+    ) -> Box<dyn Iterator<Item = u32> + 'a> {
+        match self {
+            Index::First(set) => Box::new(set.iter().copied()),
+            Index::Id(set) => match rr_after {
+                Some(last) => {
+                    let bound = (last.clone(), u32::MAX);
+                    let after = set.range((std::ops::Bound::Excluded(bound.clone()), std::ops::Bound::Unbounded));
+                    let before = set.range(..=bound);
+                    Box::new(after.chain(before).map(|(_, s)| *s))
+                }
+                None => Box::new(set.iter().map(|(_, s)| *s)),
+            },
+            Index::LeastUsed(set) => Box::new(set.iter().map(|k| k.3)),
+            Index::Latency(set) => Box::new(set.iter().map(|k| k.3)),
+            Index::Random { items, .. } => {
+                let start = if items.is_empty() { 0 } else { start % items.len() };
+                Box::new(items[start..].iter().chain(&items[..start]).copied())
+            }
+        }
+    }
+
+    /// The preferred candidate without a residual filter, without building an iterator.
+    fn first(&self, rr_after: Option<&ProxyId>, start: usize) -> Option<u32> {
+        match self {
+            Index::First(set) => set.first().copied(),
+            Index::Id(set) => {
+                let after = rr_after.and_then(|last| {
+                    let bound = (last.clone(), u32::MAX);
+                    set.range((std::ops::Bound::Excluded(bound), std::ops::Bound::Unbounded)).next()
+                });
+                after.or_else(|| set.first()).map(|(_, s)| *s)
+            }
+            Index::LeastUsed(set) => set.first().map(|k| k.3),
+            Index::Latency(set) => set.first().map(|k| k.3),
+            Index::Random { items, .. } => {
+                (!items.is_empty()).then(|| items[start % items.len()])
+            }
+        }
+    }
+}
+
+fn least_used_key(slot: u32, s: &Snap) -> LeastUsedKey {
+    (s.leases, s.proxy.checked_at, s.proxy.id.clone(), slot)
+}
+
+fn latency_key(slot: u32, s: &Snap) -> LatencyKey {
+    let micros = s.proxy.latency.map_or(u64::MAX, |d| d.as_micros().min(u64::MAX as u128 - 1) as u64);
+    (micros, s.leases, s.proxy.id.clone(), slot)
+}
+
+/// Selector indexes of one subset of the pool.
+struct View {
+    key: IndexKey,
+    /// One index per selector, built on first use.
+    indexes: [Option<Index>; 5],
+}
+
+fn selector_slot(selector: Selector) -> usize {
+    match selector {
+        Selector::FirstAvailable => 0,
+        Selector::LeastUsed => 1,
+        Selector::RoundRobin => 2,
+        Selector::LowestLatency => 3,
+        Selector::Random => 4,
+    }
+}
+
+impl View {
+    fn apply(&mut self, slot: u32, before: Option<&Snap>, after: Option<&Snap>) {
+        for index in self.indexes.iter_mut().flatten() {
+            match (before, after) {
+                (Some(b), Some(a)) if !index.key_changed(b, a) => {}
+                _ => {
+                    if let Some(b) = before {
+                        index.remove(slot, b);
+                    }
+                    if let Some(a) = after {
+                        index.insert(slot, a);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A live lease and the slot it holds.
+struct LiveLease {
+    lease: Lease,
+    slot: u32,
+}
+
+/// What an acquire asks of a pool.
+pub(crate) struct Pick<'a> {
+    pub selector: Selector,
+    pub filter: Option<&'a Filter>,
+    pub consumer: &'a Arc<str>,
+    pub duration: std::time::Duration,
+    pub now: Instant,
+}
+
+/// A lease given back, with the pool's figures right after.
+pub(crate) struct Freed {
+    pub lease: Lease,
+    pub stats: PoolStats,
+}
+
+/// The live state of one pool.
+pub(crate) struct PoolState {
+    name: Arc<str>,
+    description: Option<String>,
+    /// Removed from the inventory; kept until its last lease is released.
+    pub removed: bool,
+    slots: Vec<Option<Slot>>,
+    tombstones: usize,
+    by_id: HashMap<ProxyId, u32>,
+    views: Vec<View>,
+    view_by_key: HashMap<IndexKey, u16>,
+    leases: HashMap<LeaseId, LiveLease>,
+    /// The round-robin position: the id chosen last.
+    rr_last: Option<ProxyId>,
+    /// No lease expires before this instant (a lower bound; `None`: no lease).
+    next_expiry: Option<Instant>,
+    counters: Counters,
+}
+
+impl PoolState {
+    pub fn new(name: Arc<str>, description: Option<String>) -> Self {
+        let all = View { key: IndexKey::default(), indexes: Default::default() };
+        Self {
+            name,
+            description,
+            removed: false,
+            slots: Vec::new(),
+            tombstones: 0,
+            by_id: HashMap::new(),
+            views: vec![all],
+            view_by_key: HashMap::from([(IndexKey::default(), 0)]),
+            leases: HashMap::new(),
+            rr_last: None,
+            next_expiry: None,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+
+    pub fn set_description(&mut self, description: Option<String>) {
+        self.description = description;
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let c = self.counters;
+        PoolStats {
+            pool_name: self.name.clone(),
+            total: c.total,
+            active: c.active,
+            available: c.available,
+            leased: c.leased,
+            total_leases: c.leases,
+        }
+    }
+
+    /// Applies `change` to a slot and brings counters and indexes up to date.
+    fn update_slot(&mut self, i: u32, change: impl FnOnce(&mut Slot)) {
+        let slot = self.slots[i as usize].as_mut().expect("live slot");
+        let before = slot.snap();
+        let old_views = slot.views.clone();
+        self.counters.sub(slot.contribution());
+        change(slot);
+        if !Arc::ptr_eq(&before.proxy, &slot.proxy) {
+            slot.views = views_of(&self.views, &slot.proxy);
+        }
+        self.counters.add(slot.contribution());
+        let after = slot.snap();
+        let new_views = slot.views.clone();
+        for &v in old_views.iter().chain(new_views.iter().filter(|v| !old_views.contains(v))) {
+            let was = (before.eligible && old_views.contains(&v)).then_some(&before);
+            let is = (after.eligible && new_views.contains(&v)).then_some(&after);
+            if was.is_some() || is.is_some() {
+                self.views[v as usize].apply(i, was, is);
+            }
+        }
+    }
+
+    /// Inserts or updates a proxy. An existing proxy keeps its lease count; a draining one
+    /// comes back into rotation. Returns true if the pool may have gained capacity.
+    pub fn upsert(&mut self, mut proxy: Proxy) -> bool {
+        proxy.normalise();
+        let proxy = Arc::new(proxy);
+        if let Some(&i) = self.by_id.get(&proxy.id) {
+            self.update_slot(i, |s| {
+                s.proxy = proxy;
+                s.draining = false;
+            });
+            return true;
+        }
+        let i = self.slots.len() as u32;
+        let views = views_of(&self.views, &proxy);
+        self.by_id.insert(proxy.id.clone(), i);
+        self.slots.push(Some(Slot { proxy, leases: 0, draining: true, views }));
+        self.counters.add(self.slots[i as usize].as_ref().map(Slot::contribution).unwrap_or_default());
+        // Enter rotation through the common path, so indexes see it.
+        self.update_slot(i, |s| s.draining = false);
+        true
+    }
+
+    /// Removes a proxy: it drains (no new leases) and disappears with its last lease.
+    pub fn remove(&mut self, id: &ProxyId) -> bool {
+        let Some(&i) = self.by_id.get(id) else { return false };
+        self.update_slot(i, |s| s.draining = true);
+        self.reap(i);
+        true
+    }
+
+    /// Marks every proxy as draining (the pool itself is being removed).
+    pub fn drain_all(&mut self) {
+        self.removed = true;
+        let ids: Vec<ProxyId> = self.by_id.keys().cloned().collect();
+        for id in ids {
+            self.remove(&id);
+        }
+    }
+
+    /// Drops a draining slot once it carries no lease.
+    fn reap(&mut self, i: u32) {
+        let Some(slot) = &self.slots[i as usize] else { return };
+        if !slot.draining || slot.leases > 0 {
+            return;
+        }
+        self.counters.sub(slot.contribution());
+        self.by_id.remove(&slot.proxy.id);
+        self.slots[i as usize] = None;
+        self.tombstones += 1;
+        if self.tombstones > 64 && self.tombstones * 2 > self.slots.len() {
+            self.compact();
+        }
+    }
+
+    /// Renumbers slots without tombstones and rebuilds the views.
+    fn compact(&mut self) {
+        let old = std::mem::take(&mut self.slots);
+        let mut renumber = HashMap::new();
+        for (i, slot) in old.into_iter().enumerate() {
+            if let Some(slot) = slot {
+                renumber.insert(i as u32, self.slots.len() as u32);
+                self.slots.push(Some(slot));
+            }
+        }
+        self.tombstones = 0;
+        for (i, slot) in self.slots.iter().enumerate() {
+            let slot = slot.as_ref().expect("compacted");
+            self.by_id.insert(slot.proxy.id.clone(), i as u32);
+        }
+        for live in self.leases.values_mut() {
+            live.slot = renumber[&live.slot];
+        }
+        for v in 0..self.views.len() {
+            let built: Vec<usize> = (0..5).filter(|&k| self.views[v].indexes[k].is_some()).collect();
+            self.views[v].indexes = Default::default();
+            for k in built {
+                self.build_index(v as u16, Selector::ALL[k]);
+            }
+        }
+    }
+
+    /// Sets a proxy's status. Returns the previous status, or `None` for an unknown id.
+    pub fn set_status(&mut self, id: &ProxyId, status: ProxyStatus) -> Option<ProxyStatus> {
+        let &i = self.by_id.get(id)?;
+        let old = self.slots[i as usize].as_ref()?.proxy.status;
+        if old != status {
+            self.update_slot(i, |s| {
+                let mut p = (*s.proxy).clone();
+                p.status = status;
+                s.proxy = Arc::new(p);
+            });
+        }
+        Some(old)
+    }
+
+    pub fn proxy(&self, id: &ProxyId) -> Option<ProxyInfo> {
+        let &i = self.by_id.get(id)?;
+        self.slots[i as usize].as_ref().map(info)
+    }
+
+    pub fn proxies(&self) -> Vec<ProxyInfo> {
+        self.slots.iter().flatten().map(info).collect()
+    }
+
+    /// Finds an eligible proxy and leases it, in one step.
+    pub fn acquire(&mut self, pick: &Pick<'_>) -> Option<Lease> {
+        let i = self.choose(pick.selector, pick.filter)?;
+        if pick.selector == Selector::RoundRobin {
+            self.rr_last = Some(self.slots[i as usize].as_ref()?.proxy.id.clone());
+        }
+        self.update_slot(i, |s| s.leases += 1);
+        let proxy = self.slots[i as usize].as_ref()?.proxy.clone();
+        let expires_at = pick.now + pick.duration;
+        let lease = Lease {
+            id: LeaseId::next(),
+            proxy_id: proxy.id.clone(),
+            pool_name: self.name.clone(),
+            consumer_name: pick.consumer.clone(),
+            acquired_at: pick.now,
+            expires_at,
+            acquired_wall: SystemTime::now(),
+            status: LeaseStatus::Active,
+            proxy,
+        };
+        self.next_expiry = Some(self.next_expiry.map_or(expires_at, |e| e.min(expires_at)));
+        self.leases.insert(lease.id, LiveLease { lease: lease.clone(), slot: i });
+        Some(lease)
+    }
+
+    /// The slot the selector prefers among eligible proxies matching the filter.
+    fn choose(&mut self, selector: Selector, filter: Option<&Filter>) -> Option<u32> {
+        let key = filter.map(Filter::index_key).unwrap_or_default();
+        let (view, residual) = match self.view_for(&key) {
+            Some(v) => (v, filter.filter(|f| f.has_residual())),
+            None => (0, filter),
+        };
+        let k = selector_slot(selector);
+        if self.views[view as usize].indexes[k].is_none() {
+            self.build_index(view, selector);
+        }
+        let index = self.views[view as usize].indexes[k].as_ref()?;
+        let start = if selector == Selector::Random { fastrand::usize(..) } else { 0 };
+        let rr = self.rr_last.as_ref();
+        match residual {
+            None => index.first(rr, start),
+            Some(f) => index.candidates(rr, start).find(|&s| {
+                self.slots[s as usize].as_ref().is_some_and(|slot| f.matches(&slot.proxy))
+            }),
+        }
+    }
+
+    /// The view for a key, created (with a scan of the slots) on first use.
+    fn view_for(&mut self, key: &IndexKey) -> Option<u16> {
+        if let Some(&v) = self.view_by_key.get(key) {
+            return Some(v);
+        }
+        if self.views.len() >= MAX_VIEWS {
+            return None;
+        }
+        let v = self.views.len() as u16;
+        self.views.push(View { key: key.clone(), indexes: Default::default() });
+        self.view_by_key.insert(key.clone(), v);
+        for slot in self.slots.iter_mut().flatten() {
+            if key.matches(&slot.proxy) {
+                slot.views.push(v);
+            }
+        }
+        Some(v)
+    }
+
+    fn build_index(&mut self, view: u16, selector: Selector) {
+        let mut index = Index::new(selector);
+        for (i, slot) in self.slots.iter().enumerate() {
+            if let Some(slot) = slot
+                && slot.views.contains(&view)
+                && slot.eligible()
+            {
+                index.insert(i as u32, &slot.snap());
+            }
+        }
+        self.views[view as usize].indexes[selector_slot(selector)] = Some(index);
+    }
+
+    /// Gives a lease back. `None` if it is not live (already released, expired, unknown).
+    pub fn release(&mut self, id: LeaseId, status: LeaseStatus) -> Option<Freed> {
+        let LiveLease { mut lease, slot } = self.leases.remove(&id)?;
+        self.update_slot(slot, |s| s.leases -= 1);
+        self.reap(slot);
+        if self.leases.is_empty() {
+            self.next_expiry = None;
+        }
+        lease.status = status;
+        Some(Freed { lease, stats: self.stats() })
+    }
+
+    /// Moves a live lease's expiry. `None` if it is not live.
+    pub fn renew(&mut self, id: LeaseId, expires_at: Instant) -> Option<Lease> {
+        let live = self.leases.get_mut(&id)?;
+        live.lease.expires_at = expires_at;
+        let lease = live.lease.clone();
+        self.next_expiry = Some(self.next_expiry.map_or(expires_at, |e| e.min(expires_at)));
+        Some(lease)
+    }
+
+    pub fn lease(&self, id: LeaseId) -> Option<Lease> {
+        self.leases.get(&id).map(|l| l.lease.clone())
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values().map(|l| &l.lease)
+    }
+
+    /// Is any lease possibly due at `now`? (Cheap check before a sweep.)
+    pub fn expiry_due(&self, now: Instant) -> bool {
+        self.next_expiry.is_some_and(|e| e <= now)
+    }
+
+    /// Releases every lease whose `expires_at <= now`; appends them to `out`.
+    pub fn sweep(&mut self, now: Instant, out: &mut Vec<Freed>) {
+        if !self.expiry_due(now) {
+            return;
+        }
+        let due: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.lease.expires_at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            out.extend(self.release(id, LeaseStatus::Expired));
+        }
+        self.next_expiry = self.leases.values().map(|l| l.lease.expires_at).min();
+    }
+
+    /// True when the pool is removed and nothing holds it any more.
+    pub fn is_gone(&self) -> bool {
+        self.removed && self.leases.is_empty()
+    }
+}
+
+fn views_of(views: &[View], proxy: &Proxy) -> SmallVec<[u16; 4]> {
+    views
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.key.matches(proxy))
+        .map(|(i, _)| i as u16)
+        .collect()
+}
+
+fn info(slot: &Slot) -> ProxyInfo {
+    ProxyInfo { proxy: slot.proxy.clone(), current_leases: slot.leases, draining: slot.draining }
+}
