@@ -176,7 +176,9 @@ impl Filter {
                     return Err(FilterError::BadCoordinate(lat, lon));
                 }
             }
-            (None, None) if self.radius_km.is_some() => return Err(FilterError::RadiusWithoutCenter),
+            (None, None) if self.radius_km.is_some() => {
+                return Err(FilterError::RadiusWithoutCenter);
+            }
             (None, None) => {}
             _ => return Err(FilterError::HalfCoordinate),
         }
@@ -267,10 +269,12 @@ impl IndexKey {
         fn eq(want: &Option<String>, have: &Option<String>) -> bool {
             want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
         }
-        self.country
-            .as_ref()
-            .is_none_or(|w| proxy.country.as_ref().is_some_and(|c| c.eq_ignore_ascii_case(w)))
-            && eq(&self.city, &proxy.city)
+        self.country.as_ref().is_none_or(|w| {
+            proxy
+                .country
+                .as_ref()
+                .is_some_and(|c| c.eq_ignore_ascii_case(w))
+        }) && eq(&self.city, &proxy.city)
             && eq(&self.source, &proxy.source)
             && eq(&self.isp, &proxy.isp)
             && self.asn.is_none_or(|a| proxy.asn == Some(a))

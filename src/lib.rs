@@ -41,8 +41,8 @@ pub use events::{AcquireEvent, ReleaseEvent};
 pub use filter::{Filter, FilterError};
 pub use manager::{LeaseGuard, ProxyManager, SweeperHandle};
 pub use model::{
-    Consumer, Credentials, DEFAULT_CONSUMER_NAME, Lease, LeaseId, LeaseStatus, Pool, PoolStats,
-    Proxy, ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus, Secret,
+    Consumer, Credentials, DEFAULT_CONSUMER_NAME, HealthCheck, Lease, LeaseId, LeaseStatus, Pool,
+    PoolStats, Proxy, ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus, Secret,
 };
 pub use retry::{Clock, RetryPolicy, Sleeper};
 pub use selector::Selector;

@@ -31,7 +31,15 @@ struct Inner<S> {
 
 impl<S: Storage> Clone for ProxyManager<S> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone() }
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: Storage> std::fmt::Debug for ProxyManager<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyManager").finish_non_exhaustive()
     }
 }
 
@@ -43,7 +51,14 @@ impl<S: Storage> ProxyManager<S> {
 
     /// A manager with an injected clock and sleeper (tests).
     pub fn with_time(storage: S, clock: Arc<dyn Clock>, sleeper: Arc<dyn Sleeper>) -> Self {
-        Self { inner: Arc::new(Inner { storage, clock, sleeper, callbacks: Callbacks::default() }) }
+        Self {
+            inner: Arc::new(Inner {
+                storage,
+                clock,
+                sleeper,
+                callbacks: Callbacks::default(),
+            }),
+        }
     }
 
     /// The storage, for inventory and inspection.
@@ -79,7 +94,10 @@ impl<S: Storage> ProxyManager<S> {
             callbacks.fire_acquire(&AcquireEvent {
                 lease: acquired.lease.clone(),
                 pool_name: req.pool.clone(),
-                consumer_name: req.consumer.clone().unwrap_or_else(|| DEFAULT_CONSUMER_NAME.into()),
+                consumer_name: req
+                    .consumer
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_CONSUMER_NAME.into()),
                 filter: req.filter.clone(),
                 selector: req.selector,
                 started_at,
@@ -141,18 +159,30 @@ impl<S: Storage> ProxyManager<S> {
     /// Releases a lease. True if it was live; a second release (or one after expiry) is a
     /// no-op that returns false and fires no event.
     pub async fn release_proxy(&self, lease: &Lease) -> Result<bool, LeaseError> {
-        let released = self.inner.storage.release(lease, self.inner.clock.now()).await?;
+        let released = self
+            .inner
+            .storage
+            .release(lease, self.inner.clock.now())
+            .await?;
         Ok(self.fire_released(released.as_slice()) > 0)
     }
 
     /// Releases a live lease known by id (operators). True if it was live.
     pub async fn release_by_id(&self, id: LeaseId) -> Result<bool, LeaseError> {
-        let released = self.inner.storage.release_by_id(id, self.inner.clock.now()).await?;
+        let released = self
+            .inner
+            .storage
+            .release_by_id(id, self.inner.clock.now())
+            .await?;
         Ok(self.fire_released(released.as_slice()) > 0)
     }
 
     /// Extends a live lease to `duration` from now. `None` if it is no longer live.
-    pub async fn renew(&self, lease: &Lease, duration: Duration) -> Result<Option<Lease>, LeaseError> {
+    pub async fn renew(
+        &self,
+        lease: &Lease,
+        duration: Duration,
+    ) -> Result<Option<Lease>, LeaseError> {
         if duration.is_zero() {
             return Err(LeaseError::InvalidDuration);
         }
@@ -162,7 +192,11 @@ impl<S: Storage> ProxyManager<S> {
 
     /// Releases every expired lease now; returns how many.
     pub async fn cleanup_expired_leases(&self) -> Result<usize, LeaseError> {
-        let released = self.inner.storage.cleanup_expired(self.inner.clock.now()).await?;
+        let released = self
+            .inner
+            .storage
+            .cleanup_expired(self.inner.clock.now())
+            .await?;
         Ok(self.fire_released(&released))
     }
 
@@ -177,12 +211,18 @@ impl<S: Storage> ProxyManager<S> {
         req: &AcquireRequest,
         policy: &RetryPolicy,
     ) -> Result<Option<LeaseGuard<S>>, LeaseError> {
-        Ok(self.acquire_proxy_with_retry(req, policy).await?.map(|l| self.guard(l)))
+        Ok(self
+            .acquire_proxy_with_retry(req, policy)
+            .await?
+            .map(|l| self.guard(l)))
     }
 
     /// Wraps a lease this manager gave out in a guard that releases it on drop.
     pub fn guard(&self, lease: Lease) -> LeaseGuard<S> {
-        LeaseGuard { manager: self.clone(), lease: Some(lease) }
+        LeaseGuard {
+            manager: self.clone(),
+            lease: Some(lease),
+        }
     }
 
     /// Starts a task that releases expired leases every `every`. It stops when the
@@ -247,7 +287,9 @@ impl<S: Storage> LeaseGuard<S> {
 
     /// Extends the lease to `duration` from now. False if it is no longer live.
     pub async fn renew(&mut self, duration: Duration) -> Result<bool, LeaseError> {
-        let Some(lease) = &self.lease else { return Ok(false) };
+        let Some(lease) = &self.lease else {
+            return Ok(false);
+        };
         match self.manager.renew(lease, duration).await? {
             Some(renewed) => {
                 self.lease = Some(renewed);
@@ -259,7 +301,9 @@ impl<S: Storage> LeaseGuard<S> {
 
     /// Disarms the guard and returns the lease; the caller must release it.
     pub fn into_lease(mut self) -> Lease {
-        self.lease.take().expect("a guard holds its lease until dropped")
+        self.lease
+            .take()
+            .expect("a guard holds its lease until dropped")
     }
 }
 
@@ -267,19 +311,25 @@ impl<S: Storage> Deref for LeaseGuard<S> {
     type Target = Lease;
 
     fn deref(&self) -> &Lease {
-        self.lease.as_ref().expect("a guard holds its lease until dropped")
+        self.lease
+            .as_ref()
+            .expect("a guard holds its lease until dropped")
     }
 }
 
 impl<S: Storage> std::fmt::Debug for LeaseGuard<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("LeaseGuard").field(&self.lease.as_ref().map(|l| l.id)).finish()
+        f.debug_tuple("LeaseGuard")
+            .field(&self.lease.as_ref().map(|l| l.id))
+            .finish()
     }
 }
 
 impl<S: Storage> Drop for LeaseGuard<S> {
     fn drop(&mut self) {
-        let Some(lease) = self.lease.take() else { return };
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
         let manager = self.manager.clone();
         let mut release = Box::pin(async move {
             if let Err(e) = manager.release_proxy(&lease).await {
@@ -288,7 +338,10 @@ impl<S: Storage> Drop for LeaseGuard<S> {
         });
         // Backends that answer at once (the in-memory one) release right here, in the
         // dropping thread; others finish on the runtime.
-        if let Poll::Ready(()) = release.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        if let Poll::Ready(()) = release
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
             return;
         }
         match tokio::runtime::Handle::try_current() {

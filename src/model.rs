@@ -7,8 +7,8 @@
 use std::borrow::Borrow;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Arc, LazyLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
 use serde::{Serialize, Serializer};
@@ -255,7 +255,10 @@ pub struct Credentials {
 impl Credentials {
     /// Builds credentials from a user name and a password.
     pub fn new(username: impl Into<String>, password: impl Into<String>) -> Self {
-        Self { username: username.into(), password: Secret::new(password) }
+        Self {
+            username: username.into(),
+            password: Secret::new(password),
+        }
     }
 }
 
@@ -271,7 +274,10 @@ pub struct Pool {
 impl Pool {
     /// A pool with a name and no description.
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), description: None }
+        Self {
+            name: name.into(),
+            description: None,
+        }
     }
 }
 
@@ -397,6 +403,28 @@ pub struct ProxyInfo {
     pub draining: bool,
 }
 
+/// A change of a proxy's health: a new status, and for a check, when and how fast.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheck {
+    /// The new status.
+    pub status: ProxyStatus,
+    /// When the check ran (`None` keeps the old `checked_at`).
+    pub checked_at: Option<SystemTime>,
+    /// Measured latency (`None` keeps the old one).
+    pub latency: Option<Duration>,
+}
+
+impl HealthCheck {
+    /// Only a status change (an operator's ban, say).
+    pub fn status(status: ProxyStatus) -> Self {
+        Self {
+            status,
+            checked_at: None,
+            latency: None,
+        }
+    }
+}
+
 /// A consumer: whoever leases proxies. Only a name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Consumer {
@@ -445,7 +473,10 @@ pub struct Lease {
 }
 
 fn ser_unix_seconds<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
     s.serialize_f64(secs)
 }
 

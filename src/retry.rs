@@ -44,7 +44,10 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// A single attempt, no sleeping.
     pub fn once() -> Self {
-        Self { max_attempts: 1, ..Self::default() }
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
     }
 
     /// Checks the bounds of every field.
@@ -71,12 +74,19 @@ impl RetryPolicy {
         let nanos = self.backoff.as_nanos() as f64 * self.multiplier.powi(exp);
         let cap = self.max_backoff.map_or(f64::MAX, |m| m.as_nanos() as f64);
         let nanos = nanos.min(cap);
-        if nanos >= u64::MAX as f64 { Duration::MAX } else { Duration::from_nanos(nanos.round() as u64) }
+        if nanos >= u64::MAX as f64 {
+            Duration::MAX
+        } else {
+            Duration::from_nanos(nanos.round() as u64)
+        }
     }
 
     /// The sleeps of a run that misses every attempt, without jitter.
     pub fn schedule(&self) -> Vec<Duration> {
-        (1..self.max_attempts).map(|k| self.delay_after(k)).filter(|d| !d.is_zero()).collect()
+        (1..self.max_attempts)
+            .map(|k| self.delay_after(k))
+            .filter(|d| !d.is_zero())
+            .collect()
     }
 
     /// The sleep after attempt `k`, with jitter applied.

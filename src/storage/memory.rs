@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use super::pool::{Freed, Pick, PoolState};
 use super::{AcquireRequest, Acquired, CapacitySignal, LeaseError, Released, Storage};
 use crate::model::{
-    Consumer, DEFAULT_CONSUMER_NAME, Lease, LeaseId, LeaseStatus, Pool, PoolStats, Proxy,
-    ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus,
+    Consumer, DEFAULT_CONSUMER_NAME, HealthCheck, Lease, LeaseId, LeaseStatus, Pool, PoolStats,
+    Proxy, ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus,
 };
 
 /// One pool: its state and its capacity signal.
@@ -46,7 +46,9 @@ impl Default for InMemoryStorage {
 
 impl std::fmt::Debug for InMemoryStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InMemoryStorage").field("pools", &self.pools.len()).finish()
+        f.debug_struct("InMemoryStorage")
+            .field("pools", &self.pools.len())
+            .finish()
     }
 }
 
@@ -56,7 +58,10 @@ impl InMemoryStorage {
         let consumers = DashMap::new();
         let name: Arc<str> = DEFAULT_CONSUMER_NAME.into();
         consumers.insert(name.clone(), Consumer { name });
-        Self { pools: Arc::new(DashMap::new()), consumers: Arc::new(consumers) }
+        Self {
+            pools: Arc::new(DashMap::new()),
+            consumers: Arc::new(consumers),
+        }
     }
 
     fn pool(&self, name: &str) -> Option<Arc<PoolEntry>> {
@@ -70,23 +75,21 @@ impl InMemoryStorage {
     /// Forgets a removed pool once its last lease is gone.
     fn forget_if_gone(&self, entry: &Arc<PoolEntry>, state: &PoolState) {
         if state.is_gone() {
-            self.pools.remove_if(&**state.name(), |_, e| Arc::ptr_eq(e, entry));
+            self.pools
+                .remove_if(&**state.name(), |_, e| Arc::ptr_eq(e, entry));
         }
     }
 
     fn intern_consumer(&self, name: &Arc<str>) {
         if !self.consumers.contains_key(&**name) {
-            self.consumers.entry(name.clone()).or_insert_with(|| Consumer { name: name.clone() });
+            self.consumers
+                .entry(name.clone())
+                .or_insert_with(|| Consumer { name: name.clone() });
         }
     }
 
     /// Releases one live lease of `entry`.
-    fn release_in(
-        &self,
-        entry: &Arc<PoolEntry>,
-        id: LeaseId,
-        now: Instant,
-    ) -> Option<Released> {
+    fn release_in(&self, entry: &Arc<PoolEntry>, id: LeaseId, now: Instant) -> Option<Released> {
         let freed = {
             let mut state = entry.lock();
             let freed = state.release(id, LeaseStatus::Released);
@@ -99,18 +102,27 @@ impl InMemoryStorage {
 
     /// Finds the pool holding a proxy id.
     fn pool_of(&self, id: &ProxyId) -> Option<Arc<PoolEntry>> {
-        self.all_pools().into_iter().find(|e| e.lock().proxy(id).is_some())
+        self.all_pools()
+            .into_iter()
+            .find(|e| e.lock().proxy(id).is_some())
     }
 }
 
 fn released(freed: Freed, now: Instant) -> Released {
-    Released { lease: freed.lease, released_at: now, stats: freed.stats }
+    Released {
+        lease: freed.lease,
+        released_at: now,
+        stats: freed.stats,
+    }
 }
 
 /// Rejects records the engine cannot work with.
 fn validate_proxy(p: &Proxy) -> Result<(), LeaseError> {
     let bad = |reason: &str| {
-        Err(LeaseError::InvalidProxy { id: p.id.clone(), reason: reason.to_owned() })
+        Err(LeaseError::InvalidProxy {
+            id: p.id.clone(),
+            reason: reason.to_owned(),
+        })
     };
     if p.id.as_str().is_empty() {
         return bad("empty id");
@@ -122,12 +134,16 @@ fn validate_proxy(p: &Proxy) -> Result<(), LeaseError> {
         return bad("host and a non-zero port are required");
     }
     match (p.latitude, p.longitude) {
-        (Some(lat), Some(lon)) if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) => {}
+        (Some(lat), Some(lon))
+            if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) => {}
         (None, None) => {}
         (Some(_), Some(_)) => return bad("coordinates out of range"),
         _ => return bad("latitude and longitude must be given together"),
     }
-    if [&p.country, &p.city, &p.source, &p.isp].iter().any(|v| v.as_deref() == Some("")) {
+    if [&p.country, &p.city, &p.source, &p.isp]
+        .iter()
+        .any(|v| v.as_deref() == Some(""))
+    {
         return bad("empty metadata value");
     }
     Ok(())
@@ -138,7 +154,9 @@ impl Storage for InMemoryStorage {
         if req.duration.is_zero() {
             return Err(LeaseError::InvalidDuration);
         }
-        let entry = self.pool(&req.pool).ok_or_else(|| LeaseError::UnknownPool(req.pool.to_string()))?;
+        let entry = self
+            .pool(&req.pool)
+            .ok_or_else(|| LeaseError::UnknownPool(req.pool.to_string()))?;
         let default_consumer;
         let consumer = match &req.consumer {
             Some(name) => {
@@ -171,20 +189,35 @@ impl Storage for InMemoryStorage {
             entry.signal.notify();
         }
         let expired = expired.into_iter().map(|f| released(f, now)).collect();
-        Ok(Acquired { lease, stats, expired })
+        Ok(Acquired {
+            lease,
+            stats,
+            expired,
+        })
     }
 
     async fn release(&self, lease: &Lease, now: Instant) -> Result<Option<Released>, LeaseError> {
-        Ok(self.pool(&lease.pool_name).and_then(|entry| self.release_in(&entry, lease.id, now)))
+        Ok(self
+            .pool(&lease.pool_name)
+            .and_then(|entry| self.release_in(&entry, lease.id, now)))
     }
 
-    async fn release_by_id(&self, id: LeaseId, now: Instant) -> Result<Option<Released>, LeaseError> {
-        let entry = self.all_pools().into_iter().find(|e| e.lock().lease(id).is_some());
+    async fn release_by_id(
+        &self,
+        id: LeaseId,
+        now: Instant,
+    ) -> Result<Option<Released>, LeaseError> {
+        let entry = self
+            .all_pools()
+            .into_iter()
+            .find(|e| e.lock().lease(id).is_some());
         Ok(entry.and_then(|entry| self.release_in(&entry, id, now)))
     }
 
     async fn renew(&self, lease: &Lease, expires_at: Instant) -> Result<Option<Lease>, LeaseError> {
-        Ok(self.pool(&lease.pool_name).and_then(|e| e.lock().renew(lease.id, expires_at)))
+        Ok(self
+            .pool(&lease.pool_name)
+            .and_then(|e| e.lock().renew(lease.id, expires_at)))
     }
 
     async fn cleanup_expired(&self, now: Instant) -> Result<Vec<Released>, LeaseError> {
@@ -205,7 +238,10 @@ impl Storage for InMemoryStorage {
     }
 
     async fn pool_stats(&self, pool: &str) -> Result<Option<PoolStats>, LeaseError> {
-        Ok(self.pool(pool).map(|e| e.lock().stats()).filter(|s| self.pool(&s.pool_name).is_some()))
+        Ok(self
+            .pool(pool)
+            .map(|e| e.lock().stats())
+            .filter(|s| self.pool(&s.pool_name).is_some()))
     }
 
     async fn list_pools(&self) -> Result<Vec<(Pool, PoolStats)>, LeaseError> {
@@ -244,7 +280,9 @@ impl Storage for InMemoryStorage {
     }
 
     async fn remove_pool(&self, name: &str) -> Result<bool, LeaseError> {
-        let Some(entry) = self.pool(name) else { return Ok(false) };
+        let Some(entry) = self.pool(name) else {
+            return Ok(false);
+        };
         let mut state = entry.lock();
         if state.removed {
             return Ok(false);
@@ -256,12 +294,17 @@ impl Storage for InMemoryStorage {
 
     async fn upsert_proxy(&self, proxy: Proxy) -> Result<(), LeaseError> {
         validate_proxy(&proxy)?;
-        let entry = self.pool(&proxy.pool).ok_or_else(|| LeaseError::UnknownPool(proxy.pool.clone()))?;
+        let entry = self
+            .pool(&proxy.pool)
+            .ok_or_else(|| LeaseError::UnknownPool(proxy.pool.clone()))?;
         if let Some(other) = self.pool_of(&proxy.id)
             && !Arc::ptr_eq(&other, &entry)
         {
             let reason = format!("already belongs to pool `{}`", other.lock().name());
-            return Err(LeaseError::InvalidProxy { id: proxy.id.clone(), reason });
+            return Err(LeaseError::InvalidProxy {
+                id: proxy.id.clone(),
+                reason,
+            });
         }
         {
             let mut state = entry.lock();
@@ -275,18 +318,26 @@ impl Storage for InMemoryStorage {
     }
 
     async fn remove_proxy(&self, id: &ProxyId) -> Result<bool, LeaseError> {
-        let Some(entry) = self.pool_of(id) else { return Ok(false) };
+        let Some(entry) = self.pool_of(id) else {
+            return Ok(false);
+        };
         let removed = entry.lock().remove(id);
         Ok(removed)
     }
 
-    async fn set_proxy_status(
+    async fn apply_health(
         &self,
         id: &ProxyId,
-        status: ProxyStatus,
+        check: HealthCheck,
     ) -> Result<ProxyStatus, LeaseError> {
-        let entry = self.pool_of(id).ok_or_else(|| LeaseError::UnknownProxy(id.clone()))?;
-        let old = entry.lock().set_status(id, status).ok_or_else(|| LeaseError::UnknownProxy(id.clone()))?;
+        let entry = self
+            .pool_of(id)
+            .ok_or_else(|| LeaseError::UnknownProxy(id.clone()))?;
+        let status = check.status;
+        let old = entry
+            .lock()
+            .apply_check(id, &check)
+            .ok_or_else(|| LeaseError::UnknownProxy(id.clone()))?;
         if status == ProxyStatus::Active && old != status {
             entry.signal.notify();
         }
@@ -298,7 +349,9 @@ impl Storage for InMemoryStorage {
     }
 
     async fn list_proxies(&self, pool: &str) -> Result<Vec<ProxyInfo>, LeaseError> {
-        let entry = self.pool(pool).ok_or_else(|| LeaseError::UnknownPool(pool.to_owned()))?;
+        let entry = self
+            .pool(pool)
+            .ok_or_else(|| LeaseError::UnknownPool(pool.to_owned()))?;
         let proxies = entry.lock().proxies();
         Ok(proxies)
     }
@@ -312,16 +365,24 @@ impl Storage for InMemoryStorage {
             Some(name) => self.pool(name).into_iter().collect(),
             None => self.all_pools(),
         };
-        let mut leases: Vec<Lease> =
-            entries.iter().flat_map(|e| e.lock().leases().cloned().collect::<Vec<_>>()).collect();
+        let mut leases: Vec<Lease> = entries
+            .iter()
+            .flat_map(|e| e.lock().leases().cloned().collect::<Vec<_>>())
+            .collect();
         leases.sort_by_key(|l| (l.acquired_at, l.id));
         Ok(leases)
     }
 
     async fn ensure_consumer(&self, name: &str) -> Result<Consumer, LeaseError> {
-        let name = if name.is_empty() { DEFAULT_CONSUMER_NAME } else { name };
-        let consumer =
-            self.consumers.entry(Arc::from(name)).or_insert_with(|| Consumer { name: name.into() });
+        let name = if name.is_empty() {
+            DEFAULT_CONSUMER_NAME
+        } else {
+            name
+        };
+        let consumer = self
+            .consumers
+            .entry(Arc::from(name))
+            .or_insert_with(|| Consumer { name: name.into() });
         Ok(consumer.value().clone())
     }
 

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::filter::{Filter, FilterError};
 use crate::model::{
-    Consumer, Lease, LeaseId, Pool, PoolStats, Proxy, ProxyId, ProxyInfo, ProxyStatus,
+    Consumer, HealthCheck, Lease, LeaseId, Pool, PoolStats, Proxy, ProxyId, ProxyInfo, ProxyStatus,
 };
 use crate::selector::Selector;
 
@@ -154,7 +154,10 @@ impl CapacitySignal {
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let mut notified = Box::pin(self.notify.clone().notified_owned());
         notified.as_mut().enable();
-        CapacityWait { signal: self.clone(), notified }
+        CapacityWait {
+            signal: self.clone(),
+            notified,
+        }
     }
 }
 
@@ -222,7 +225,8 @@ pub trait Storage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<PoolStats>, LeaseError>> + Send;
 
     /// Every pool with its figures, sorted by name.
-    fn list_pools(&self) -> impl Future<Output = Result<Vec<(Pool, PoolStats)>, LeaseError>> + Send;
+    fn list_pools(&self)
+    -> impl Future<Output = Result<Vec<(Pool, PoolStats)>, LeaseError>> + Send;
 
     /// Creates a pool, or updates its description. A pool being removed comes back.
     fn upsert_pool(&self, pool: Pool) -> impl Future<Output = Result<(), LeaseError>> + Send;
@@ -238,12 +242,21 @@ pub trait Storage: Send + Sync + 'static {
     /// Removes a proxy: no new leases; live ones release normally. False if unknown.
     fn remove_proxy(&self, id: &ProxyId) -> impl Future<Output = Result<bool, LeaseError>> + Send;
 
+    /// Applies a status change or a health-check result; returns the previous status.
+    fn apply_health(
+        &self,
+        id: &ProxyId,
+        check: HealthCheck,
+    ) -> impl Future<Output = Result<ProxyStatus, LeaseError>> + Send;
+
     /// Sets a proxy's status; returns the previous one.
     fn set_proxy_status(
         &self,
         id: &ProxyId,
         status: ProxyStatus,
-    ) -> impl Future<Output = Result<ProxyStatus, LeaseError>> + Send;
+    ) -> impl Future<Output = Result<ProxyStatus, LeaseError>> + Send {
+        self.apply_health(id, HealthCheck::status(status))
+    }
 
     /// A proxy with its live figures.
     fn get_proxy(
@@ -258,7 +271,10 @@ pub trait Storage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<ProxyInfo>, LeaseError>> + Send;
 
     /// A live lease by id.
-    fn get_lease(&self, id: LeaseId) -> impl Future<Output = Result<Option<Lease>, LeaseError>> + Send;
+    fn get_lease(
+        &self,
+        id: LeaseId,
+    ) -> impl Future<Output = Result<Option<Lease>, LeaseError>> + Send;
 
     /// Live leases, of one pool or of all.
     fn list_leases(
@@ -267,7 +283,10 @@ pub trait Storage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Lease>, LeaseError>> + Send;
 
     /// Returns the consumer with this name, creating it if needed (idempotent).
-    fn ensure_consumer(&self, name: &str) -> impl Future<Output = Result<Consumer, LeaseError>> + Send;
+    fn ensure_consumer(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Consumer, LeaseError>> + Send;
 
     /// The signal fired when capacity may have been freed in `pool`, if the backend has one.
     fn capacity_signal(&self, pool: &str) -> Option<Arc<CapacitySignal>> {

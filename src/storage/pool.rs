@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::filter::{Filter, IndexKey};
 use crate::model::{
-    Lease, LeaseId, LeaseStatus, PoolStats, Proxy, ProxyId, ProxyInfo, ProxyStatus,
+    HealthCheck, Lease, LeaseId, LeaseStatus, PoolStats, Proxy, ProxyId, ProxyInfo, ProxyStatus,
 };
 use crate::selector::Selector;
 
@@ -37,11 +37,18 @@ impl Slot {
     fn eligible(&self) -> bool {
         !self.draining
             && self.proxy.status == ProxyStatus::Active
-            && self.proxy.max_concurrency.is_none_or(|max| self.leases < max)
+            && self
+                .proxy
+                .max_concurrency
+                .is_none_or(|max| self.leases < max)
     }
 
     fn snap(&self) -> Snap {
-        Snap { proxy: self.proxy.clone(), leases: self.leases, eligible: self.eligible() }
+        Snap {
+            proxy: self.proxy.clone(),
+            leases: self.leases,
+            eligible: self.eligible(),
+        }
     }
 
     fn contribution(&self) -> Counters {
@@ -105,7 +112,10 @@ enum Index {
     LeastUsed(BTreeSet<LeastUsedKey>),
     Latency(BTreeSet<LatencyKey>),
     /// Unordered, for uniform random picks: a vector plus each slot's position in it.
-    Random { items: Vec<u32>, pos: HashMap<u32, usize> },
+    Random {
+        items: Vec<u32>,
+        pos: HashMap<u32, usize>,
+    },
 }
 
 impl Index {
@@ -115,7 +125,10 @@ impl Index {
             Selector::RoundRobin => Index::Id(BTreeSet::new()),
             Selector::LeastUsed => Index::LeastUsed(BTreeSet::new()),
             Selector::LowestLatency => Index::Latency(BTreeSet::new()),
-            Selector::Random => Index::Random { items: Vec::new(), pos: HashMap::new() },
+            Selector::Random => Index::Random {
+                items: Vec::new(),
+                pos: HashMap::new(),
+            },
         }
     }
 
@@ -196,7 +209,10 @@ impl Index {
             Index::Id(set) => match rr_after {
                 Some(last) => {
                     let bound = (last.clone(), u32::MAX);
-                    let after = set.range((std::ops::Bound::Excluded(bound.clone()), std::ops::Bound::Unbounded));
+                    let after = set.range((
+                        std::ops::Bound::Excluded(bound.clone()),
+                        std::ops::Bound::Unbounded,
+                    ));
                     let before = set.range(..=bound);
                     Box::new(after.chain(before).map(|(_, s)| *s))
                 }
@@ -205,7 +221,11 @@ impl Index {
             Index::LeastUsed(set) => Box::new(set.iter().map(|k| k.3)),
             Index::Latency(set) => Box::new(set.iter().map(|k| k.3)),
             Index::Random { items, .. } => {
-                let start = if items.is_empty() { 0 } else { start % items.len() };
+                let start = if items.is_empty() {
+                    0
+                } else {
+                    start % items.len()
+                };
                 Box::new(items[start..].iter().chain(&items[..start]).copied())
             }
         }
@@ -218,15 +238,14 @@ impl Index {
             Index::Id(set) => {
                 let after = rr_after.and_then(|last| {
                     let bound = (last.clone(), u32::MAX);
-                    set.range((std::ops::Bound::Excluded(bound), std::ops::Bound::Unbounded)).next()
+                    set.range((std::ops::Bound::Excluded(bound), std::ops::Bound::Unbounded))
+                        .next()
                 });
                 after.or_else(|| set.first()).map(|(_, s)| *s)
             }
             Index::LeastUsed(set) => set.first().map(|k| k.3),
             Index::Latency(set) => set.first().map(|k| k.3),
-            Index::Random { items, .. } => {
-                (!items.is_empty()).then(|| items[start % items.len()])
-            }
+            Index::Random { items, .. } => (!items.is_empty()).then(|| items[start % items.len()]),
         }
     }
 }
@@ -236,7 +255,10 @@ fn least_used_key(slot: u32, s: &Snap) -> LeastUsedKey {
 }
 
 fn latency_key(slot: u32, s: &Snap) -> LatencyKey {
-    let micros = s.proxy.latency.map_or(u64::MAX, |d| d.as_micros().min(u64::MAX as u128 - 1) as u64);
+    let micros = s
+        .proxy
+        .latency
+        .map_or(u64::MAX, |d| d.as_micros().min(u64::MAX as u128 - 1) as u64);
     (micros, s.leases, s.proxy.id.clone(), slot)
 }
 
@@ -317,7 +339,10 @@ pub(crate) struct PoolState {
 
 impl PoolState {
     pub fn new(name: Arc<str>, description: Option<String>) -> Self {
-        let all = View { key: IndexKey::default(), indexes: Default::default() };
+        let all = View {
+            key: IndexKey::default(),
+            indexes: Default::default(),
+        };
         Self {
             name,
             description,
@@ -371,7 +396,10 @@ impl PoolState {
         self.counters.add(slot.contribution());
         let after = slot.snap();
         let new_views = slot.views.clone();
-        for &v in old_views.iter().chain(new_views.iter().filter(|v| !old_views.contains(v))) {
+        for &v in old_views
+            .iter()
+            .chain(new_views.iter().filter(|v| !old_views.contains(v)))
+        {
             let was = (before.eligible && old_views.contains(&v)).then_some(&before);
             let is = (after.eligible && new_views.contains(&v)).then_some(&after);
             if was.is_some() || is.is_some() {
@@ -395,8 +423,18 @@ impl PoolState {
         let i = self.slots.len() as u32;
         let views = views_of(&self.views, &proxy);
         self.by_id.insert(proxy.id.clone(), i);
-        self.slots.push(Some(Slot { proxy, leases: 0, draining: true, views }));
-        self.counters.add(self.slots[i as usize].as_ref().map(Slot::contribution).unwrap_or_default());
+        self.slots.push(Some(Slot {
+            proxy,
+            leases: 0,
+            draining: true,
+            views,
+        }));
+        self.counters.add(
+            self.slots[i as usize]
+                .as_ref()
+                .map(Slot::contribution)
+                .unwrap_or_default(),
+        );
         // Enter rotation through the common path, so indexes see it.
         self.update_slot(i, |s| s.draining = false);
         true
@@ -404,7 +442,9 @@ impl PoolState {
 
     /// Removes a proxy: it drains (no new leases) and disappears with its last lease.
     pub fn remove(&mut self, id: &ProxyId) -> bool {
-        let Some(&i) = self.by_id.get(id) else { return false };
+        let Some(&i) = self.by_id.get(id) else {
+            return false;
+        };
         self.update_slot(i, |s| s.draining = true);
         self.reap(i);
         true
@@ -421,7 +461,9 @@ impl PoolState {
 
     /// Drops a draining slot once it carries no lease.
     fn reap(&mut self, i: u32) {
-        let Some(slot) = &self.slots[i as usize] else { return };
+        let Some(slot) = &self.slots[i as usize] else {
+            return;
+        };
         if !slot.draining || slot.leases > 0 {
             return;
         }
@@ -453,7 +495,9 @@ impl PoolState {
             live.slot = renumber[&live.slot];
         }
         for v in 0..self.views.len() {
-            let built: Vec<usize> = (0..5).filter(|&k| self.views[v].indexes[k].is_some()).collect();
+            let built: Vec<usize> = (0..5)
+                .filter(|&k| self.views[v].indexes[k].is_some())
+                .collect();
             self.views[v].indexes = Default::default();
             for k in built {
                 self.build_index(v as u16, Selector::ALL[k]);
@@ -461,17 +505,22 @@ impl PoolState {
         }
     }
 
-    /// Sets a proxy's status. Returns the previous status, or `None` for an unknown id.
-    pub fn set_status(&mut self, id: &ProxyId, status: ProxyStatus) -> Option<ProxyStatus> {
+    /// Sets a proxy's status (and, for a health check, `checked_at` and latency). Returns
+    /// the previous status, or `None` for an unknown id.
+    pub fn apply_check(&mut self, id: &ProxyId, check: &HealthCheck) -> Option<ProxyStatus> {
         let &i = self.by_id.get(id)?;
         let old = self.slots[i as usize].as_ref()?.proxy.status;
-        if old != status {
-            self.update_slot(i, |s| {
-                let mut p = (*s.proxy).clone();
-                p.status = status;
-                s.proxy = Arc::new(p);
-            });
-        }
+        self.update_slot(i, |s| {
+            let mut p = (*s.proxy).clone();
+            p.status = check.status;
+            if let Some(at) = check.checked_at {
+                p.checked_at = at;
+            }
+            if check.latency.is_some() {
+                p.latency = check.latency;
+            }
+            s.proxy = Arc::new(p);
+        });
         Some(old)
     }
 
@@ -505,7 +554,13 @@ impl PoolState {
             proxy,
         };
         self.next_expiry = Some(self.next_expiry.map_or(expires_at, |e| e.min(expires_at)));
-        self.leases.insert(lease.id, LiveLease { lease: lease.clone(), slot: i });
+        self.leases.insert(
+            lease.id,
+            LiveLease {
+                lease: lease.clone(),
+                slot: i,
+            },
+        );
         Some(lease)
     }
 
@@ -521,12 +576,18 @@ impl PoolState {
             self.build_index(view, selector);
         }
         let index = self.views[view as usize].indexes[k].as_ref()?;
-        let start = if selector == Selector::Random { fastrand::usize(..) } else { 0 };
+        let start = if selector == Selector::Random {
+            fastrand::usize(..)
+        } else {
+            0
+        };
         let rr = self.rr_last.as_ref();
         match residual {
             None => index.first(rr, start),
             Some(f) => index.candidates(rr, start).find(|&s| {
-                self.slots[s as usize].as_ref().is_some_and(|slot| f.matches(&slot.proxy))
+                self.slots[s as usize]
+                    .as_ref()
+                    .is_some_and(|slot| f.matches(&slot.proxy))
             }),
         }
     }
@@ -540,7 +601,10 @@ impl PoolState {
             return None;
         }
         let v = self.views.len() as u16;
-        self.views.push(View { key: key.clone(), indexes: Default::default() });
+        self.views.push(View {
+            key: key.clone(),
+            indexes: Default::default(),
+        });
         self.view_by_key.insert(key.clone(), v);
         for slot in self.slots.iter_mut().flatten() {
             if key.matches(&slot.proxy) {
@@ -572,7 +636,10 @@ impl PoolState {
             self.next_expiry = None;
         }
         lease.status = status;
-        Some(Freed { lease, stats: self.stats() })
+        Some(Freed {
+            lease,
+            stats: self.stats(),
+        })
     }
 
     /// Moves a live lease's expiry. `None` if it is not live.
@@ -630,5 +697,9 @@ fn views_of(views: &[View], proxy: &Proxy) -> SmallVec<[u16; 4]> {
 }
 
 fn info(slot: &Slot) -> ProxyInfo {
-    ProxyInfo { proxy: slot.proxy.clone(), current_leases: slot.leases, draining: slot.draining }
+    ProxyInfo {
+        proxy: slot.proxy.clone(),
+        current_leases: slot.leases,
+        draining: slot.draining,
+    }
 }
