@@ -326,3 +326,65 @@ async fn inventory_validation() {
         .await;
     assert!(matches!(zero, Err(LeaseError::InvalidDuration)));
 }
+
+#[tokio::test]
+async fn removing_most_of_a_large_pool_keeps_order_and_counts() {
+    let ids: Vec<String> = (0..300).map(|i| format!("p{i:03}")).collect();
+    let proxies = ids
+        .iter()
+        .map(|id| proxy("p", id).with_max_concurrency(Some(1)))
+        .collect();
+    let m = manager_with("p", proxies).await;
+    let rr = AcquireRequest::new("p").selector(Selector::RoundRobin);
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(
+            m.acquire_proxy(&AcquireRequest::new("p"))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    held.push(m.acquire_proxy(&rr).await.unwrap().unwrap());
+    assert_eq!(held[10].proxy_id.as_str(), "p010");
+    // Remove all but the last 50; the leased ones drain, the rest go at once.
+    for id in &ids[..250] {
+        m.storage()
+            .remove_proxy(&ProxyId::from(id.as_str()))
+            .await
+            .unwrap();
+    }
+    let s = m.storage().pool_stats("p").await.unwrap().unwrap();
+    assert_eq!((s.total, s.available, s.total_leases), (50, 50, 11));
+    assert_eq!(m.storage().list_proxies("p").await.unwrap().len(), 61);
+    let first = m
+        .acquire_proxy(&AcquireRequest::new("p"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.proxy_id.as_str(), "p250");
+    assert_eq!(
+        m.acquire_proxy(&rr)
+            .await
+            .unwrap()
+            .unwrap()
+            .proxy_id
+            .as_str(),
+        "p251"
+    );
+    for lease in &held {
+        assert!(m.release_proxy(lease).await.unwrap());
+    }
+    assert_eq!(m.storage().list_proxies("p").await.unwrap().len(), 50);
+    let lu = AcquireRequest::new("p").selector(Selector::LeastUsed);
+    assert_eq!(
+        m.acquire_proxy(&lu)
+            .await
+            .unwrap()
+            .unwrap()
+            .proxy_id
+            .as_str(),
+        "p252"
+    );
+    assert_eq!(leased(&m, "p").await, 3);
+}
