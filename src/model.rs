@@ -456,15 +456,12 @@ pub struct Lease {
     pub pool_name: Arc<str>,
     /// Who holds it.
     pub consumer_name: Arc<str>,
-    /// When it was acquired (monotonic).
-    #[serde(skip)]
-    pub acquired_at: Instant,
-    /// When it expires unless renewed (monotonic).
-    #[serde(skip)]
-    pub expires_at: Instant,
-    /// When it was acquired (wall clock, for display).
+    /// When it was acquired (monotonic; serialised as Unix seconds).
     #[serde(serialize_with = "ser_unix_seconds")]
-    pub acquired_wall: SystemTime,
+    pub acquired_at: Instant,
+    /// When it expires unless renewed (monotonic; serialised as Unix seconds).
+    #[serde(serialize_with = "ser_unix_seconds")]
+    pub expires_at: Instant,
     /// Status at the time of this snapshot.
     pub status: LeaseStatus,
     /// The leased proxy's connection details, as they were when the lease was made.
@@ -472,12 +469,22 @@ pub struct Lease {
     pub proxy: Arc<Proxy>,
 }
 
-fn ser_unix_seconds<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    s.serialize_f64(secs)
+/// The wall-clock time of a monotonic instant, for display (an anchor taken once per
+/// process maps one onto the other; the monotonic clock is what expiry uses).
+pub fn wall_clock(at: Instant) -> SystemTime {
+    static ANCHOR: LazyLock<(Instant, SystemTime)> =
+        LazyLock::new(|| (Instant::now(), SystemTime::now()));
+    let (mono, wall) = *ANCHOR;
+    if at >= mono { wall + (at - mono) } else { wall - (mono - at) }
+}
+
+/// Seconds since the Unix epoch of a wall-clock time (0 before the epoch).
+pub fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn ser_unix_seconds<S: Serializer>(t: &Instant, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(unix_seconds(wall_clock(*t)))
 }
 
 /// Counters of one pool at one moment.

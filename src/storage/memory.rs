@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
+use rustc_hash::FxBuildHasher;
 use tokio::time::Instant;
 
 use super::pool::{Freed, Pick, PoolState};
@@ -34,8 +35,8 @@ impl PoolEntry {
 /// The in-memory storage. Cheap to clone: clones share the same state.
 #[derive(Clone)]
 pub struct InMemoryStorage {
-    pools: Arc<DashMap<Arc<str>, Arc<PoolEntry>>>,
-    consumers: Arc<DashMap<Arc<str>, Consumer>>,
+    pools: Arc<DashMap<Arc<str>, Arc<PoolEntry>, FxBuildHasher>>,
+    consumers: Arc<DashMap<Arc<str>, Consumer, FxBuildHasher>>,
 }
 
 impl Default for InMemoryStorage {
@@ -55,11 +56,11 @@ impl std::fmt::Debug for InMemoryStorage {
 impl InMemoryStorage {
     /// An empty storage with the default consumer.
     pub fn new() -> Self {
-        let consumers = DashMap::new();
+        let consumers = DashMap::default();
         let name: Arc<str> = DEFAULT_CONSUMER_NAME.into();
         consumers.insert(name.clone(), Consumer { name });
         Self {
-            pools: Arc::new(DashMap::new()),
+            pools: Arc::new(DashMap::default()),
             consumers: Arc::new(consumers),
         }
     }

@@ -8,7 +8,9 @@
 //! indexes are built the first time a key or selector is used, then kept up to date on every
 //! change of a slot, so a choice is the first element of a set: O(log n).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -29,6 +31,9 @@ struct Slot {
     proxy: Arc<Proxy>,
     leases: u32,
     draining: bool,
+    /// Position of the proxy's id among the pool's ids (the id order of `round_robin` and
+    /// of tie-breaks). `UNRANKED` until the next rank rebuild after the proxy was added.
+    rank: u32,
     /// Views this slot belongs to (always includes view 0).
     views: SmallVec<[u16; 4]>,
 }
@@ -47,6 +52,7 @@ impl Slot {
         Snap {
             proxy: self.proxy.clone(),
             leases: self.leases,
+            rank: self.rank,
             eligible: self.eligible(),
         }
     }
@@ -68,7 +74,20 @@ impl Slot {
 struct Snap {
     proxy: Arc<Proxy>,
     leases: u32,
+    rank: u32,
     eligible: bool,
+}
+
+/// Rank of a slot added since the last rank rebuild.
+const UNRANKED: u32 = u32::MAX;
+
+/// Rank and slot in one integer: ordered by rank, unique by slot.
+fn ranked(rank: u32, slot: u32) -> u64 {
+    (u64::from(rank) << 32) | u64::from(slot)
+}
+
+fn slot_of(key: u64) -> u32 {
+    key as u32
 }
 
 #[derive(Clone, Copy, Default)]
@@ -98,24 +117,22 @@ impl Counters {
     }
 }
 
-/// Sort key of `lowest_latency`: measured latency in µs (unmeasured last), leases, id.
-type LatencyKey = (u64, u32, ProxyId, u32);
-/// Sort key of `least_used`: leases, oldest `checked_at`, id.
-type LeastUsedKey = (u32, SystemTime, ProxyId, u32);
+/// Sort key of `lowest_latency`: measured latency in µs (unmeasured last), leases, rank.
+type LatencyKey = (u64, u32, u64);
+/// Sort key of `least_used`: leases, oldest `checked_at`, rank.
+type LeastUsedKey = (u32, SystemTime, u64);
 
 /// The eligible slots of one view in one selector's order.
 enum Index {
     /// Insertion order (slot number).
     First(BTreeSet<u32>),
-    /// Id order.
-    Id(BTreeSet<(ProxyId, u32)>),
+    /// Id order (`ranked`).
+    Id(BTreeSet<u64>),
     LeastUsed(BTreeSet<LeastUsedKey>),
     Latency(BTreeSet<LatencyKey>),
-    /// Unordered, for uniform random picks: a vector plus each slot's position in it.
-    Random {
-        items: Vec<u32>,
-        pos: HashMap<u32, usize>,
-    },
+    /// Unordered, for uniform random picks: the slots, and each slot's place among them
+    /// (`u32::MAX`: absent).
+    Random { items: Vec<u32>, pos: Vec<u32> },
 }
 
 impl Index {
@@ -125,10 +142,7 @@ impl Index {
             Selector::RoundRobin => Index::Id(BTreeSet::new()),
             Selector::LeastUsed => Index::LeastUsed(BTreeSet::new()),
             Selector::LowestLatency => Index::Latency(BTreeSet::new()),
-            Selector::Random => Index::Random {
-                items: Vec::new(),
-                pos: HashMap::new(),
-            },
+            Selector::Random => Index::Random { items: Vec::new(), pos: Vec::new() },
         }
     }
 
@@ -136,16 +150,16 @@ impl Index {
     fn key_changed(&self, before: &Snap, after: &Snap) -> bool {
         match self {
             Index::First(_) | Index::Random { .. } => false,
-            Index::Id(_) => before.proxy.id != after.proxy.id,
+            Index::Id(_) => before.rank != after.rank,
             Index::LeastUsed(_) => {
                 before.leases != after.leases
                     || before.proxy.checked_at != after.proxy.checked_at
-                    || before.proxy.id != after.proxy.id
+                    || before.rank != after.rank
             }
             Index::Latency(_) => {
                 before.leases != after.leases
                     || before.proxy.latency != after.proxy.latency
-                    || before.proxy.id != after.proxy.id
+                    || before.rank != after.rank
             }
         }
     }
@@ -156,7 +170,7 @@ impl Index {
                 set.insert(slot);
             }
             Index::Id(set) => {
-                set.insert((s.proxy.id.clone(), slot));
+                set.insert(ranked(s.rank, slot));
             }
             Index::LeastUsed(set) => {
                 set.insert(least_used_key(slot, s));
@@ -165,7 +179,11 @@ impl Index {
                 set.insert(latency_key(slot, s));
             }
             Index::Random { items, pos } => {
-                pos.insert(slot, items.len());
+                let i = slot as usize;
+                if pos.len() <= i {
+                    pos.resize(i + 1, u32::MAX);
+                }
+                pos[i] = items.len() as u32;
                 items.push(slot);
             }
         }
@@ -177,7 +195,7 @@ impl Index {
                 set.remove(&slot);
             }
             Index::Id(set) => {
-                set.remove(&(s.proxy.id.clone(), slot));
+                set.remove(&ranked(s.rank, slot));
             }
             Index::LeastUsed(set) => {
                 set.remove(&least_used_key(slot, s));
@@ -186,80 +204,62 @@ impl Index {
                 set.remove(&latency_key(slot, s));
             }
             Index::Random { items, pos } => {
-                if let Some(i) = pos.remove(&slot) {
-                    items.swap_remove(i);
-                    if let Some(&moved) = items.get(i) {
-                        pos.insert(moved, i);
-                    }
+                let Some(p) = pos.get_mut(slot as usize) else { return };
+                let i = std::mem::replace(p, u32::MAX);
+                if i == u32::MAX {
+                    return;
+                }
+                items.swap_remove(i as usize);
+                if let Some(&moved) = items.get(i as usize) {
+                    pos[moved as usize] = i;
                 }
             }
         }
     }
 
-    /// Eligible slots in this index's preference order. `rr_after` is the round-robin
-    /// position (candidates after it first, then from the start); `start` rotates the random
-    /// index.
-    fn candidates<'a>(
-        &'a self,
-        rr_after: Option<&ProxyId>,
-        start: usize,
-    ) -> Box<dyn Iterator<Item = u32> + 'a> {
+    /// Eligible slots in this index's preference order. `rr_from` is the first rank
+    /// `round_robin` considers (then it wraps around); `start` rotates the random index.
+    fn candidates<'a>(&'a self, rr_from: u32, start: usize) -> Box<dyn Iterator<Item = u32> + 'a> {
         match self {
             Index::First(set) => Box::new(set.iter().copied()),
-            Index::Id(set) => match rr_after {
-                Some(last) => {
-                    let bound = (last.clone(), u32::MAX);
-                    let after = set.range((
-                        std::ops::Bound::Excluded(bound.clone()),
-                        std::ops::Bound::Unbounded,
-                    ));
-                    let before = set.range(..=bound);
-                    Box::new(after.chain(before).map(|(_, s)| *s))
-                }
-                None => Box::new(set.iter().map(|(_, s)| *s)),
-            },
-            Index::LeastUsed(set) => Box::new(set.iter().map(|k| k.3)),
-            Index::Latency(set) => Box::new(set.iter().map(|k| k.3)),
+            Index::Id(set) => {
+                let from = ranked(rr_from, 0);
+                Box::new(set.range(from..).chain(set.range(..from)).map(|k| slot_of(*k)))
+            }
+            Index::LeastUsed(set) => Box::new(set.iter().map(|k| slot_of(k.2))),
+            Index::Latency(set) => Box::new(set.iter().map(|k| slot_of(k.2))),
             Index::Random { items, .. } => {
-                let start = if items.is_empty() {
-                    0
-                } else {
-                    start % items.len()
-                };
+                let start = if items.is_empty() { 0 } else { start % items.len() };
                 Box::new(items[start..].iter().chain(&items[..start]).copied())
             }
         }
     }
 
     /// The preferred candidate without a residual filter, without building an iterator.
-    fn first(&self, rr_after: Option<&ProxyId>, start: usize) -> Option<u32> {
+    fn first(&self, rr_from: u32, start: usize) -> Option<u32> {
         match self {
             Index::First(set) => set.first().copied(),
             Index::Id(set) => {
-                let after = rr_after.and_then(|last| {
-                    let bound = (last.clone(), u32::MAX);
-                    set.range((std::ops::Bound::Excluded(bound), std::ops::Bound::Unbounded))
-                        .next()
-                });
-                after.or_else(|| set.first()).map(|(_, s)| *s)
+                set.range(ranked(rr_from, 0)..).next().or_else(|| set.first()).map(|k| slot_of(*k))
             }
-            Index::LeastUsed(set) => set.first().map(|k| k.3),
-            Index::Latency(set) => set.first().map(|k| k.3),
+            Index::LeastUsed(set) => set.first().map(|k| slot_of(k.2)),
+            Index::Latency(set) => set.first().map(|k| slot_of(k.2)),
             Index::Random { items, .. } => (!items.is_empty()).then(|| items[start % items.len()]),
         }
     }
 }
 
 fn least_used_key(slot: u32, s: &Snap) -> LeastUsedKey {
-    (s.leases, s.proxy.checked_at, s.proxy.id.clone(), slot)
+    (s.leases, s.proxy.checked_at, ranked(s.rank, slot))
 }
 
 fn latency_key(slot: u32, s: &Snap) -> LatencyKey {
-    let micros = s
-        .proxy
-        .latency
-        .map_or(u64::MAX, |d| d.as_micros().min(u64::MAX as u128 - 1) as u64);
-    (micros, s.leases, s.proxy.id.clone(), slot)
+    let micros = s.proxy.latency.map_or(u64::MAX, |d| d.as_micros().min(u128::from(u64::MAX - 1)) as u64);
+    (micros, s.leases, ranked(s.rank, slot))
+}
+
+fn uses_rank(selector: Selector) -> bool {
+    matches!(selector, Selector::RoundRobin | Selector::LeastUsed | Selector::LowestLatency)
 }
 
 /// Selector indexes of one subset of the pool.
@@ -330,8 +330,12 @@ pub(crate) struct PoolState {
     views: Vec<View>,
     view_by_key: HashMap<IndexKey, u16>,
     leases: HashMap<LeaseId, LiveLease>,
-    /// The round-robin position: the id chosen last.
+    /// The round-robin position: the id chosen last (the storage's truth) ...
     rr_last: Option<ProxyId>,
+    /// ... and the first rank to consider next, derived from it.
+    rr_from: u32,
+    /// A proxy was added since ranks were last computed.
+    ranks_dirty: bool,
     /// No lease expires before this instant (a lower bound; `None`: no lease).
     next_expiry: Option<Instant>,
     counters: Counters,
@@ -349,11 +353,13 @@ impl PoolState {
             removed: false,
             slots: Vec::new(),
             tombstones: 0,
-            by_id: HashMap::new(),
+            by_id: HashMap::default(),
             views: vec![all],
-            view_by_key: HashMap::from([(IndexKey::default(), 0)]),
-            leases: HashMap::new(),
+            view_by_key: HashMap::from_iter([(IndexKey::default(), 0)]),
+            leases: HashMap::default(),
             rr_last: None,
+            rr_from: 0,
+            ranks_dirty: false,
             next_expiry: None,
             counters: Counters::default(),
         }
@@ -387,19 +393,24 @@ impl PoolState {
     fn update_slot(&mut self, i: u32, change: impl FnOnce(&mut Slot)) {
         let slot = self.slots[i as usize].as_mut().expect("live slot");
         let before = slot.snap();
-        let old_views = slot.views.clone();
         self.counters.sub(slot.contribution());
         change(slot);
-        if !Arc::ptr_eq(&before.proxy, &slot.proxy) {
-            slot.views = views_of(&self.views, &slot.proxy);
-        }
         self.counters.add(slot.contribution());
-        let after = slot.snap();
-        let new_views = slot.views.clone();
-        for &v in old_views
-            .iter()
-            .chain(new_views.iter().filter(|v| !old_views.contains(v)))
-        {
+        if Arc::ptr_eq(&before.proxy, &slot.proxy) {
+            // Same record, same views: the common path (lease counts, draining).
+            let after = slot.snap();
+            for &v in &slot.views {
+                let was = before.eligible.then_some(&before);
+                let is = after.eligible.then_some(&after);
+                if was.is_some() || is.is_some() {
+                    self.views[v as usize].apply(i, was, is);
+                }
+            }
+            return;
+        }
+        let old_views = std::mem::replace(&mut slot.views, views_of(&self.views, &slot.proxy));
+        let (after, new_views) = (slot.snap(), slot.views.clone());
+        for &v in old_views.iter().chain(new_views.iter().filter(|v| !old_views.contains(v))) {
             let was = (before.eligible && old_views.contains(&v)).then_some(&before);
             let is = (after.eligible && new_views.contains(&v)).then_some(&after);
             if was.is_some() || is.is_some() {
@@ -427,8 +438,10 @@ impl PoolState {
             proxy,
             leases: 0,
             draining: true,
+            rank: UNRANKED,
             views,
         }));
+        self.ranks_dirty = true;
         self.counters.add(
             self.slots[i as usize]
                 .as_ref()
@@ -479,7 +492,7 @@ impl PoolState {
     /// Renumbers slots without tombstones and rebuilds the views.
     fn compact(&mut self) {
         let old = std::mem::take(&mut self.slots);
-        let mut renumber = HashMap::new();
+        let mut renumber = HashMap::default();
         for (i, slot) in old.into_iter().enumerate() {
             if let Some(slot) = slot {
                 renumber.insert(i as u32, self.slots.len() as u32);
@@ -537,7 +550,9 @@ impl PoolState {
     pub fn acquire(&mut self, pick: &Pick<'_>) -> Option<Lease> {
         let i = self.choose(pick.selector, pick.filter)?;
         if pick.selector == Selector::RoundRobin {
-            self.rr_last = Some(self.slots[i as usize].as_ref()?.proxy.id.clone());
+            let slot = self.slots[i as usize].as_ref()?;
+            self.rr_last = Some(slot.proxy.id.clone());
+            self.rr_from = slot.rank.saturating_add(1);
         }
         self.update_slot(i, |s| s.leases += 1);
         let proxy = self.slots[i as usize].as_ref()?.proxy.clone();
@@ -549,7 +564,6 @@ impl PoolState {
             consumer_name: pick.consumer.clone(),
             acquired_at: pick.now,
             expires_at,
-            acquired_wall: SystemTime::now(),
             status: LeaseStatus::Active,
             proxy,
         };
@@ -566,29 +580,62 @@ impl PoolState {
 
     /// The slot the selector prefers among eligible proxies matching the filter.
     fn choose(&mut self, selector: Selector, filter: Option<&Filter>) -> Option<u32> {
-        let key = filter.map(Filter::index_key).unwrap_or_default();
-        let (view, residual) = match self.view_for(&key) {
-            Some(v) => (v, filter.filter(|f| f.has_residual())),
-            None => (0, filter),
+        if self.ranks_dirty && uses_rank(selector) {
+            self.rebuild_ranks();
+        }
+        let (view, residual) = match filter {
+            None => (0, None),
+            Some(f) => match self.view_for(&f.index_key()) {
+                Some(v) => (v, Some(f).filter(|f| f.has_residual())),
+                None => (0, Some(f)),
+            },
         };
         let k = selector_slot(selector);
         if self.views[view as usize].indexes[k].is_none() {
             self.build_index(view, selector);
         }
         let index = self.views[view as usize].indexes[k].as_ref()?;
-        let start = if selector == Selector::Random {
-            fastrand::usize(..)
-        } else {
-            0
-        };
-        let rr = self.rr_last.as_ref();
+        let start = if selector == Selector::Random { fastrand::usize(..) } else { 0 };
         match residual {
-            None => index.first(rr, start),
-            Some(f) => index.candidates(rr, start).find(|&s| {
-                self.slots[s as usize]
-                    .as_ref()
-                    .is_some_and(|slot| f.matches(&slot.proxy))
+            None => index.first(self.rr_from, start),
+            Some(f) => index.candidates(self.rr_from, start).find(|&s| {
+                self.slots[s as usize].as_ref().is_some_and(|slot| f.matches(&slot.proxy))
             }),
+        }
+    }
+
+    /// Numbers the live slots in id order, re-derives the round-robin position, and
+    /// rebuilds the indexes whose keys use ranks.
+    fn rebuild_ranks(&mut self) {
+        let mut order: Vec<(ProxyId, u32)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (s.proxy.id.clone(), i as u32)))
+            .collect();
+        order.sort_unstable();
+        for (rank, (_, i)) in order.iter().enumerate() {
+            if let Some(slot) = self.slots[*i as usize].as_mut() {
+                slot.rank = rank as u32;
+            }
+        }
+        self.rr_from = match &self.rr_last {
+            Some(last) => order.partition_point(|(id, _)| id <= last) as u32,
+            None => 0,
+        };
+        self.ranks_dirty = false;
+        self.rebuild_indexes(uses_rank);
+    }
+
+    /// Rebuilds the built indexes of every view whose selector passes `which`.
+    fn rebuild_indexes(&mut self, which: fn(Selector) -> bool) {
+        for v in 0..self.views.len() {
+            for &selector in Selector::ALL {
+                let k = selector_slot(selector);
+                if which(selector) && self.views[v].indexes[k].is_some() {
+                    self.build_index(v as u16, selector);
+                }
+            }
         }
     }
 

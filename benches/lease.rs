@@ -1,0 +1,137 @@
+//! Acquire + release pairs per second: the in-memory storage through the manager, for pools
+//! of 10, 1 000 and 100 000 exclusive proxies, each selector, one thread and two threads
+//! contending on one pool, next to a naive baseline (a `Mutex<Vec<_>>` scanned linearly on
+//! every acquire, as the Python library does). Run with `cargo bench --bench lease`.
+
+use std::future::Future;
+use std::hint::black_box;
+use std::sync::{Arc, Barrier, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use pharox::{AcquireRequest, InMemoryStorage, Pool, Proxy, ProxyManager, ProxyProtocol, Selector, Storage};
+
+const SIZES: [usize; 3] = [10, 1_000, 100_000];
+
+/// Polls a future that is ready at once (the in-memory storage never waits).
+fn now<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("in-memory storage does not wait"),
+    }
+}
+
+fn proxy(i: usize) -> Proxy {
+    let mut p = Proxy::new(format!("proxy-{i:06}"), "bench", ProxyProtocol::Http, "10.0.0.1", 8080)
+        .with_max_concurrency(Some(1));
+    p.checked_at = SystemTime::UNIX_EPOCH + Duration::from_secs(i as u64 % 97);
+    p.latency = Some(Duration::from_micros(1_000 + (i as u64 * 7919) % 5_000));
+    p
+}
+
+fn manager(size: usize) -> ProxyManager {
+    let m = ProxyManager::new(InMemoryStorage::new());
+    now(m.storage().upsert_pool(Pool::new("bench"))).unwrap();
+    for i in 0..size {
+        now(m.storage().upsert_proxy(proxy(i))).unwrap();
+    }
+    m
+}
+
+fn pairs(m: &ProxyManager, req: &AcquireRequest, n: u64) {
+    for _ in 0..n {
+        let lease = now(m.acquire_proxy(req)).unwrap().expect("a free proxy");
+        now(m.release_proxy(black_box(&lease))).unwrap();
+    }
+}
+
+/// The baseline: one lock, a linear scan per acquire.
+struct Naive {
+    state: Mutex<(Vec<(Proxy, u32)>, usize)>,
+}
+
+impl Naive {
+    fn new(size: usize) -> Self {
+        Self { state: Mutex::new(((0..size).map(|i| (proxy(i), 0)).collect(), 0)) }
+    }
+
+    fn acquire(&self, selector: Selector) -> Option<usize> {
+        let mut guard = self.state.lock().unwrap();
+        let (list, cursor) = &mut *guard;
+        let free = |(p, n): &(Proxy, u32)| p.max_concurrency.is_none_or(|m| *n < m);
+        let eligible: Vec<usize> = (0..list.len()).filter(|&i| free(&list[i])).collect();
+        let pick = match selector {
+            Selector::FirstAvailable => eligible.first().copied(),
+            Selector::LeastUsed => {
+                eligible.iter().copied().min_by(|&a, &b| {
+                    let key = |i: usize| (list[i].1, list[i].0.checked_at, &list[i].0.id);
+                    key(a).cmp(&key(b))
+                })
+            }
+            Selector::LowestLatency => eligible.iter().copied().min_by_key(|&i| (list[i].0.latency, list[i].1)),
+            Selector::RoundRobin => {
+                let c = *cursor % eligible.len().max(1);
+                *cursor = c + 1;
+                eligible.get(c).copied()
+            }
+            Selector::Random => (!eligible.is_empty()).then(|| eligible[fastrand::usize(..eligible.len())]),
+        }?;
+        list[pick].1 += 1;
+        Some(pick)
+    }
+
+    fn release(&self, i: usize) {
+        self.state.lock().unwrap().0[i].1 -= 1;
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    for size in SIZES {
+        let m = manager(size);
+        let naive = Naive::new(size);
+        let mut group = c.benchmark_group(format!("acquire_release/{size}"));
+        group.throughput(Throughput::Elements(1));
+        group.warm_up_time(Duration::from_millis(500));
+        group.measurement_time(Duration::from_secs(2));
+        group.sample_size(20);
+        for selector in Selector::ALL.iter().copied() {
+            let req = AcquireRequest::new("bench").selector(selector).consumer("bench");
+            group.bench_function(BenchmarkId::new("pharox-1t", selector), |b| {
+                b.iter_custom(|n| {
+                    let start = Instant::now();
+                    pairs(&m, &req, n);
+                    start.elapsed()
+                })
+            });
+            group.bench_function(BenchmarkId::new("pharox-2t", selector), |b| {
+                b.iter_custom(|n| {
+                    let barrier = Arc::new(Barrier::new(2));
+                    let start = std::thread::scope(|s| {
+                        let other = s.spawn(|| {
+                            barrier.wait();
+                            pairs(&m, &req, n / 2);
+                        });
+                        barrier.wait();
+                        let start = Instant::now();
+                        pairs(&m, &req, n - n / 2);
+                        other.join().unwrap();
+                        start
+                    });
+                    start.elapsed()
+                })
+            });
+            group.bench_function(BenchmarkId::new("naive-1t", selector), |b| {
+                b.iter(|| {
+                    let i = naive.acquire(selector).unwrap();
+                    naive.release(black_box(i));
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
