@@ -10,7 +10,9 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use pharox::{AcquireRequest, InMemoryStorage, Pool, Proxy, ProxyManager, ProxyProtocol, Selector, Storage};
+use pharox::{
+    AcquireRequest, InMemoryStorage, Pool, Proxy, ProxyManager, ProxyProtocol, Selector, Storage,
+};
 
 const SIZES: [usize; 3] = [10, 1_000, 100_000];
 
@@ -24,8 +26,14 @@ fn now<F: Future>(f: F) -> F::Output {
 }
 
 fn proxy(i: usize) -> Proxy {
-    let mut p = Proxy::new(format!("proxy-{i:06}"), "bench", ProxyProtocol::Http, "10.0.0.1", 8080)
-        .with_max_concurrency(Some(1));
+    let mut p = Proxy::new(
+        format!("proxy-{i:06}"),
+        "bench",
+        ProxyProtocol::Http,
+        "10.0.0.1",
+        8080,
+    )
+    .with_max_concurrency(Some(1));
     p.checked_at = SystemTime::UNIX_EPOCH + Duration::from_secs(i as u64 % 97);
     p.latency = Some(Duration::from_micros(1_000 + (i as u64 * 7919) % 5_000));
     p
@@ -54,7 +62,9 @@ struct Naive {
 
 impl Naive {
     fn new(size: usize) -> Self {
-        Self { state: Mutex::new(((0..size).map(|i| (proxy(i), 0)).collect(), 0)) }
+        Self {
+            state: Mutex::new(((0..size).map(|i| (proxy(i), 0)).collect(), 0)),
+        }
     }
 
     fn acquire(&self, selector: Selector) -> Option<usize> {
@@ -64,19 +74,22 @@ impl Naive {
         let eligible: Vec<usize> = (0..list.len()).filter(|&i| free(&list[i])).collect();
         let pick = match selector {
             Selector::FirstAvailable => eligible.first().copied(),
-            Selector::LeastUsed => {
-                eligible.iter().copied().min_by(|&a, &b| {
-                    let key = |i: usize| (list[i].1, list[i].0.checked_at, &list[i].0.id);
-                    key(a).cmp(&key(b))
-                })
-            }
-            Selector::LowestLatency => eligible.iter().copied().min_by_key(|&i| (list[i].0.latency, list[i].1)),
+            Selector::LeastUsed => eligible.iter().copied().min_by(|&a, &b| {
+                let key = |i: usize| (list[i].1, list[i].0.checked_at, &list[i].0.id);
+                key(a).cmp(&key(b))
+            }),
+            Selector::LowestLatency => eligible
+                .iter()
+                .copied()
+                .min_by_key(|&i| (list[i].0.latency, list[i].1)),
             Selector::RoundRobin => {
                 let c = *cursor % eligible.len().max(1);
                 *cursor = c + 1;
                 eligible.get(c).copied()
             }
-            Selector::Random => (!eligible.is_empty()).then(|| eligible[fastrand::usize(..eligible.len())]),
+            Selector::Random => {
+                (!eligible.is_empty()).then(|| eligible[fastrand::usize(..eligible.len())])
+            }
         }?;
         list[pick].1 += 1;
         Some(pick)
@@ -97,7 +110,9 @@ fn bench(c: &mut Criterion) {
         group.measurement_time(Duration::from_secs(2));
         group.sample_size(20);
         for selector in Selector::ALL.iter().copied() {
-            let req = AcquireRequest::new("bench").selector(selector).consumer("bench");
+            let req = AcquireRequest::new("bench")
+                .selector(selector)
+                .consumer("bench");
             group.bench_function(BenchmarkId::new("pharox-1t", selector), |b| {
                 b.iter_custom(|n| {
                     let start = Instant::now();

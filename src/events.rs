@@ -6,6 +6,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -63,6 +64,9 @@ pub type ReleaseCallback = Arc<dyn Fn(&ReleaseEvent) + Send + Sync>;
 pub(crate) struct Callbacks {
     acquire: ArcSwap<Vec<AcquireCallback>>,
     release: ArcSwap<Vec<ReleaseCallback>>,
+    /// Fast checks, so that building an event costs nothing when nobody listens.
+    any_acquire: AtomicBool,
+    any_release: AtomicBool,
 }
 
 impl Callbacks {
@@ -72,6 +76,7 @@ impl Callbacks {
             v.push(cb.clone());
             v
         });
+        self.any_acquire.store(true, Ordering::Release);
     }
 
     pub fn add_release(&self, cb: ReleaseCallback) {
@@ -80,14 +85,15 @@ impl Callbacks {
             v.push(cb.clone());
             v
         });
+        self.any_release.store(true, Ordering::Release);
     }
 
     pub fn has_acquire(&self) -> bool {
-        !self.acquire.load().is_empty()
+        self.any_acquire.load(Ordering::Acquire)
     }
 
     pub fn has_release(&self) -> bool {
-        !self.release.load().is_empty()
+        self.any_release.load(Ordering::Acquire)
     }
 
     pub fn fire_acquire(&self, event: &AcquireEvent) {

@@ -450,8 +450,6 @@ string_enum! {
 pub struct Lease {
     /// Unique id.
     pub id: LeaseId,
-    /// The leased proxy's id.
-    pub proxy_id: ProxyId,
     /// The pool it was leased from.
     pub pool_name: Arc<str>,
     /// Who holds it.
@@ -464,9 +462,20 @@ pub struct Lease {
     pub expires_at: Instant,
     /// Status at the time of this snapshot.
     pub status: LeaseStatus,
-    /// The leased proxy's connection details, as they were when the lease was made.
-    #[serde(skip)]
+    /// The leased proxy: its id (serialised as `proxy_id`) and connection details.
+    #[serde(rename = "proxy_id", serialize_with = "ser_proxy_id")]
     pub proxy: Arc<Proxy>,
+}
+
+impl Lease {
+    /// The leased proxy's id.
+    pub fn proxy_id(&self) -> &ProxyId {
+        &self.proxy.id
+    }
+}
+
+fn ser_proxy_id<S: Serializer>(p: &Arc<Proxy>, s: S) -> Result<S::Ok, S::Error> {
+    p.id.serialize(s)
 }
 
 /// The wall-clock time of a monotonic instant, for display (an anchor taken once per
@@ -475,12 +484,17 @@ pub fn wall_clock(at: Instant) -> SystemTime {
     static ANCHOR: LazyLock<(Instant, SystemTime)> =
         LazyLock::new(|| (Instant::now(), SystemTime::now()));
     let (mono, wall) = *ANCHOR;
-    if at >= mono { wall + (at - mono) } else { wall - (mono - at) }
+    if at >= mono {
+        wall + (at - mono)
+    } else {
+        wall - (mono - at)
+    }
 }
 
 /// Seconds since the Unix epoch of a wall-clock time (0 before the epoch).
 pub fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn ser_unix_seconds<S: Serializer>(t: &Instant, s: S) -> Result<S::Ok, S::Error> {

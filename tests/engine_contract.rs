@@ -35,7 +35,7 @@ async fn finds_the_active_proxy() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(lease.proxy_id.as_str(), "b");
+    assert_eq!(lease.proxy_id().as_str(), "b");
 }
 
 #[tokio::test]
@@ -59,7 +59,7 @@ async fn filters_on_country_source_and_city() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(lease.proxy_id.as_str(), "b");
+    assert_eq!(lease.proxy_id().as_str(), "b");
 }
 
 #[tokio::test]
@@ -93,14 +93,14 @@ async fn composite_filters_with_predicate() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(lease.proxy_id.as_str(), "4");
+    assert_eq!(lease.proxy_id().as_str(), "4");
     // "4" has no cap, so the same filter keeps choosing it.
     let again = m
         .acquire_proxy(&AcquireRequest::new("p").filter(f))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(again.proxy_id.as_str(), "4");
+    assert_eq!(again.proxy_id().as_str(), "4");
 }
 
 #[tokio::test]
@@ -148,7 +148,7 @@ async fn least_used_prefers_the_lowest_load() {
             .await
             .unwrap()
             .unwrap()
-            .proxy_id
+            .proxy_id()
             .as_str(),
         "idle"
     );
@@ -161,7 +161,7 @@ async fn round_robin_cycles_in_id_order() {
     let mut seen = Vec::new();
     for _ in 0..5 {
         let lease = m.acquire_proxy(&req).await.unwrap().unwrap();
-        seen.push(lease.proxy_id.to_string());
+        seen.push(lease.proxy_id().to_string());
         m.release_proxy(&lease).await.unwrap();
     }
     assert_eq!(seen, ["a", "b", "c", "a", "b"]);
@@ -242,7 +242,7 @@ async fn guard_yields_none_when_unavailable_and_releases_on_drop() {
     let req = AcquireRequest::new("p");
     {
         let guard = m.lease(&req).await.unwrap().expect("free slot");
-        assert_eq!(guard.proxy_id.as_str(), "a");
+        assert_eq!(guard.proxy_id().as_str(), "a");
         assert!(m.lease(&req).await.unwrap().is_none());
         assert_eq!(leased(&m, "p").await, 1);
     }

@@ -346,7 +346,7 @@ async fn removing_most_of_a_large_pool_keeps_order_and_counts() {
         );
     }
     held.push(m.acquire_proxy(&rr).await.unwrap().unwrap());
-    assert_eq!(held[10].proxy_id.as_str(), "p010");
+    assert_eq!(held[10].proxy_id().as_str(), "p010");
     // Remove all but the last 50; the leased ones drain, the rest go at once.
     for id in &ids[..250] {
         m.storage()
@@ -362,13 +362,13 @@ async fn removing_most_of_a_large_pool_keeps_order_and_counts() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(first.proxy_id.as_str(), "p250");
+    assert_eq!(first.proxy_id().as_str(), "p250");
     assert_eq!(
         m.acquire_proxy(&rr)
             .await
             .unwrap()
             .unwrap()
-            .proxy_id
+            .proxy_id()
             .as_str(),
         "p251"
     );
@@ -382,7 +382,7 @@ async fn removing_most_of_a_large_pool_keeps_order_and_counts() {
             .await
             .unwrap()
             .unwrap()
-            .proxy_id
+            .proxy_id()
             .as_str(),
         "p252"
     );

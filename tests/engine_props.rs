@@ -247,7 +247,7 @@ async fn run(specs: Vec<Spec>, ops: Vec<Op>) {
                     req = req.filter(f);
                 }
                 let got = s.acquire(&req, now).await.unwrap().lease;
-                let got_id = got.as_ref().map(|l| l.proxy_id.clone());
+                let got_id = got.as_ref().map(|l| l.proxy_id().clone());
                 match want {
                     Some(want) => assert_eq!(got_id, want, "{sel} {fs:?}"),
                     None => {
@@ -265,7 +265,7 @@ async fn run(specs: Vec<Spec>, ops: Vec<Op>) {
                     }
                 }
                 if let Some(lease) = got {
-                    let i = model.index(&lease.proxy_id).unwrap();
+                    let i = model.index(&lease.proxy_id()).unwrap();
                     model.items[i].1 += 1;
                     let (p, leases, _) = &model.items[i];
                     assert!(
@@ -273,7 +273,7 @@ async fn run(specs: Vec<Spec>, ops: Vec<Op>) {
                         "cap exceeded: {p:?}"
                     );
                     if sel == Selector::RoundRobin {
-                        model.rr_last = Some(lease.proxy_id.clone());
+                        model.rr_last = Some(lease.proxy_id().clone());
                     }
                     held.push(lease);
                 }
@@ -284,7 +284,7 @@ async fn run(specs: Vec<Spec>, ops: Vec<Op>) {
                 if matches!(op, Op::ReleaseTwice(_)) {
                     assert!(s.release(&lease, now).await.unwrap().is_none());
                 }
-                let i = model.index(&lease.proxy_id).unwrap();
+                let i = model.index(&lease.proxy_id()).unwrap();
                 model.items[i].1 -= 1;
                 model.reap(i);
             }

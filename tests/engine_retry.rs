@@ -245,7 +245,7 @@ async fn a_waiter_is_woken_early_by_a_release() {
         .unwrap()
         .unwrap()
         .expect("woken by the release");
-    assert_eq!(lease.proxy_id.as_str(), "a");
+    assert_eq!(lease.proxy_id().as_str(), "a");
     assert!(
         start.elapsed() < Duration::from_secs(60),
         "slept out the backoff: {:?}",

@@ -15,7 +15,7 @@ async fn pick(m: &pharox::ProxyManager, req: &AcquireRequest) -> Option<String> 
     m.acquire_proxy(req)
         .await
         .unwrap()
-        .map(|l| l.proxy_id.to_string())
+        .map(|l| l.proxy_id().to_string())
 }
 
 fn at(secs: u64) -> SystemTime {
@@ -142,7 +142,7 @@ async fn random_picks_only_eligible_proxies_and_all_of_them() {
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..300 {
         let lease = m.acquire_proxy(&req).await.unwrap().unwrap();
-        seen.insert(lease.proxy_id.to_string());
+        seen.insert(lease.proxy_id().to_string());
         m.release_proxy(&lease).await.unwrap();
     }
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["a", "b", "c"]);

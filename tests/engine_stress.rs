@@ -97,7 +97,7 @@ fn concurrent_acquire_release_renew_never_exceeds_caps() {
                                 }
                                 match m.acquire_proxy(&req).await.unwrap() {
                                     Some(lease) => {
-                                        let id = lease.proxy_id.as_str();
+                                        let id = lease.proxy_id().as_str();
                                         let now = held_count[id].fetch_add(1, Ordering::SeqCst) + 1;
                                         assert!(
                                             caps[id].is_none_or(|c| now <= c as i64),
@@ -111,7 +111,8 @@ fn concurrent_acquire_release_renew_never_exceeds_caps() {
                             }
                             5..=8 if !mine.is_empty() => {
                                 let lease = mine.swap_remove(rng.usize(..mine.len()));
-                                held_count[lease.proxy_id.as_str()].fetch_sub(1, Ordering::SeqCst);
+                                held_count[lease.proxy_id().as_str()]
+                                    .fetch_sub(1, Ordering::SeqCst);
                                 assert!(m.release_proxy(&lease).await.unwrap());
                             }
                             _ if !mine.is_empty() => {
@@ -130,7 +131,7 @@ fn concurrent_acquire_release_renew_never_exceeds_caps() {
                         }
                     }
                     for lease in mine {
-                        held_count[lease.proxy_id.as_str()].fetch_sub(1, Ordering::SeqCst);
+                        held_count[lease.proxy_id().as_str()].fetch_sub(1, Ordering::SeqCst);
                         assert!(m.release_proxy(&lease).await.unwrap());
                     }
                     (hits, misses)

@@ -368,7 +368,7 @@ impl Storage for InMemoryStorage {
         };
         let mut leases: Vec<Lease> = entries
             .iter()
-            .flat_map(|e| e.lock().leases().cloned().collect::<Vec<_>>())
+            .flat_map(|e| e.lock().leases().collect::<Vec<_>>())
             .collect();
         leases.sort_by_key(|l| (l.acquired_at, l.id));
         Ok(leases)

@@ -26,7 +26,8 @@ use crate::selector::Selector;
 /// Most views a pool keeps; filters with other keys fall back to scanning view 0.
 const MAX_VIEWS: usize = 256;
 
-/// A proxy of the pool with its live figures.
+/// A proxy of the pool with its live figures. The fields the indexes read are copied out of
+/// the record, so keeping indexes current never touches the (shared, colder) `Proxy`.
 struct Slot {
     proxy: Arc<Proxy>,
     leases: u32,
@@ -34,35 +35,62 @@ struct Slot {
     /// Position of the proxy's id among the pool's ids (the id order of `round_robin` and
     /// of tie-breaks). `UNRANKED` until the next rank rebuild after the proxy was added.
     rank: u32,
+    active: bool,
+    cap: Option<u32>,
+    checked_at: SystemTime,
+    /// Measured latency in µs; `u64::MAX` when unmeasured (sorts last).
+    latency_us: u64,
     /// Views this slot belongs to (always includes view 0).
     views: SmallVec<[u16; 4]>,
 }
 
 impl Slot {
+    fn new(proxy: Arc<Proxy>, views: SmallVec<[u16; 4]>) -> Self {
+        let mut slot = Slot {
+            proxy: proxy.clone(),
+            leases: 0,
+            draining: true,
+            rank: UNRANKED,
+            active: false,
+            cap: None,
+            checked_at: SystemTime::UNIX_EPOCH,
+            latency_us: u64::MAX,
+            views,
+        };
+        slot.set_proxy(proxy);
+        slot
+    }
+
+    fn set_proxy(&mut self, proxy: Arc<Proxy>) {
+        self.active = proxy.status == ProxyStatus::Active;
+        self.cap = proxy.max_concurrency;
+        self.checked_at = proxy.checked_at;
+        self.latency_us = proxy.latency.map_or(u64::MAX, |d| {
+            d.as_micros().min(u128::from(u64::MAX - 1)) as u64
+        });
+        self.proxy = proxy;
+    }
+
     fn eligible(&self) -> bool {
-        !self.draining
-            && self.proxy.status == ProxyStatus::Active
-            && self
-                .proxy
-                .max_concurrency
-                .is_none_or(|max| self.leases < max)
+        !self.draining && self.active && self.cap.is_none_or(|max| self.leases < max)
     }
 
     fn snap(&self) -> Snap {
         Snap {
-            proxy: self.proxy.clone(),
+            record: Arc::as_ptr(&self.proxy) as usize,
             leases: self.leases,
             rank: self.rank,
             eligible: self.eligible(),
+            checked_at: self.checked_at,
+            latency_us: self.latency_us,
         }
     }
 
     fn contribution(&self) -> Counters {
         let listed = !self.draining;
-        let active = listed && self.proxy.status == ProxyStatus::Active;
         Counters {
             total: listed as u32,
-            active: active as u32,
+            active: (listed && self.active) as u32,
             available: (listed && self.eligible()) as u32,
             leased: (self.leases > 0) as u32,
             leases: self.leases as u64,
@@ -72,10 +100,13 @@ impl Slot {
 
 /// What an index needs to know about a slot before or after a change.
 struct Snap {
-    proxy: Arc<Proxy>,
+    /// Address of the proxy record, to tell whether it was replaced.
+    record: usize,
     leases: u32,
     rank: u32,
     eligible: bool,
+    checked_at: SystemTime,
+    latency_us: u64,
 }
 
 /// Rank of a slot added since the last rank rebuild.
@@ -132,7 +163,10 @@ enum Index {
     Latency(BTreeSet<LatencyKey>),
     /// Unordered, for uniform random picks: the slots, and each slot's place among them
     /// (`u32::MAX`: absent).
-    Random { items: Vec<u32>, pos: Vec<u32> },
+    Random {
+        items: Vec<u32>,
+        pos: Vec<u32>,
+    },
 }
 
 impl Index {
@@ -142,7 +176,10 @@ impl Index {
             Selector::RoundRobin => Index::Id(BTreeSet::new()),
             Selector::LeastUsed => Index::LeastUsed(BTreeSet::new()),
             Selector::LowestLatency => Index::Latency(BTreeSet::new()),
-            Selector::Random => Index::Random { items: Vec::new(), pos: Vec::new() },
+            Selector::Random => Index::Random {
+                items: Vec::new(),
+                pos: Vec::new(),
+            },
         }
     }
 
@@ -153,12 +190,12 @@ impl Index {
             Index::Id(_) => before.rank != after.rank,
             Index::LeastUsed(_) => {
                 before.leases != after.leases
-                    || before.proxy.checked_at != after.proxy.checked_at
+                    || before.checked_at != after.checked_at
                     || before.rank != after.rank
             }
             Index::Latency(_) => {
                 before.leases != after.leases
-                    || before.proxy.latency != after.proxy.latency
+                    || before.latency_us != after.latency_us
                     || before.rank != after.rank
             }
         }
@@ -204,7 +241,9 @@ impl Index {
                 set.remove(&latency_key(slot, s));
             }
             Index::Random { items, pos } => {
-                let Some(p) = pos.get_mut(slot as usize) else { return };
+                let Some(p) = pos.get_mut(slot as usize) else {
+                    return;
+                };
                 let i = std::mem::replace(p, u32::MAX);
                 if i == u32::MAX {
                     return;
@@ -224,12 +263,20 @@ impl Index {
             Index::First(set) => Box::new(set.iter().copied()),
             Index::Id(set) => {
                 let from = ranked(rr_from, 0);
-                Box::new(set.range(from..).chain(set.range(..from)).map(|k| slot_of(*k)))
+                Box::new(
+                    set.range(from..)
+                        .chain(set.range(..from))
+                        .map(|k| slot_of(*k)),
+                )
             }
             Index::LeastUsed(set) => Box::new(set.iter().map(|k| slot_of(k.2))),
             Index::Latency(set) => Box::new(set.iter().map(|k| slot_of(k.2))),
             Index::Random { items, .. } => {
-                let start = if items.is_empty() { 0 } else { start % items.len() };
+                let start = if items.is_empty() {
+                    0
+                } else {
+                    start % items.len()
+                };
                 Box::new(items[start..].iter().chain(&items[..start]).copied())
             }
         }
@@ -239,9 +286,11 @@ impl Index {
     fn first(&self, rr_from: u32, start: usize) -> Option<u32> {
         match self {
             Index::First(set) => set.first().copied(),
-            Index::Id(set) => {
-                set.range(ranked(rr_from, 0)..).next().or_else(|| set.first()).map(|k| slot_of(*k))
-            }
+            Index::Id(set) => set
+                .range(ranked(rr_from, 0)..)
+                .next()
+                .or_else(|| set.first())
+                .map(|k| slot_of(*k)),
             Index::LeastUsed(set) => set.first().map(|k| slot_of(k.2)),
             Index::Latency(set) => set.first().map(|k| slot_of(k.2)),
             Index::Random { items, .. } => (!items.is_empty()).then(|| items[start % items.len()]),
@@ -250,16 +299,18 @@ impl Index {
 }
 
 fn least_used_key(slot: u32, s: &Snap) -> LeastUsedKey {
-    (s.leases, s.proxy.checked_at, ranked(s.rank, slot))
+    (s.leases, s.checked_at, ranked(s.rank, slot))
 }
 
 fn latency_key(slot: u32, s: &Snap) -> LatencyKey {
-    let micros = s.proxy.latency.map_or(u64::MAX, |d| d.as_micros().min(u128::from(u64::MAX - 1)) as u64);
-    (micros, s.leases, ranked(s.rank, slot))
+    (s.latency_us, s.leases, ranked(s.rank, slot))
 }
 
 fn uses_rank(selector: Selector) -> bool {
-    matches!(selector, Selector::RoundRobin | Selector::LeastUsed | Selector::LowestLatency)
+    matches!(
+        selector,
+        Selector::RoundRobin | Selector::LeastUsed | Selector::LowestLatency
+    )
 }
 
 /// Selector indexes of one subset of the pool.
@@ -297,10 +348,22 @@ impl View {
     }
 }
 
-/// A live lease and the slot it holds.
+/// The round-robin position: the proxy chosen last. Kept as a slot number on the hot path
+/// and turned into the proxy id when that slot goes away.
+#[derive(Debug, PartialEq)]
+enum RrLast {
+    None,
+    Slot(u32),
+    Id(ProxyId),
+}
+
+/// A live lease: the slot it holds and what a [`Lease`] needs beyond the slot. (Storing
+/// less than a whole `Lease` keeps reference-count traffic off the hot path.)
 struct LiveLease {
-    lease: Lease,
     slot: u32,
+    consumer: Arc<str>,
+    acquired_at: Instant,
+    expires_at: Instant,
 }
 
 /// What an acquire asks of a pool.
@@ -331,7 +394,7 @@ pub(crate) struct PoolState {
     view_by_key: HashMap<IndexKey, u16>,
     leases: HashMap<LeaseId, LiveLease>,
     /// The round-robin position: the id chosen last (the storage's truth) ...
-    rr_last: Option<ProxyId>,
+    rr_last: RrLast,
     /// ... and the first rank to consider next, derived from it.
     rr_from: u32,
     /// A proxy was added since ranks were last computed.
@@ -357,7 +420,7 @@ impl PoolState {
             views: vec![all],
             view_by_key: HashMap::from_iter([(IndexKey::default(), 0)]),
             leases: HashMap::default(),
-            rr_last: None,
+            rr_last: RrLast::None,
             rr_from: 0,
             ranks_dirty: false,
             next_expiry: None,
@@ -396,7 +459,7 @@ impl PoolState {
         self.counters.sub(slot.contribution());
         change(slot);
         self.counters.add(slot.contribution());
-        if Arc::ptr_eq(&before.proxy, &slot.proxy) {
+        if before.record == Arc::as_ptr(&slot.proxy) as usize {
             // Same record, same views: the common path (lease counts, draining).
             let after = slot.snap();
             for &v in &slot.views {
@@ -410,7 +473,10 @@ impl PoolState {
         }
         let old_views = std::mem::replace(&mut slot.views, views_of(&self.views, &slot.proxy));
         let (after, new_views) = (slot.snap(), slot.views.clone());
-        for &v in old_views.iter().chain(new_views.iter().filter(|v| !old_views.contains(v))) {
+        for &v in old_views
+            .iter()
+            .chain(new_views.iter().filter(|v| !old_views.contains(v)))
+        {
             let was = (before.eligible && old_views.contains(&v)).then_some(&before);
             let is = (after.eligible && new_views.contains(&v)).then_some(&after);
             if was.is_some() || is.is_some() {
@@ -426,7 +492,7 @@ impl PoolState {
         let proxy = Arc::new(proxy);
         if let Some(&i) = self.by_id.get(&proxy.id) {
             self.update_slot(i, |s| {
-                s.proxy = proxy;
+                s.set_proxy(proxy);
                 s.draining = false;
             });
             return true;
@@ -434,13 +500,7 @@ impl PoolState {
         let i = self.slots.len() as u32;
         let views = views_of(&self.views, &proxy);
         self.by_id.insert(proxy.id.clone(), i);
-        self.slots.push(Some(Slot {
-            proxy,
-            leases: 0,
-            draining: true,
-            rank: UNRANKED,
-            views,
-        }));
+        self.slots.push(Some(Slot::new(proxy, views)));
         self.ranks_dirty = true;
         self.counters.add(
             self.slots[i as usize]
@@ -482,6 +542,9 @@ impl PoolState {
         }
         self.counters.sub(slot.contribution());
         self.by_id.remove(&slot.proxy.id);
+        if self.rr_last == RrLast::Slot(i) {
+            self.rr_last = RrLast::Id(slot.proxy.id.clone());
+        }
         self.slots[i as usize] = None;
         self.tombstones += 1;
         if self.tombstones > 64 && self.tombstones * 2 > self.slots.len() {
@@ -507,15 +570,10 @@ impl PoolState {
         for live in self.leases.values_mut() {
             live.slot = renumber[&live.slot];
         }
-        for v in 0..self.views.len() {
-            let built: Vec<usize> = (0..5)
-                .filter(|&k| self.views[v].indexes[k].is_some())
-                .collect();
-            self.views[v].indexes = Default::default();
-            for k in built {
-                self.build_index(v as u16, Selector::ALL[k]);
-            }
+        if let RrLast::Slot(i) = self.rr_last {
+            self.rr_last = RrLast::Slot(renumber[&i]);
         }
+        self.rebuild_indexes(|_| true);
     }
 
     /// Sets a proxy's status (and, for a health check, `checked_at` and latency). Returns
@@ -532,7 +590,7 @@ impl PoolState {
             if check.latency.is_some() {
                 p.latency = check.latency;
             }
-            s.proxy = Arc::new(p);
+            s.set_proxy(Arc::new(p));
         });
         Some(old)
     }
@@ -551,31 +609,39 @@ impl PoolState {
         let i = self.choose(pick.selector, pick.filter)?;
         if pick.selector == Selector::RoundRobin {
             let slot = self.slots[i as usize].as_ref()?;
-            self.rr_last = Some(slot.proxy.id.clone());
+            self.rr_last = RrLast::Slot(i);
             self.rr_from = slot.rank.saturating_add(1);
         }
         self.update_slot(i, |s| s.leases += 1);
-        let proxy = self.slots[i as usize].as_ref()?.proxy.clone();
         let expires_at = pick.now + pick.duration;
-        let lease = Lease {
-            id: LeaseId::next(),
-            proxy_id: proxy.id.clone(),
-            pool_name: self.name.clone(),
-            consumer_name: pick.consumer.clone(),
+        let live = LiveLease {
+            slot: i,
+            consumer: pick.consumer.clone(),
             acquired_at: pick.now,
             expires_at,
-            status: LeaseStatus::Active,
-            proxy,
         };
+        let lease = self.lease_of(LeaseId::next(), &live, LeaseStatus::Active);
         self.next_expiry = Some(self.next_expiry.map_or(expires_at, |e| e.min(expires_at)));
-        self.leases.insert(
-            lease.id,
-            LiveLease {
-                lease: lease.clone(),
-                slot: i,
-            },
-        );
+        self.leases.insert(lease.id, live);
         Some(lease)
+    }
+
+    /// The public view of a live lease.
+    fn lease_of(&self, id: LeaseId, live: &LiveLease, status: LeaseStatus) -> Lease {
+        let proxy = self.slots[live.slot as usize]
+            .as_ref()
+            .expect("a leased slot is live")
+            .proxy
+            .clone();
+        Lease {
+            id,
+            pool_name: self.name.clone(),
+            consumer_name: live.consumer.clone(),
+            acquired_at: live.acquired_at,
+            expires_at: live.expires_at,
+            status,
+            proxy,
+        }
     }
 
     /// The slot the selector prefers among eligible proxies matching the filter.
@@ -595,11 +661,17 @@ impl PoolState {
             self.build_index(view, selector);
         }
         let index = self.views[view as usize].indexes[k].as_ref()?;
-        let start = if selector == Selector::Random { fastrand::usize(..) } else { 0 };
+        let start = if selector == Selector::Random {
+            fastrand::usize(..)
+        } else {
+            0
+        };
         match residual {
             None => index.first(self.rr_from, start),
             Some(f) => index.candidates(self.rr_from, start).find(|&s| {
-                self.slots[s as usize].as_ref().is_some_and(|slot| f.matches(&slot.proxy))
+                self.slots[s as usize]
+                    .as_ref()
+                    .is_some_and(|slot| f.matches(&slot.proxy))
             }),
         }
     }
@@ -619,10 +691,14 @@ impl PoolState {
                 slot.rank = rank as u32;
             }
         }
-        self.rr_from = match &self.rr_last {
-            Some(last) => order.partition_point(|(id, _)| id <= last) as u32,
-            None => 0,
+        let last = match &self.rr_last {
+            RrLast::None => None,
+            RrLast::Slot(i) => self.slots[*i as usize].as_ref().map(|s| s.proxy.id.clone()),
+            RrLast::Id(id) => Some(id.clone()),
         };
+        self.rr_from = last.map_or(0, |last| {
+            order.partition_point(|(id, _)| *id <= last) as u32
+        });
         self.ranks_dirty = false;
         self.rebuild_indexes(uses_rank);
     }
@@ -676,13 +752,13 @@ impl PoolState {
 
     /// Gives a lease back. `None` if it is not live (already released, expired, unknown).
     pub fn release(&mut self, id: LeaseId, status: LeaseStatus) -> Option<Freed> {
-        let LiveLease { mut lease, slot } = self.leases.remove(&id)?;
-        self.update_slot(slot, |s| s.leases -= 1);
-        self.reap(slot);
+        let live = self.leases.remove(&id)?;
+        let lease = self.lease_of(id, &live, status);
+        self.update_slot(live.slot, |s| s.leases -= 1);
+        self.reap(live.slot);
         if self.leases.is_empty() {
             self.next_expiry = None;
         }
-        lease.status = status;
         Some(Freed {
             lease,
             stats: self.stats(),
@@ -692,18 +768,21 @@ impl PoolState {
     /// Moves a live lease's expiry. `None` if it is not live.
     pub fn renew(&mut self, id: LeaseId, expires_at: Instant) -> Option<Lease> {
         let live = self.leases.get_mut(&id)?;
-        live.lease.expires_at = expires_at;
-        let lease = live.lease.clone();
+        live.expires_at = expires_at;
         self.next_expiry = Some(self.next_expiry.map_or(expires_at, |e| e.min(expires_at)));
-        Some(lease)
+        self.lease(id)
     }
 
     pub fn lease(&self, id: LeaseId) -> Option<Lease> {
-        self.leases.get(&id).map(|l| l.lease.clone())
+        self.leases
+            .get(&id)
+            .map(|l| self.lease_of(id, l, LeaseStatus::Active))
     }
 
-    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
-        self.leases.values().map(|l| &l.lease)
+    pub fn leases(&self) -> impl Iterator<Item = Lease> + '_ {
+        self.leases
+            .iter()
+            .map(|(id, l)| self.lease_of(*id, l, LeaseStatus::Active))
     }
 
     /// Is any lease possibly due at `now`? (Cheap check before a sweep.)
@@ -719,13 +798,13 @@ impl PoolState {
         let due: Vec<LeaseId> = self
             .leases
             .iter()
-            .filter(|(_, l)| l.lease.expires_at <= now)
+            .filter(|(_, l)| l.expires_at <= now)
             .map(|(id, _)| *id)
             .collect();
         for id in due {
             out.extend(self.release(id, LeaseStatus::Expired));
         }
-        self.next_expiry = self.leases.values().map(|l| l.lease.expires_at).min();
+        self.next_expiry = self.leases.values().map(|l| l.expires_at).min();
     }
 
     /// True when the pool is removed and nothing holds it any more.
