@@ -265,7 +265,7 @@ async fn run(specs: Vec<Spec>, ops: Vec<Op>) {
                     }
                 }
                 if let Some(lease) = got {
-                    let i = model.index(&lease.proxy_id()).unwrap();
+                    let i = model.index(lease.proxy_id()).unwrap();
                     model.items[i].1 += 1;
                     let (p, leases, _) = &model.items[i];
                     assert!(
@@ -284,7 +284,7 @@ async fn run(specs: Vec<Spec>, ops: Vec<Op>) {
                 if matches!(op, Op::ReleaseTwice(_)) {
                     assert!(s.release(&lease, now).await.unwrap().is_none());
                 }
-                let i = model.index(&lease.proxy_id()).unwrap();
+                let i = model.index(lease.proxy_id()).unwrap();
                 model.items[i].1 -= 1;
                 model.reap(i);
             }
