@@ -102,7 +102,6 @@ impl Naive {
 
 fn bench(c: &mut Criterion) {
     for size in SIZES {
-        let m = manager(size);
         let naive = Naive::new(size);
         let mut group = c.benchmark_group(format!("acquire_release/{size}"));
         group.throughput(Throughput::Elements(1));
@@ -110,6 +109,9 @@ fn bench(c: &mut Criterion) {
         group.measurement_time(Duration::from_secs(2));
         group.sample_size(20);
         for selector in Selector::ALL.iter().copied() {
+            // A fresh pool per selector: a pool keeps an index for every selector it has
+            // served, and real pools serve one.
+            let m = manager(size);
             let req = AcquireRequest::new("bench")
                 .selector(selector)
                 .consumer("bench");
@@ -148,5 +150,9 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+criterion_group! {
+    name = benches;
+    config = Criterion::default().without_plots();
+    targets = bench
+}
 criterion_main!(benches);

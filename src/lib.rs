@@ -10,6 +10,15 @@
 //! - [`retry`]: retry policy and the clock/sleeper seams.
 //! - [`events`]: acquire and release event payloads.
 //!
+//! The daemon:
+//! - [`config`]: configuration (figment: TOML + `PHAROX_…` environment), validation.
+//! - [`cli`]: command line.
+//! - [`identity`]: credentials, the username grammar, identity headers.
+//! - [`error`]: errors answered to clients and their HTTP form.
+//! - [`proxy`]: the proxy listener (CONNECT, plain HTTP, upstream dialing, splicing).
+//! - [`admin`]: the admin listener.
+//! - [`app`]: wiring and the run loop.
+//!
 //! ```
 //! use pharox::{AcquireRequest, InMemoryStorage, Pool, Proxy, ProxyManager, ProxyProtocol, Storage};
 //!
@@ -29,13 +38,25 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms, missing_docs)]
 
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod error;
 pub mod events;
 pub mod filter;
+pub mod identity;
 pub mod manager;
 pub mod model;
+pub mod proxy;
 pub mod retry;
 pub mod selector;
 pub mod storage;
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 pub use events::{AcquireEvent, ReleaseEvent};
 pub use filter::{Filter, FilterError};

@@ -53,3 +53,4 @@ impl Sleeper for RecordingSleeper {
         Box::pin(async {})
     }
 }
+pub mod daemon;

@@ -1,0 +1,761 @@
+//! The daemon's configuration: serde structs with defaults, loading with figment (a TOML file
+//! overridden by `PHAROX_…` environment variables, `__` for nesting), `proxies_file` parsing,
+//! and `validate()`, which reports every problem with its key path.
+//!
+//! Nothing else in the crate knows serde's config attributes or figment.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+use crate::identity::USERNAME_KEYS;
+use crate::model::{ProxyProtocol, Secret};
+use crate::retry::RetryPolicy;
+use crate::selector::Selector;
+
+/// Default config path, relative to the working directory.
+pub const DEFAULT_PATH: &str = "config/pharox.toml";
+/// Environment variable that names the config file.
+pub const PATH_ENV: &str = "PHAROX_CONFIG";
+
+/// A configuration that cannot be used, with every reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The named file does not exist or cannot be read.
+    #[error("config file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why it cannot be read.
+        reason: String,
+    },
+    /// The file or an environment variable does not parse (figment names the key and source).
+    #[error("{0}")]
+    Parse(String),
+    /// Values parse but do not make sense together.
+    #[error("invalid configuration{}:\n  - {}", .file.as_ref().map(|f| format!(" in {}", f.display())).unwrap_or_default(), .problems.join("\n  - "))]
+    Invalid {
+        /// The file, when loaded from one.
+        file: Option<PathBuf>,
+        /// One line per problem, each starting with its key path.
+        problems: Vec<String>,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Proxy listener (HTTP CONNECT and plain HTTP). Default `127.0.0.1:8899`.
+    pub listen: SocketAddr,
+    /// Pool used when neither header, username nor consumer names one. Default: the only
+    /// pool, if there is exactly one.
+    pub default_pool: Option<String>,
+    /// Admin listener.
+    pub admin: AdminConfig,
+    /// Client authentication.
+    pub auth: AuthConfig,
+    /// Sizes, counts and timeouts.
+    pub limits: LimitsConfig,
+    /// Safety switches.
+    pub security: SecurityConfig,
+    /// Who may use the daemon.
+    pub consumers: Vec<ConsumerConfig>,
+    /// The pools of upstreams.
+    pub pools: Vec<PoolConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8899)),
+            default_pool: None,
+            admin: AdminConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            security: SecurityConfig::default(),
+            consumers: Vec::new(),
+            pools: Vec::new(),
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Admin listener (`/healthz`, `/readyz`, later `/metrics` and the API). Default
+    /// `127.0.0.1:9899`.
+    pub listen: SocketAddr,
+    /// Bearer token required on `/api/v1` when set.
+    pub token: Option<Secret>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9899)),
+            token: None,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Require valid credentials (407 otherwise). Default `true`.
+    pub required: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { required: true }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open client connections at most; further clients wait in the accept queue.
+    /// Default 10 000.
+    pub max_connections: usize,
+    /// Largest request head in bytes. Default 65 536.
+    pub max_head_bytes: usize,
+    /// Time to receive a whole request head, in ms. Default 10 000.
+    pub head_timeout_ms: u64,
+    /// Time to connect to an upstream and finish its handshake, in ms. Default 10 000.
+    pub connect_timeout_ms: u64,
+    /// A tunnel with no byte in either direction for this long is closed, in seconds
+    /// (0 = never). Default 300.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_head_bytes: 64 * 1024,
+            head_timeout_ms: 10_000,
+            connect_timeout_ms: 10_000,
+            idle_timeout_secs: 300,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// `head_timeout_ms` as a duration.
+    pub fn head_timeout(&self) -> Duration {
+        Duration::from_millis(self.head_timeout_ms)
+    }
+
+    /// `connect_timeout_ms` as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// `idle_timeout_secs` as a duration (`None`: never).
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_secs > 0).then(|| Duration::from_secs(self.idle_timeout_secs))
+    }
+}
+
+/// `[security]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Allow `auth.required = false` on a non-loopback listener. Default `false`.
+    pub allow_open_non_loopback: bool,
+    /// Allow `direct` upstreams to reach loopback and link-local addresses. Default `false`.
+    pub allow_private_targets: bool,
+}
+
+/// `[[consumers]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Name: the first part of the proxy username.
+    pub name: String,
+    /// Password, inline.
+    pub password: Option<Secret>,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
+    /// Pools this consumer may use (empty = all).
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// Pool used when the request names none.
+    pub default_pool: Option<String>,
+}
+
+/// `[[pools]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Unique name.
+    pub name: String,
+    /// Selector strategy. Default `first_available`.
+    #[serde(default)]
+    pub selector: Selector,
+    /// Lease length; renewed while the connection is open. Default 300.
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u64,
+    /// Sticky-session idle TTL. Default 600.
+    #[serde(default = "default_session_ttl")]
+    pub session_ttl_seconds: u64,
+    /// Other upstreams tried when one fails to connect. Default 2.
+    #[serde(default = "default_failover")]
+    pub failover_attempts: u32,
+    /// How to wait for a free upstream.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Passive health: when to rest a failing upstream.
+    #[serde(default)]
+    pub health: PassiveHealthConfig,
+    /// Upstreams listed inline.
+    #[serde(default)]
+    pub proxies: Vec<ProxyConfig>,
+    /// A file with one upstream per line: `URL [key=value ...]`.
+    pub proxies_file: Option<PathBuf>,
+}
+
+fn default_lease_seconds() -> u64 {
+    300
+}
+
+fn default_session_ttl() -> u64 {
+    600
+}
+
+fn default_failover() -> u32 {
+    2
+}
+
+/// `[pools.retry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in all. Default 3.
+    pub max_attempts: u32,
+    /// Sleep before the second attempt, in ms. Default 250.
+    pub backoff_ms: u64,
+    /// Growth per attempt. Default 2.
+    pub multiplier: f64,
+    /// Cap on one sleep, in ms (0 = none). Default 2000.
+    pub max_backoff_ms: u64,
+    /// Random shortening of each sleep, 0..1. Default 0.
+    pub jitter: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            backoff_ms: 250,
+            multiplier: 2.0,
+            max_backoff_ms: 2000,
+            jitter: 0.0,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The engine's policy.
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            backoff: Duration::from_millis(self.backoff_ms),
+            multiplier: self.multiplier,
+            max_backoff: (self.max_backoff_ms > 0)
+                .then(|| Duration::from_millis(self.max_backoff_ms)),
+            jitter: self.jitter,
+        }
+    }
+}
+
+/// `[pools.health]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveHealthConfig {
+    /// Consecutive connect failures that put an upstream in cooldown. Default 3.
+    pub max_failures: u32,
+    /// Length of the cooldown, in seconds. Default 30.
+    pub cooldown_seconds: u64,
+}
+
+impl Default for PassiveHealthConfig {
+    fn default() -> Self {
+        Self {
+            max_failures: 3,
+            cooldown_seconds: 30,
+        }
+    }
+}
+
+/// `[[pools.proxies]]`, or one line of a `proxies_file`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// `scheme://[user:pass@]host:port`, scheme one of http, https, socks5, socks5h; or
+    /// `direct` / `direct://`.
+    pub url: String,
+    /// Stable id (default: `POOL/host:port`, or `POOL/direct`).
+    pub id: Option<String>,
+    /// Simultaneous leases at most (omit: unlimited).
+    pub max_concurrency: Option<u32>,
+    /// Country code.
+    pub country: Option<String>,
+    /// City.
+    pub city: Option<String>,
+    /// Source (provider).
+    pub source: Option<String>,
+    /// ISP.
+    pub isp: Option<String>,
+    /// Autonomous system number.
+    pub asn: Option<u32>,
+    /// Latitude.
+    pub latitude: Option<f64>,
+    /// Longitude.
+    pub longitude: Option<f64>,
+    /// `direct` only: local address to connect from.
+    pub bind: Option<IpAddr>,
+    /// `https` only: PEM file with extra CA certificates for the proxy's certificate.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// An upstream URL, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// Scheme.
+    pub protocol: ProxyProtocol,
+    /// Host (empty for direct).
+    pub host: String,
+    /// Port (0 for direct).
+    pub port: u16,
+    /// User name, if any.
+    pub username: Option<String>,
+    /// Password, if any.
+    pub password: Option<Secret>,
+}
+
+/// Parses an upstream URL. Errors never include the password.
+pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
+    if url == "direct" || url == "direct://" {
+        return Ok(UpstreamUrl {
+            protocol: ProxyProtocol::Direct,
+            host: String::new(),
+            port: 0,
+            username: None,
+            password: None,
+        });
+    }
+    let (scheme, rest) = url.split_once("://").ok_or("expected scheme://host:port")?;
+    let protocol: ProxyProtocol = scheme
+        .parse()
+        .map_err(|e: crate::model::UnknownName| e.to_string())?;
+    if protocol == ProxyProtocol::Direct {
+        return Err("`direct` takes no host".into());
+    }
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (userinfo, hostport) = match rest.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, rest),
+    };
+    let (username, password) = match userinfo {
+        None => (None, None),
+        Some(u) => {
+            let (user, pass) = u.split_once(':').unwrap_or((u, ""));
+            let user = percent_decode(user).ok_or("bad %-escape in user name")?;
+            let pass = percent_decode(pass).ok_or("bad %-escape in password")?;
+            if user.is_empty() {
+                return Err("empty user name".into());
+            }
+            (Some(user), Some(Secret::new(pass)))
+        }
+    };
+    let (host, port) = split_host_port(hostport).ok_or("expected host:port")?;
+    if host.is_empty() || port == 0 {
+        return Err("expected host:port with a non-zero port".into());
+    }
+    Ok(UpstreamUrl {
+        protocol,
+        host,
+        port,
+        username,
+        password,
+    })
+}
+
+/// Splits `host:port` or `[v6]:port`; the host comes back without brackets.
+pub fn split_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:")?;
+        (h, p)
+    } else {
+        let (h, p) = s.rsplit_once(':')?;
+        if h.contains(':') {
+            return None;
+        }
+        (h, p)
+    };
+    if host.is_empty() || host.contains(['/', ' ', '@']) {
+        return None;
+    }
+    Some((host.to_owned(), port.parse().ok()?))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Parses one `proxies_file` line: `URL [key=value ...]`. Blank lines and `#` comments give
+/// `None`.
+pub fn parse_proxy_line(line: &str) -> Result<Option<ProxyConfig>, String> {
+    let line = line.split_once(" #").map_or(line, |(l, _)| l).trim();
+    if line.is_empty() || line.starts_with('#') {
+        return Ok(None);
+    }
+    let mut words = line.split_whitespace();
+    let mut p = ProxyConfig {
+        url: words.next().unwrap_or_default().to_owned(),
+        ..Default::default()
+    };
+    for word in words {
+        let (k, v) = word
+            .split_once('=')
+            .ok_or_else(|| format!("`{word}`: expected key=value"))?;
+        let num = |what: &str| format!("{k}: `{v}` is not {what}");
+        match k {
+            "id" => p.id = Some(v.to_owned()),
+            "max_concurrency" => p.max_concurrency = Some(v.parse().map_err(|_| num("a count"))?),
+            "country" => p.country = Some(v.to_owned()),
+            "city" => p.city = Some(v.to_owned()),
+            "source" => p.source = Some(v.to_owned()),
+            "isp" => p.isp = Some(v.to_owned()),
+            "asn" => p.asn = Some(v.parse().map_err(|_| num("a number"))?),
+            "latitude" => p.latitude = Some(v.parse().map_err(|_| num("a number"))?),
+            "longitude" => p.longitude = Some(v.parse().map_err(|_| num("a number"))?),
+            "bind" => p.bind = Some(v.parse().map_err(|_| num("an IP address"))?),
+            "ca_file" => p.ca_file = Some(PathBuf::from(v)),
+            _ => return Err(format!("unknown key `{k}`")),
+        }
+    }
+    Ok(Some(p))
+}
+
+impl Config {
+    /// Loads `path` (which must exist) with `PHAROX_…` overrides, reads every
+    /// `proxies_file` and password variable, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if let Err(e) = std::fs::metadata(path) {
+            return Err(ConfigError::File {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            });
+        }
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed("PHAROX_").ignore(&["CONFIG"]).split("__"));
+        let config = Self::from_figment(figment)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.finish(Some(path), base, &|name| std::env::var(name).ok())
+    }
+
+    /// Extracts a config from any figment (tests pass TOML strings), without validation.
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Parses a TOML string and finishes it like [`Config::load`], reading environment
+    /// variables through `env` and `proxies_file`s relative to `base`.
+    pub fn from_toml_str(
+        toml: &str,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(toml)))?.finish(None, base, env)
+    }
+
+    fn finish(
+        mut self,
+        file: Option<&Path>,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        self.read_proxy_files(base, &mut problems);
+        self.read_password_env(env, &mut problems);
+        self.validate(&mut problems);
+        if problems.is_empty() {
+            Ok(self)
+        } else {
+            Err(ConfigError::Invalid {
+                file: file.map(Path::to_owned),
+                problems,
+            })
+        }
+    }
+
+    fn read_proxy_files(&mut self, base: &Path, problems: &mut Vec<String>) {
+        for (pi, pool) in self.pools.iter_mut().enumerate() {
+            let Some(file) = &pool.proxies_file else {
+                continue;
+            };
+            let path = if file.is_absolute() {
+                file.clone()
+            } else {
+                base.join(file)
+            };
+            let key = format!("pools[{pi}].proxies_file");
+            match std::fs::read_to_string(&path) {
+                Err(e) => problems.push(format!("{key}: {}: {e}", path.display())),
+                Ok(text) => {
+                    for (n, line) in text.lines().enumerate() {
+                        match parse_proxy_line(line) {
+                            Ok(Some(p)) => pool.proxies.push(p),
+                            Ok(None) => {}
+                            Err(e) => {
+                                problems.push(format!("{key}: {}:{}: {e}", path.display(), n + 1))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn read_password_env(
+        &mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+        problems: &mut Vec<String>,
+    ) {
+        for (ci, c) in self.consumers.iter_mut().enumerate() {
+            let Some(var) = &c.password_env else { continue };
+            if c.password.is_some() {
+                problems.push(format!(
+                    "consumers[{ci}]: set either password or password_env, not both"
+                ));
+                continue;
+            }
+            match env(var) {
+                Some(v) if !v.is_empty() => c.password = Some(Secret::new(v)),
+                _ => problems.push(format!(
+                    "consumers[{ci}].password_env: environment variable `{var}` is not set or empty"
+                )),
+            }
+        }
+    }
+
+    /// Checks everything that parsing cannot; pushes one line per problem.
+    fn validate(&self, problems: &mut Vec<String>) {
+        if self.pools.is_empty() {
+            problems.push("pools: at least one pool is required".into());
+        }
+        if self.listen == self.admin.listen && self.listen.port() != 0 {
+            problems.push("admin.listen: must differ from listen".into());
+        }
+        if !self.auth.required
+            && !self.listen.ip().is_loopback()
+            && !self.security.allow_open_non_loopback
+        {
+            problems.push(format!(
+                "auth.required: false on the non-loopback address {} would be an open proxy; \
+                 set security.allow_open_non_loopback = true to allow it",
+                self.listen
+            ));
+        }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.max_connections", l.max_connections as u64),
+            ("limits.max_head_bytes", l.max_head_bytes as u64),
+            ("limits.head_timeout_ms", l.head_timeout_ms),
+            ("limits.connect_timeout_ms", l.connect_timeout_ms),
+        ] {
+            if v == 0 {
+                problems.push(format!("{key}: must be positive"));
+            }
+        }
+        if l.max_head_bytes > 0 && l.max_head_bytes < 1024 {
+            problems.push("limits.max_head_bytes: must be at least 1024".into());
+        }
+        let pool_names = self.validate_pools(problems);
+        self.validate_consumers(&pool_names, problems);
+        if let Some(p) = &self.default_pool
+            && !pool_names.contains(p.as_str())
+        {
+            problems.push(format!("default_pool: unknown pool `{p}`"));
+        }
+    }
+
+    fn validate_pools(&self, problems: &mut Vec<String>) -> HashSet<&str> {
+        let mut names = HashSet::new();
+        let mut ids: HashMap<String, String> = HashMap::new();
+        for (pi, pool) in self.pools.iter().enumerate() {
+            let key = format!("pools[{pi}]");
+            if pool.name.is_empty() || pool.name.contains(char::is_whitespace) {
+                problems.push(format!("{key}.name: must be non-empty without spaces"));
+            } else if !names.insert(pool.name.as_str()) {
+                problems.push(format!("{key}.name: duplicate pool `{}`", pool.name));
+            }
+            if pool.lease_seconds == 0 {
+                problems.push(format!("{key}.lease_seconds: must be positive"));
+            }
+            if pool.session_ttl_seconds == 0 {
+                problems.push(format!("{key}.session_ttl_seconds: must be positive"));
+            }
+            if let Err(e) = pool.retry.policy().validate() {
+                problems.push(format!("{key}.retry: {e}"));
+            }
+            if pool.health.max_failures == 0 || pool.health.cooldown_seconds == 0 {
+                problems.push(format!(
+                    "{key}.health: max_failures and cooldown_seconds must be positive"
+                ));
+            }
+            if pool.proxies.is_empty() {
+                problems.push(format!("{key}.proxies: the pool has no upstream"));
+            }
+            for (xi, proxy) in pool.proxies.iter().enumerate() {
+                let pkey = format!("{key}.proxies[{xi}]");
+                match proxy_id(pool, proxy) {
+                    Ok(id) => {
+                        if let Some(other) = ids.insert(id.clone(), pkey.clone()) {
+                            problems.push(format!(
+                                "{pkey}: id `{id}` already used by {other}; set `id`"
+                            ));
+                        }
+                    }
+                    Err(e) => problems.push(format!("{pkey}.url: {e}")),
+                }
+                validate_proxy(proxy, &pkey, problems);
+            }
+        }
+        names
+    }
+
+    fn validate_consumers(&self, pools: &HashSet<&str>, problems: &mut Vec<String>) {
+        let mut names = HashSet::new();
+        for (ci, c) in self.consumers.iter().enumerate() {
+            let key = format!("consumers[{ci}]");
+            if c.name.is_empty()
+                || c.name.starts_with('-')
+                || c.name.ends_with('-')
+                || c.name.contains("--")
+            {
+                problems.push(format!(
+                    "{key}.name: `{}` is not a usable user name",
+                    c.name
+                ));
+            } else if c.name.contains([':', ' ']) {
+                problems.push(format!("{key}.name: must not contain ':' or spaces"));
+            }
+            if let Some(seg) = c.name.split('-').find(|s| USERNAME_KEYS.contains(s)) {
+                problems.push(format!(
+                    "{key}.name: `{}` contains the username key `{seg}` as a segment",
+                    c.name
+                ));
+            }
+            if !names.insert(c.name.as_str()) {
+                problems.push(format!("{key}.name: duplicate consumer `{}`", c.name));
+            }
+            if self.auth.required && c.password.is_none() && c.password_env.is_none() {
+                problems.push(format!(
+                    "{key}: auth.required is true, so a password or password_env is needed"
+                ));
+            }
+            for (i, p) in c.pools.iter().enumerate() {
+                if !pools.contains(p.as_str()) {
+                    problems.push(format!("{key}.pools[{i}]: unknown pool `{p}`"));
+                }
+            }
+            if let Some(p) = &c.default_pool {
+                if !pools.contains(p.as_str()) {
+                    problems.push(format!("{key}.default_pool: unknown pool `{p}`"));
+                } else if !c.pools.is_empty() && !c.pools.contains(p) {
+                    problems.push(format!(
+                        "{key}.default_pool: `{p}` is not among the consumer's pools"
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The pool used when a request names none and its consumer has no default.
+    pub fn global_default_pool(&self) -> Option<&str> {
+        match (&self.default_pool, self.pools.as_slice()) {
+            (Some(p), _) => Some(p),
+            (None, [only]) => Some(&only.name),
+            _ => None,
+        }
+    }
+}
+
+fn validate_proxy(p: &ProxyConfig, key: &str, problems: &mut Vec<String>) {
+    if p.max_concurrency == Some(0) {
+        problems.push(format!(
+            "{key}.max_concurrency: must be at least 1 (omit for unlimited)"
+        ));
+    }
+    if p.latitude.is_some() != p.longitude.is_some() {
+        problems.push(format!("{key}: latitude and longitude go together"));
+    }
+    if p.latitude.is_some_and(|v| !(-90.0..=90.0).contains(&v))
+        || p.longitude.is_some_and(|v| !(-180.0..=180.0).contains(&v))
+    {
+        problems.push(format!("{key}: coordinates out of range"));
+    }
+    for (name, v) in [
+        ("country", &p.country),
+        ("city", &p.city),
+        ("source", &p.source),
+        ("isp", &p.isp),
+    ] {
+        if v.as_deref() == Some("") {
+            problems.push(format!("{key}.{name}: must not be empty"));
+        }
+    }
+    let protocol = parse_upstream_url(&p.url).map(|u| u.protocol).ok();
+    if p.bind.is_some() && protocol.is_some_and(|pr| pr != ProxyProtocol::Direct) {
+        problems.push(format!("{key}.bind: only for direct upstreams"));
+    }
+    if let Some(ca) = &p.ca_file {
+        if protocol.is_some_and(|pr| pr != ProxyProtocol::Https) {
+            problems.push(format!("{key}.ca_file: only for https upstreams"));
+        } else if !ca.exists() {
+            problems.push(format!("{key}.ca_file: {} does not exist", ca.display()));
+        }
+    }
+}
+
+/// The id of a configured upstream: its `id`, or `POOL/host:port` (`POOL/direct`).
+pub fn proxy_id(pool: &PoolConfig, p: &ProxyConfig) -> Result<String, String> {
+    let url = parse_upstream_url(&p.url)?;
+    Ok(match (&p.id, url.protocol) {
+        (Some(id), _) => id.clone(),
+        (None, ProxyProtocol::Direct) => match p.bind {
+            Some(ip) => format!("{}/direct@{ip}", pool.name),
+            None => format!("{}/direct", pool.name),
+        },
+        (None, _) if url.host.contains(':') => format!("{}/[{}]:{}", pool.name, url.host, url.port),
+        (None, _) => format!("{}/{}:{}", pool.name, url.host, url.port),
+    })
+}

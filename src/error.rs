@@ -1,0 +1,131 @@
+//! Errors the proxy answers to its clients, and the one place they become responses: status,
+//! `X-Pharox-Error` code, short text body, `Proxy-Authenticate` on 407, `Retry-After` on 503.
+
+use std::fmt::Write as _;
+
+/// An error answered to a proxy client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    /// No credentials where they are required.
+    #[error("proxy credentials required")]
+    AuthRequired,
+    /// Credentials that do not match a consumer.
+    #[error("proxy credentials rejected")]
+    AuthFailed,
+    /// A request that cannot be handled.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// A username that does not follow the grammar, or a bad parameter value.
+    #[error("bad user name: {0}")]
+    BadUsername(String),
+    /// A pool the consumer may not use.
+    #[error("pool `{0}` is not allowed for this consumer")]
+    PoolForbidden(String),
+    /// A pool that does not exist.
+    #[error("unknown pool `{0}`")]
+    UnknownPool(String),
+    /// A destination refused by policy.
+    #[error("destination denied: {0}")]
+    DestinationDenied(String),
+    /// No upstream free after every retry.
+    #[error("pool `{pool}` exhausted")]
+    PoolExhausted {
+        /// The pool.
+        pool: String,
+        /// Seconds to suggest in `Retry-After`.
+        retry_after: u64,
+    },
+    /// Every upstream tried failed or refused.
+    #[error("upstream failed: {0}")]
+    UpstreamFailed(String),
+    /// The upstream did not answer in time.
+    #[error("upstream timed out: {0}")]
+    UpstreamTimeout(String),
+}
+
+impl ProxyError {
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            ProxyError::AuthRequired | ProxyError::AuthFailed => 407,
+            ProxyError::BadRequest(_) | ProxyError::BadUsername(_) => 400,
+            ProxyError::PoolForbidden(_)
+            | ProxyError::UnknownPool(_)
+            | ProxyError::DestinationDenied(_) => 403,
+            ProxyError::PoolExhausted { .. } => 503,
+            ProxyError::UpstreamFailed(_) => 502,
+            ProxyError::UpstreamTimeout(_) => 504,
+        }
+    }
+
+    /// The `X-Pharox-Error` code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::AuthRequired => "auth_required",
+            ProxyError::AuthFailed => "auth_failed",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BadUsername(_) => "bad_username",
+            ProxyError::PoolForbidden(_) => "pool_forbidden",
+            ProxyError::UnknownPool(_) => "unknown_pool",
+            ProxyError::DestinationDenied(_) => "destination_denied",
+            ProxyError::PoolExhausted { .. } => "pool_exhausted",
+            ProxyError::UpstreamFailed(_) => "upstream_failed",
+            ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+        }
+    }
+
+    /// Extra headers beyond the code.
+    pub fn extra_headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            ProxyError::AuthRequired | ProxyError::AuthFailed => {
+                vec![("Proxy-Authenticate", "Basic realm=\"pharox\"".into())]
+            }
+            ProxyError::PoolExhausted { retry_after, .. } => {
+                vec![("Retry-After", retry_after.to_string())]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// True when the fault is the client's (logged at debug), false for upstream trouble.
+    pub fn is_client_fault(&self) -> bool {
+        self.status() < 500
+    }
+
+    /// The short text body.
+    pub fn body(&self) -> String {
+        format!("{}: {self}\n", self.code())
+    }
+
+    /// A complete HTTP/1.1 response that closes the connection.
+    pub fn to_http(&self) -> String {
+        let body = self.body();
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\nX-Pharox-Error: {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.status(),
+            reason(self.status()),
+            self.code(),
+            body.len()
+        );
+        for (k, v) in self.extra_headers() {
+            let _ = write!(out, "{k}: {v}\r\n");
+        }
+        out.push_str("\r\n");
+        out.push_str(&body);
+        out
+    }
+}
+
+/// Reason phrase of the statuses pharox sends.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "Connection established",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        407 => "Proxy Authentication Required",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}

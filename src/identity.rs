@@ -1,0 +1,357 @@
+//! Who is asking and for what: credentials, the username grammar, `X-Pharox-*` headers.
+//!
+//! The username is `CONSUMER(-KEY-VALUE)*`, e.g. `worker-1-pool-latam-country-ar`. The
+//! consumer is every segment before the first segment that is a key; then keys and values
+//! alternate, one segment each, except that a `pool` value may span several segments when
+//! they join to a configured pool name (`pool-latam-residential`). Headers override username
+//! parameters; `X-Pharox-Consumer` counts only where auth is not required.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use subtle::ConstantTimeEq;
+
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::filter::Filter;
+use crate::model::{DEFAULT_CONSUMER_NAME, Secret};
+
+/// Keys of the username grammar.
+pub const USERNAME_KEYS: &[&str] = &[
+    "pool", "country", "city", "source", "isp", "asn", "session", "ttl",
+];
+
+/// Identity headers. All `X-Pharox-*` headers are removed before forwarding.
+pub mod headers {
+    /// Pool override.
+    pub const POOL: &str = "x-pharox-pool";
+    /// Country override.
+    pub const COUNTRY: &str = "x-pharox-country";
+    /// City override.
+    pub const CITY: &str = "x-pharox-city";
+    /// Source override.
+    pub const SOURCE: &str = "x-pharox-source";
+    /// Session override.
+    pub const SESSION: &str = "x-pharox-session";
+    /// Consumer, honoured only where auth is not required.
+    pub const CONSUMER: &str = "x-pharox-consumer";
+}
+
+/// What a username asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsernameParams {
+    /// Consumer name.
+    pub consumer: String,
+    /// `pool`
+    pub pool: Option<String>,
+    /// `country` (upper-cased)
+    pub country: Option<String>,
+    /// `city`
+    pub city: Option<String>,
+    /// `source`
+    pub source: Option<String>,
+    /// `isp`
+    pub isp: Option<String>,
+    /// `asn`
+    pub asn: Option<u32>,
+    /// `session`
+    pub session: Option<String>,
+    /// `ttl` (session seconds)
+    pub ttl: Option<u64>,
+}
+
+/// Parses a username. `is_pool` tells configured pool names (for dashed pool values).
+pub fn parse_username(
+    user: &str,
+    is_pool: &dyn Fn(&str) -> bool,
+) -> Result<UsernameParams, ProxyError> {
+    let bad = |m: String| Err(ProxyError::BadUsername(m));
+    let segs: Vec<&str> = user.split('-').collect();
+    let first_key = segs
+        .iter()
+        .position(|s| USERNAME_KEYS.contains(s))
+        .unwrap_or(segs.len());
+    if first_key == 0 {
+        return bad("the user name must start with the consumer name".into());
+    }
+    let mut p = UsernameParams {
+        consumer: segs[..first_key].join("-"),
+        ..Default::default()
+    };
+    if p.consumer.split('-').any(str::is_empty) {
+        return bad("empty segment in the consumer name".into());
+    }
+    let mut i = first_key;
+    while i < segs.len() {
+        let key = segs[i];
+        if !USERNAME_KEYS.contains(&key) {
+            return bad(format!("unknown key `{key}`"));
+        }
+        let mut end = i + 2;
+        if key == "pool" {
+            // Longest run of segments that names a configured pool.
+            if let Some(e) = (i + 2..=segs.len())
+                .rev()
+                .find(|&e| is_pool(&segs[i + 1..e].join("-")))
+            {
+                end = e;
+            }
+        }
+        if end > segs.len() || segs[i + 1..end].iter().any(|s| s.is_empty()) {
+            return bad(format!("key `{key}` has no value"));
+        }
+        let value = segs[i + 1..end].join("-");
+        set_param(&mut p, key, value)?;
+        i = end;
+    }
+    Ok(p)
+}
+
+fn set_param(p: &mut UsernameParams, key: &str, value: String) -> Result<(), ProxyError> {
+    let dup = |k: &str| ProxyError::BadUsername(format!("key `{k}` given twice"));
+    let slot = match key {
+        "pool" => &mut p.pool,
+        "country" => &mut p.country,
+        "city" => &mut p.city,
+        "source" => &mut p.source,
+        "isp" => &mut p.isp,
+        "session" => &mut p.session,
+        "asn" => {
+            let v = value
+                .parse()
+                .map_err(|_| ProxyError::BadUsername(format!("asn `{value}` is not a number")))?;
+            return p.asn.replace(v).map_or(Ok(()), |_| Err(dup(key)));
+        }
+        "ttl" => {
+            let v = value.parse().ok().filter(|v| *v > 0).ok_or_else(|| {
+                ProxyError::BadUsername(format!("ttl `{value}` is not a positive number"))
+            })?;
+            return p.ttl.replace(v).map_or(Ok(()), |_| Err(dup(key)));
+        }
+        _ => unreachable!("keys are checked by the caller"),
+    };
+    let value = if key == "country" {
+        value.to_ascii_uppercase()
+    } else {
+        value
+    };
+    slot.replace(value).map_or(Ok(()), |_| Err(dup(key)))
+}
+
+/// A configured consumer, as identity needs it.
+#[derive(Debug, Clone)]
+struct ConsumerEntry {
+    password: Option<Secret>,
+    pools: Vec<Arc<str>>,
+    default_pool: Option<Arc<str>>,
+}
+
+/// The resolved identity of a request.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The consumer.
+    pub consumer: Arc<str>,
+    /// The pool to lease from.
+    pub pool: Arc<str>,
+    /// Constraints from the username and headers.
+    pub filter: Option<Filter>,
+}
+
+/// Everything needed to authenticate and identify requests; built from the config.
+#[derive(Debug, Clone)]
+pub struct Authenticator {
+    required: bool,
+    consumers: HashMap<String, ConsumerEntry>,
+    pools: HashMap<String, Arc<str>>,
+    default_pool: Option<Arc<str>>,
+}
+
+/// Looks up a request header by lower-case name.
+pub type HeaderLookup<'a> = &'a dyn Fn(&str) -> Option<&'a [u8]>;
+
+impl Authenticator {
+    /// Builds the tables from a validated config.
+    pub fn new(config: &Config) -> Self {
+        let pools: HashMap<String, Arc<str>> = config
+            .pools
+            .iter()
+            .map(|p| (p.name.clone(), Arc::from(p.name.as_str())))
+            .collect();
+        let consumers = config
+            .consumers
+            .iter()
+            .map(|c| {
+                let entry = ConsumerEntry {
+                    password: c.password.clone(),
+                    pools: c.pools.iter().map(|p| pools[p].clone()).collect(),
+                    default_pool: c.default_pool.as_ref().map(|p| pools[p].clone()),
+                };
+                (c.name.clone(), entry)
+            })
+            .collect();
+        Self {
+            required: config.auth.required,
+            consumers,
+            default_pool: config.global_default_pool().map(|p| pools[p].clone()),
+            pools,
+        }
+    }
+
+    /// Authenticates and identifies a request from its `Proxy-Authorization` value and its
+    /// headers.
+    pub fn identify(
+        &self,
+        authorization: Option<&[u8]>,
+        header: HeaderLookup<'_>,
+    ) -> Result<Identity, ProxyError> {
+        let (consumer, params) = match authorization {
+            Some(value) => {
+                let (user, password) = decode_basic(value)?;
+                let params = parse_username(&user, &|p| self.pools.contains_key(p))?;
+                let consumer = self.authenticate(&params.consumer, &password)?;
+                (consumer, params)
+            }
+            None if self.required => return Err(ProxyError::AuthRequired),
+            None => {
+                let name = header_str(header, headers::CONSUMER)?.unwrap_or(DEFAULT_CONSUMER_NAME);
+                let consumer = self.authenticate_open(name)?;
+                (
+                    consumer,
+                    UsernameParams {
+                        consumer: name.to_owned(),
+                        ..Default::default()
+                    },
+                )
+            }
+        };
+        self.resolve(consumer, params, header)
+    }
+
+    /// Checks a consumer's password (constant time in the password's content).
+    fn authenticate(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> Result<(Arc<str>, Option<&ConsumerEntry>), ProxyError> {
+        match self.consumers.get(name) {
+            Some(entry) => {
+                let ok = match &entry.password {
+                    Some(want) => bool::from(want.expose().as_bytes().ct_eq(password.as_bytes())),
+                    None => !self.required,
+                };
+                if ok {
+                    Ok((Arc::from(name), Some(entry)))
+                } else {
+                    Err(ProxyError::AuthFailed)
+                }
+            }
+            None if !self.required && name == DEFAULT_CONSUMER_NAME => Ok((Arc::from(name), None)),
+            None => Err(ProxyError::AuthFailed),
+        }
+    }
+
+    /// Without credentials (auth not required): a configured consumer without a password,
+    /// or `default`.
+    fn authenticate_open(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<str>, Option<&ConsumerEntry>), ProxyError> {
+        match self.consumers.get(name) {
+            Some(entry) if entry.password.is_none() => Ok((Arc::from(name), Some(entry))),
+            Some(_) => Err(ProxyError::AuthRequired),
+            None if name == DEFAULT_CONSUMER_NAME => Ok((Arc::from(name), None)),
+            None => Err(ProxyError::AuthFailed),
+        }
+    }
+
+    fn resolve(
+        &self,
+        (consumer, entry): (Arc<str>, Option<&ConsumerEntry>),
+        mut params: UsernameParams,
+        header: HeaderLookup<'_>,
+    ) -> Result<Identity, ProxyError> {
+        if let Some(v) = header_str(header, headers::POOL)? {
+            params.pool = Some(v.to_owned());
+        }
+        if let Some(v) = header_str(header, headers::COUNTRY)? {
+            params.country = Some(v.to_ascii_uppercase());
+        }
+        if let Some(v) = header_str(header, headers::CITY)? {
+            params.city = Some(v.to_owned());
+        }
+        if let Some(v) = header_str(header, headers::SOURCE)? {
+            params.source = Some(v.to_owned());
+        }
+        if let Some(v) = header_str(header, headers::SESSION)? {
+            params.session = Some(v.to_owned());
+        }
+        if params.session.is_some() || params.ttl.is_some() {
+            return Err(ProxyError::BadUsername(
+                "sticky sessions are not supported yet".into(),
+            ));
+        }
+        let pool = match &params.pool {
+            Some(name) => self
+                .pools
+                .get(name)
+                .cloned()
+                .ok_or_else(|| ProxyError::UnknownPool(name.clone()))?,
+            None => entry
+                .and_then(|e| e.default_pool.clone())
+                .or_else(|| self.default_pool.clone())
+                .ok_or_else(|| {
+                    ProxyError::BadRequest("no pool named and no default pool".into())
+                })?,
+        };
+        if let Some(e) = entry
+            && !e.pools.is_empty()
+            && !e.pools.contains(&pool)
+        {
+            return Err(ProxyError::PoolForbidden(pool.to_string()));
+        }
+        let filter = Filter {
+            country: params.country,
+            city: params.city,
+            source: params.source,
+            isp: params.isp,
+            asn: params.asn,
+            ..Filter::default()
+        };
+        let filter = (!filter.index_key().is_empty()).then_some(filter);
+        Ok(Identity {
+            consumer,
+            pool,
+            filter,
+        })
+    }
+}
+
+/// A header's value as text; empty values count as absent, non-UTF-8 is a bad request.
+fn header_str<'a>(header: HeaderLookup<'a>, name: &str) -> Result<Option<&'a str>, ProxyError> {
+    match header(name) {
+        None => Ok(None),
+        Some(v) => {
+            let s = std::str::from_utf8(v)
+                .map_err(|_| ProxyError::BadRequest(format!("{name} is not valid text")))?
+                .trim();
+            Ok((!s.is_empty()).then_some(s))
+        }
+    }
+}
+
+/// Decodes `Basic base64(user:password)`.
+pub fn decode_basic(value: &[u8]) -> Result<(String, String), ProxyError> {
+    let bad = || ProxyError::AuthFailed;
+    let value = std::str::from_utf8(value).map_err(|_| bad())?.trim();
+    let (scheme, token) = value.split_once(' ').ok_or_else(bad)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(bad());
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(token.trim())
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let (user, pass) = text.split_once(':').ok_or_else(bad)?;
+    Ok((user.to_owned(), pass.to_owned()))
+}

@@ -1,0 +1,74 @@
+//! The `pharox` binary: parse the command line, load the config, run.
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use pharox::cli::{Cli, Command, LogFormat, config_path};
+use pharox::config::Config;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config_path(config)),
+        Command::Serve { config, log_format } => {
+            init_tracing(log_format);
+            let config = Config::load(&config_path(config))?;
+            tokio::runtime::Runtime::new()?.block_on(serve(config))
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    println!("{}: ok", path.display());
+    println!("listen {}  admin {}", config.listen, config.admin.listen);
+    for pool in &config.pools {
+        println!(
+            "pool {} ({}, {} upstreams)",
+            pool.name,
+            pool.selector,
+            pool.proxies.len()
+        );
+    }
+    let names: Vec<&str> = config.consumers.iter().map(|c| c.name.as_str()).collect();
+    println!(
+        "consumers: {}",
+        if names.is_empty() {
+            "(none)".into()
+        } else {
+            names.join(", ")
+        }
+    );
+    Ok(())
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let proxy = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen {}", config.listen))?;
+    let admin = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("admin.listen {}", config.admin.listen))?;
+    let (daemon, runner) = pharox::app::Daemon::start(&config, proxy, admin).await?;
+    tracing::info!(proxy = %daemon.proxy_addr, admin = %daemon.admin_addr, "listening");
+    runner.run(shutdown_signal()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,316 @@
+//! Plain HTTP (absolute-form requests) with keep-alive, served by hyper. The connection leases
+//! one upstream at its first request and keeps it for every request after (a request with a
+//! different identity swaps the lease); the lease is released when the connection ends. A
+//! CONNECT later on the same connection becomes a tunnel with a lease of its own.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HOST, HeaderValue, PROXY_AUTHORIZATION};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, Uri};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tracing::{debug, info};
+
+use super::head::{Head, Rewind};
+use super::headers::{strip_hop_by_hop, strip_identity};
+use super::splice::splice;
+use super::upstream::{self, Target};
+use super::{DialMode, Held, ProxyState, log_error, parse_authority};
+use crate::error::ProxyError;
+use crate::identity::Identity;
+use crate::model::ProxyProtocol;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// What one client connection holds between requests.
+#[derive(Default)]
+struct ConnLease {
+    /// The identity the lease was taken for: (consumer, pool, filter key).
+    key: Option<String>,
+    held: Option<Held>,
+    /// The open upstream connection and the target it is bound to (`None`: an HTTP proxy,
+    /// which takes requests for any target).
+    sender: Option<(Option<Target>, SendRequest<Incoming>)>,
+}
+
+/// Serves the rest of a connection whose first head has been read.
+pub async fn serve(state: Arc<ProxyState>, stream: TcpStream, head: Head) {
+    let mut prefix = head.raw.to_vec();
+    prefix.extend_from_slice(&head.rest);
+    let io = TokioIo::new(Rewind::new(Bytes::from(prefix), stream));
+    let conn_lease = Arc::new(Mutex::new(ConnLease::default()));
+    let svc_state = state.clone();
+    let service = service_fn(move |req| {
+        let (state, conn_lease) = (svc_state.clone(), conn_lease.clone());
+        async move { Ok::<_, Infallible>(handle(state, conn_lease, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.limits.head_timeout())
+        .max_buf_size(state.limits.max_head_bytes.max(8192))
+        .preserve_header_case(true)
+        .title_case_headers(true)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "client connection ended with an error") },
+        () = state.cancel.cancelled() => {}
+    }
+}
+
+async fn handle(
+    state: Arc<ProxyState>,
+    conn: Arc<Mutex<ConnLease>>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let result = if req.method() == Method::CONNECT {
+        tunnel(&state, req).await
+    } else {
+        forward(&state, &conn, req).await
+    };
+    result.unwrap_or_else(|e| {
+        log_error(&e);
+        error_response(&e)
+    })
+}
+
+fn identify(state: &ProxyState, req: &Request<Incoming>) -> Result<Identity, ProxyError> {
+    let headers = req.headers();
+    let lookup = |name: &str| headers.get(name).map(HeaderValue::as_bytes);
+    state.auth.identify(
+        headers.get(PROXY_AUTHORIZATION).map(HeaderValue::as_bytes),
+        &lookup,
+    )
+}
+
+/// CONNECT on a connection already served by hyper: lease and dial, answer 200, then splice
+/// the upgraded connection in a task that owns the lease.
+async fn tunnel(
+    state: &Arc<ProxyState>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let target = parse_authority(&authority)?;
+    let id = identify(state, &req)?;
+    let (held, mut upstream, early) = state.lease_and_dial(&id, &target, DialMode::Tunnel).await?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let response = success(Response::new(empty()), &held);
+    let state = state.clone();
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut client = TokioIo::new(upgraded);
+        if !early.is_empty()
+            && tokio::io::AsyncWriteExt::write_all(&mut client, &early)
+                .await
+                .is_err()
+        {
+            return;
+        }
+        let (end, bytes) = splice(
+            &mut client,
+            &mut upstream,
+            state.limits.idle_timeout(),
+            &state.cancel,
+        )
+        .await;
+        info!(consumer = %id.consumer, pool = %id.pool, proxy = %held.proxy().id, target = %target.authority(),
+              tx = bytes.tx, rx = bytes.rx, outcome = ?end, "tunnel closed");
+        drop(held);
+    });
+    Ok(response)
+}
+
+async fn forward(
+    state: &Arc<ProxyState>,
+    conn: &Mutex<ConnLease>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let uri = req.uri().clone();
+    if uri.scheme_str() != Some("http") {
+        return Err(ProxyError::BadRequest(
+            "only http:// URLs are forwarded; use CONNECT for https".into(),
+        ));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| ProxyError::BadRequest("URL without a host".into()))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let target = Target {
+        host,
+        port: uri.port_u16().unwrap_or(80),
+    };
+    let id = identify(state, &req)?;
+    let key = format!(
+        "{}\n{}\n{:?}",
+        id.consumer,
+        id.pool,
+        id.filter.as_ref().map(|f| f.index_key())
+    );
+
+    let mut guard = conn.lock().await;
+    let conn = &mut *guard;
+    if conn.key.as_deref() != Some(key.as_str()) {
+        *conn = ConnLease::default(); // releases a lease taken for another identity
+    }
+    let reusable = conn.sender.as_ref().is_some_and(|(bound, sender)| {
+        !sender.is_closed() && bound.as_ref().is_none_or(|b| *b == target)
+    });
+    if !reusable {
+        conn.sender = None;
+        let io = if let Some(held) = &conn.held {
+            let extra = state
+                .extras
+                .get(&held.proxy().id)
+                .cloned()
+                .unwrap_or_default();
+            let timeout = state.limits.connect_timeout();
+            let dialed =
+                upstream::open_forward(held.proxy(), &extra, &target, &state.policy, timeout).await;
+            dialed.map_err(|e| dial_error(e, held))?.0
+        } else {
+            let (held, io, _) = state
+                .lease_and_dial(&id, &target, DialMode::Forward)
+                .await?;
+            conn.held = Some(held);
+            conn.key = Some(key);
+            io
+        };
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .title_case_headers(true)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ProxyError::UpstreamFailed(format!("HTTP handshake: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "upstream HTTP connection ended");
+            }
+        });
+        let via_proxy = conn
+            .held
+            .as_ref()
+            .is_some_and(|h| is_http_proxy(h.proxy().protocol));
+        conn.sender = Some(((!via_proxy).then(|| target.clone()), sender));
+    }
+    let held = conn
+        .held
+        .as_ref()
+        .expect("a lease is held once a sender exists");
+    prepare_request(&mut req, &uri, &target, held)?;
+    let (_, sender) = conn.sender.as_mut().expect("sender set above");
+    sender
+        .ready()
+        .await
+        .map_err(|e| ProxyError::UpstreamFailed(format!("upstream connection: {e}")))?;
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ProxyError::UpstreamFailed(format!("upstream request: {e}")))?;
+    strip_hop_by_hop(resp.headers_mut());
+    Ok(success(resp.map(|b| b.boxed()), held))
+}
+
+fn dial_error(e: upstream::DialError, held: &Held) -> ProxyError {
+    match e {
+        upstream::DialError::Denied(m) => ProxyError::DestinationDenied(m),
+        upstream::DialError::Timeout => {
+            ProxyError::UpstreamTimeout(format!("{}: timed out", held.proxy().id))
+        }
+        other => ProxyError::UpstreamFailed(format!("{}: {other}", held.proxy().id)),
+    }
+}
+
+/// Rewrites a client request for the leased upstream: headers cleaned, the URI in absolute
+/// form for an HTTP proxy (with its credentials) or origin form otherwise, `Host` set.
+fn prepare_request(
+    req: &mut Request<Incoming>,
+    uri: &Uri,
+    target: &Target,
+    held: &Held,
+) -> Result<(), ProxyError> {
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    strip_identity(headers);
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_else(|| target.authority());
+    if !headers.contains_key(HOST) {
+        let host = HeaderValue::from_str(&authority)
+            .map_err(|_| ProxyError::BadRequest("bad host".into()))?;
+        headers.insert(HOST, host);
+    }
+    let proxy = held.proxy();
+    if is_http_proxy(proxy.protocol) {
+        if let Some(auth) = upstream::basic_auth(proxy) {
+            let mut v = HeaderValue::from_str(&auth)
+                .map_err(|_| ProxyError::UpstreamFailed("bad upstream credentials".into()))?;
+            v.set_sensitive(true);
+            req.headers_mut().insert(PROXY_AUTHORIZATION, v);
+        }
+        *req.uri_mut() = uri.clone();
+    } else {
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        *req.uri_mut() = path
+            .parse()
+            .map_err(|_| ProxyError::BadRequest("bad path".into()))?;
+    }
+    Ok(())
+}
+
+fn is_http_proxy(p: ProxyProtocol) -> bool {
+    matches!(p, ProxyProtocol::Http | ProxyProtocol::Https)
+}
+
+fn success(mut resp: Response<Body>, held: &Held) -> Response<Body> {
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(held.proxy().id.as_str()) {
+        h.insert("x-pharox-proxy-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&held.lease_id()) {
+        h.insert("x-pharox-lease-id", v);
+    }
+    resp
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// The error table as a hyper response.
+pub fn error_response(e: &ProxyError) -> Response<Body> {
+    let mut builder = Response::builder()
+        .status(e.status())
+        .header("x-pharox-error", e.code())
+        .header("content-type", "text/plain; charset=utf-8");
+    for (k, v) in e.extra_headers() {
+        builder = builder.header(k, v);
+    }
+    builder
+        .body(
+            Full::new(Bytes::from(e.body()))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .expect("static parts are valid")
+}
