@@ -551,6 +551,12 @@ impl Config {
     ) {
         for (ci, c) in self.consumers.iter_mut().enumerate() {
             let Some(var) = &c.password_env else { continue };
+            if var.starts_with("PHAROX_") {
+                problems.push(format!(
+                    "consumers[{ci}].password_env: `{var}`: PHAROX_ variables are configuration overrides; pick another name"
+                ));
+                continue;
+            }
             if c.password.is_some() {
                 problems.push(format!(
                     "consumers[{ci}]: set either password or password_env, not both"

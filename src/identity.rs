@@ -355,3 +355,115 @@ pub fn decode_basic(value: &[u8]) -> Result<(String, String), ProxyError> {
     let (user, pass) = text.split_once(':').ok_or_else(bad)?;
     Ok((user.to_owned(), pass.to_owned()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(user: &str) -> Result<UsernameParams, ProxyError> {
+        parse_username(user, &|p| ["latam", "latam-residential", "eu"].contains(&p))
+    }
+
+    #[test]
+    fn username_grammar_table() {
+        let ok = |user: &str, consumer: &str, pool: Option<&str>, country: Option<&str>| {
+            let p = parse(user).unwrap_or_else(|e| panic!("{user}: {e}"));
+            assert_eq!(
+                (p.consumer.as_str(), p.pool.as_deref(), p.country.as_deref()),
+                (consumer, pool, country),
+                "{user}"
+            );
+            p
+        };
+        ok("worker", "worker", None, None);
+        ok("worker-1", "worker-1", None, None);
+        ok("team-a-worker-7", "team-a-worker-7", None, None);
+        ok("worker-1-pool-latam", "worker-1", Some("latam"), None);
+        ok(
+            "worker-1-pool-latam-country-ar",
+            "worker-1",
+            Some("latam"),
+            Some("AR"),
+        );
+        ok(
+            "worker-1-country-AR-pool-latam",
+            "worker-1",
+            Some("latam"),
+            Some("AR"),
+        );
+        ok(
+            "worker-1-pool-latam-residential-country-br",
+            "worker-1",
+            Some("latam-residential"),
+            Some("BR"),
+        );
+        ok("worker-1-pool-unknown", "worker-1", Some("unknown"), None);
+        let p = ok(
+            "w-city-Cordoba-source-vendor-isp-Telecom-asn-7303-session-abc-ttl-60",
+            "w",
+            None,
+            None,
+        );
+        assert_eq!(
+            (
+                p.city.as_deref(),
+                p.source.as_deref(),
+                p.isp.as_deref(),
+                p.asn,
+                p.session.as_deref(),
+                p.ttl
+            ),
+            (
+                Some("Cordoba"),
+                Some("vendor"),
+                Some("Telecom"),
+                Some(7303),
+                Some("abc"),
+                Some(60)
+            )
+        );
+    }
+
+    #[test]
+    fn username_grammar_errors() {
+        for (user, why) in [
+            ("pool-latam", "start with the consumer"),
+            ("worker-1-pool", "`pool` has no value"),
+            ("worker-1-pool-latam-colour-red", "unknown key `colour`"),
+            ("worker-1-asn-abc", "not a number"),
+            ("worker-1-ttl-0", "positive"),
+            ("worker-1-country-ar-country-br", "given twice"),
+            ("worker--1", "empty segment"),
+            ("worker-1-city-", "`city` has no value"),
+        ] {
+            let err = parse(user).expect_err(user).to_string();
+            assert!(err.contains(why), "{user}: {err}");
+            assert_eq!(parse(user).unwrap_err().code(), "bad_username", "{user}");
+        }
+        // `pool-unknown-x`: the value is one segment, then `x` is in key position.
+        assert!(
+            parse("worker-1-pool-unknown-x")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown key `x`")
+        );
+    }
+
+    #[test]
+    fn basic_credentials() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode("worker-1-pool-eu:p:a:ss");
+        let (u, p) = decode_basic(format!("Basic {b64}").as_bytes()).unwrap();
+        assert_eq!((u.as_str(), p.as_str()), ("worker-1-pool-eu", "p:a:ss"));
+        assert_eq!(
+            decode_basic(format!("basic  {b64}").as_bytes()).unwrap().0,
+            "worker-1-pool-eu"
+        );
+        for bad in ["Bearer x", "Basic !!!", "Basic", ""] {
+            assert_eq!(
+                decode_basic(bad.as_bytes()).unwrap_err(),
+                ProxyError::AuthFailed,
+                "{bad}"
+            );
+        }
+    }
+}

@@ -5,7 +5,14 @@ use clap::Parser as _;
 use pharox::cli::{Cli, Command, LogFormat, config_path};
 use pharox::config::Config;
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("pharox: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config_path(config)),
