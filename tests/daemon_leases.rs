@@ -1,0 +1,335 @@
+//! Leasing per connection: failover, exhaustion and early wake-up, keep-alive reuse, the
+//! connection cap, and no leaked lease on any path (client abort mid-handshake, upstream
+//! closing mid-tunnel, idle timeout, a dribbling client, shutdown).
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::*;
+use pharox::storage::Storage;
+use pharox::{ProxyId, ProxyStatus};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn pool_config(proxies: &[String], pool_extra: &str, top: &str) -> String {
+    let mut s = format!(
+        "{top}\n[security]\nallow_private_targets = true\n[[consumers]]\nname = \"w\"\npassword = \"x\"\n[[pools]]\nname = \"p\"\n{pool_extra}\n"
+    );
+    for p in proxies {
+        s.push_str(&format!("[[pools.proxies]]\n{p}\n"));
+    }
+    s
+}
+
+fn auth() -> String {
+    basic("w", "x")
+}
+
+#[tokio::test]
+async fn failover_skips_a_dead_upstream_and_rests_it() {
+    let origin = Origin::start().await;
+    let dead = FakeProxy::start(Mode::Refuse).await;
+    let live = FakeProxy::start(Mode::Ok).await;
+    let cfg = pool_config(
+        &[
+            format!("url = \"http://{}\"\nid = \"dead\"", dead.addr),
+            format!("url = \"http://{}\"\nid = \"live\"", live.addr),
+        ],
+        "failover_attempts = 1\n[pools.health]\nmax_failures = 2\ncooldown_seconds = 3600",
+        "",
+    );
+    let d = TestDaemon::start(&cfg).await;
+    for i in 0..4 {
+        let (mut s, head) = connect(d.addr, &origin.addr.to_string(), Some(&auth()), "").await;
+        assert_eq!(status(&head), 200, "request {i}: {head}");
+        assert_eq!(header(&head, "x-pharox-proxy-id"), Some("live"));
+        assert!(get_over(&mut s, "o", "/").await.ends_with("origin:/"));
+    }
+    d.wait_leased("p", 0).await;
+    let info = d
+        .state
+        .manager
+        .storage()
+        .get_proxy(&ProxyId::from("dead"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        info.proxy.status,
+        ProxyStatus::Inactive,
+        "two failures put it in cooldown"
+    );
+    assert_eq!(live.requests().len(), 4);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn exhaustion_answers_503_then_a_release_makes_room() {
+    let origin = Origin::start().await;
+    let cfg = pool_config(
+        &["url = \"direct\"\nmax_concurrency = 1".into()],
+        "[pools.retry]\nmax_attempts = 1",
+        "",
+    );
+    let d = TestDaemon::start(&cfg).await;
+    let target = origin.addr.to_string();
+    let (first, head) = connect(d.addr, &target, Some(&auth()), "").await;
+    assert_eq!(status(&head), 200);
+    let (_, head) = connect(d.addr, &target, Some(&auth()), "").await;
+    assert_eq!(status(&head), 503, "{head}");
+    assert_eq!(header(&head, "x-pharox-error"), Some("pool_exhausted"));
+    assert!(
+        header(&head, "retry-after").is_some_and(|v| v.parse::<u64>().is_ok()),
+        "{head}"
+    );
+    drop(first);
+    d.wait_leased("p", 0).await;
+    let (_, head) = connect(d.addr, &target, Some(&auth()), "").await;
+    assert_eq!(status(&head), 200, "{head}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_waiting_client_is_served_as_soon_as_a_lease_is_released() {
+    let origin = Origin::start().await;
+    let cfg = pool_config(
+        &["url = \"direct\"\nmax_concurrency = 1".into()],
+        "[pools.retry]\nmax_attempts = 2\nbackoff_ms = 600000\nmax_backoff_ms = 600000",
+        "",
+    );
+    let d = TestDaemon::start(&cfg).await;
+    let target = origin.addr.to_string();
+    let (first, head) = connect(d.addr, &target, Some(&auth()), "").await;
+    assert_eq!(status(&head), 200);
+    let waiter = tokio::spawn({
+        let (addr, target) = (d.addr, target.clone());
+        async move { connect(addr, &target, Some(&auth()), "").await.1 }
+    });
+    // Give the waiter time to miss and start its ten-minute backoff, then free the slot.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(first);
+    let head = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("woken early")
+        .unwrap();
+    assert_eq!(status(&head), 200, "{head}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn keep_alive_requests_share_one_lease() {
+    let origin = Origin::start().await;
+    let d = TestDaemon::start(&pool_config(&["url = \"direct\"".into()], "", "")).await;
+    let mut c = TcpStream::connect(d.addr).await.unwrap();
+    let mut leases = Vec::new();
+    for path in ["/a", "/b"] {
+        let req = format!(
+            "GET http://{0}{path} HTTP/1.1\r\nHost: {0}\r\nProxy-Authorization: {1}\r\n\r\n",
+            origin.addr,
+            auth()
+        );
+        c.write_all(req.as_bytes()).await.unwrap();
+        let head = read_head(&mut c).await;
+        assert_eq!(status(&head), 200, "{head}");
+        let len: usize = header(&head, "content-length").unwrap().parse().unwrap();
+        let mut body = vec![0; len];
+        c.read_exact(&mut body).await.unwrap();
+        assert_eq!(body, format!("origin:{path}").as_bytes());
+        leases.push(header(&head, "x-pharox-lease-id").unwrap().to_owned());
+        assert_eq!(d.leased("p").await, 1);
+    }
+    assert_eq!(leases[0], leases[1], "one lease for the connection");
+    drop(c);
+    d.wait_leased("p", 0).await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn client_abort_during_the_upstream_handshake_releases_the_lease() {
+    let stall = FakeProxy::start(Mode::Stall).await;
+    let cfg = pool_config(
+        &[format!("url = \"http://{}\"", stall.addr)],
+        "",
+        "[limits]\nconnect_timeout_ms = 600000",
+    );
+    let d = TestDaemon::start(&cfg).await;
+    let mut c = TcpStream::connect(d.addr).await.unwrap();
+    c.write_all(
+        format!(
+            "CONNECT example.test:443 HTTP/1.1\r\nProxy-Authorization: {}\r\n\r\n",
+            auth()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    d.wait_leased("p", 1).await;
+    drop(c);
+    d.wait_leased("p", 0).await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_closing_mid_tunnel_releases_the_lease() {
+    let origin = Origin::start().await;
+    let up = FakeProxy::start(Mode::Ok).await;
+    let d = TestDaemon::start(&pool_config(
+        &[format!("url = \"http://{}\"", up.addr)],
+        "",
+        "",
+    ))
+    .await;
+    let (mut s, head) = connect(d.addr, &origin.addr.to_string(), Some(&auth()), "").await;
+    assert_eq!(status(&head), 200);
+    // `Connection: close`: the origin closes, so the upstream closes the tunnel; the client
+    // sees EOF and closes too.
+    assert!(get_over(&mut s, "o", "/x").await.ends_with("origin:/x"));
+    drop(s);
+    d.wait_leased("p", 0).await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn idle_and_half_closed_tunnels_are_closed() {
+    let origin = Origin::start().await;
+    let cfg = pool_config(
+        &["url = \"direct\"".into()],
+        "",
+        "[limits]\nidle_timeout_secs = 1",
+    );
+    let d = TestDaemon::start(&cfg).await;
+    // Idle: nothing sent at all.
+    let (mut idle, head) = connect(d.addr, &origin.addr.to_string(), Some(&auth()), "").await;
+    assert_eq!(status(&head), 200);
+    d.wait_leased("p", 0).await;
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        idle.read(&mut buf).await.unwrap_or(0),
+        0,
+        "the daemon closed the tunnel"
+    );
+    // Half-closed: the origin closed, the client stays silent and open.
+    let (mut s, _) = connect(d.addr, &origin.addr.to_string(), Some(&auth()), "").await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    d.wait_leased("p", 0).await;
+    drop(s);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_dribbling_client_hits_the_head_timeout_without_a_lease() {
+    let cfg = pool_config(
+        &["url = \"direct\"".into()],
+        "",
+        "[limits]\nhead_timeout_ms = 300",
+    );
+    let d = TestDaemon::start(&cfg).await;
+    let mut c = TcpStream::connect(d.addr).await.unwrap();
+    c.write_all(b"CONNECT example.test:443 HTTP/1.1\r\nProxy-Auth")
+        .await
+        .unwrap();
+    let head = read_head(&mut c).await;
+    assert_eq!(status(&head), 400, "{head}");
+    assert_eq!(header(&head, "x-pharox-error"), Some("bad_request"));
+    assert_eq!(d.leased("p").await, 0);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_head_is_refused() {
+    let cfg = pool_config(
+        &["url = \"direct\"".into()],
+        "",
+        "[limits]\nmax_head_bytes = 2048",
+    );
+    let d = TestDaemon::start(&cfg).await;
+    let mut c = TcpStream::connect(d.addr).await.unwrap();
+    let big = format!(
+        "CONNECT example.test:443 HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(4096)
+    );
+    let _ = c.write_all(big.as_bytes()).await;
+    let head = read_head(&mut c).await;
+    assert_eq!(status(&head), 400, "{head}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn the_connection_cap_holds_further_clients_back() {
+    let origin = Origin::start().await;
+    let cfg = pool_config(
+        &["url = \"direct\"".into()],
+        "",
+        "[limits]\nmax_connections = 1",
+    );
+    let d = TestDaemon::start(&cfg).await;
+    let target = origin.addr.to_string();
+    let (first, head) = connect(d.addr, &target, Some(&auth()), "").await;
+    assert_eq!(status(&head), 200);
+    let second = tokio::spawn({
+        let (addr, target) = (d.addr, target.clone());
+        async move { connect(addr, &target, Some(&auth()), "").await.1 }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "the second client waits while the first holds the only slot"
+    );
+    drop(first);
+    let head = second.await.unwrap();
+    assert_eq!(status(&head), 200, "{head}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_tunnels_and_releases_every_lease() {
+    let origin = Origin::start().await;
+    let d = TestDaemon::start(&pool_config(&["url = \"direct\"".into()], "", "")).await;
+    let (mut s, head) = connect(d.addr, &origin.addr.to_string(), Some(&auth()), "").await;
+    assert_eq!(status(&head), 200);
+    assert_eq!(d.leased("p").await, 1);
+    let state = d.state.clone();
+    d.stop().await;
+    assert_eq!(
+        state
+            .manager
+            .storage()
+            .pool_stats("p")
+            .await
+            .unwrap()
+            .unwrap()
+            .total_leases,
+        0
+    );
+    let mut buf = [0u8; 1];
+    assert_eq!(s.read(&mut buf).await.unwrap_or(0), 0);
+}
+
+#[tokio::test]
+async fn health_probes_answer_on_the_admin_port() {
+    let d = TestDaemon::start(&pool_config(&["url = \"direct\"".into()], "", "")).await;
+    for path in ["/healthz", "/readyz"] {
+        let mut c = TcpStream::connect(d.admin).await.unwrap();
+        c.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        assert_eq!(status(&out), 200, "{path}: {out}");
+    }
+    let mut c = TcpStream::connect(d.admin).await.unwrap();
+    c.write_all(b"GET /nope HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    assert_eq!(status(&out), 404);
+    d.stop().await;
+}
