@@ -78,6 +78,7 @@ fn a_named_missing_file_is_an_error() {
 }
 
 #[test]
+#[allow(clippy::result_large_err)] // figment's Jail API returns its own error type
 fn environment_overrides_the_file() {
     figment::Jail::expect_with(|jail| {
         jail.create_file("p.toml", "[[consumers]]\nname = \"w\"\npassword = \"x\"\n[[pools]]\nname = \"p\"\n[[pools.proxies]]\nurl = \"direct\"\n")?;
