@@ -333,3 +333,96 @@ async fn health_probes_answer_on_the_admin_port() {
     assert_eq!(status(&out), 404);
     d.stop().await;
 }
+
+#[tokio::test]
+async fn open_tunnels_renew_their_lease() {
+    let origin = Origin::start().await;
+    let cfg = pool_config(&["url = \"direct\"".into()], "lease_seconds = 1", "");
+    let d = TestDaemon::start(&cfg).await;
+    let (mut s, head) = connect(d.addr, &origin.addr.to_string(), Some(&auth()), "").await;
+    assert_eq!(status(&head), 200);
+    let before = d
+        .state
+        .manager
+        .storage()
+        .list_leases(Some("p"))
+        .await
+        .unwrap()[0]
+        .expires_at;
+    // Longer than the lease: without renewal the sweeper would release it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let leases = d
+        .state
+        .manager
+        .storage()
+        .list_leases(Some("p"))
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 1, "still leased");
+    assert!(leases[0].expires_at > before, "renewed");
+    assert!(
+        get_over(&mut s, "o", "/still")
+            .await
+            .ends_with("origin:/still")
+    );
+    drop(s);
+    d.wait_leased("p", 0).await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_rested_upstream_is_tried_again_after_its_cooldown() {
+    let dead = FakeProxy::start(Mode::Refuse).await;
+    let cfg = pool_config(
+        &[format!("url = \"http://{}\"\nid = \"flaky\"", dead.addr)],
+        "failover_attempts = 0\n[pools.health]\nmax_failures = 1\ncooldown_seconds = 1",
+        "",
+    );
+    let d = TestDaemon::start(&cfg).await;
+    let (_, head) = connect(d.addr, "example.test:443", Some(&auth()), "").await;
+    assert_eq!(status(&head), 502, "{head}");
+    let storage = d.state.manager.storage();
+    let id = ProxyId::from("flaky");
+    for _ in 0..200 {
+        if storage.get_proxy(&id).await.unwrap().unwrap().proxy.status == ProxyStatus::Inactive {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (_, head) = connect(d.addr, "example.test:443", Some(&auth()), "").await;
+    assert_eq!(status(&head), 503, "resting: no upstream to lease: {head}");
+    *dead.mode.lock().unwrap() = Mode::Ok;
+    let mut back = false;
+    for _ in 0..400 {
+        if storage.get_proxy(&id).await.unwrap().unwrap().proxy.status == ProxyStatus::Active {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(back, "active again after the cooldown");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn without_required_auth_the_consumer_header_counts() {
+    let origin = Origin::start().await;
+    let top = "[auth]\nrequired = false";
+    let mut cfg = pool_config(&["url = \"direct\"".into()], "", top);
+    cfg.push_str("[[consumers]]\nname = \"open-bot\"\npools = [\"p\"]\n");
+    let d = TestDaemon::start(&cfg).await;
+    let target = origin.addr.to_string();
+    let (_, head) = connect(d.addr, &target, None, "X-Pharox-Consumer: open-bot\r\n").await;
+    assert_eq!(status(&head), 200, "{head}");
+    let (_, head) = connect(d.addr, &target, None, "").await;
+    assert_eq!(status(&head), 200, "the default consumer: {head}");
+    let (_, head) = connect(d.addr, &target, None, "X-Pharox-Consumer: w\r\n").await;
+    assert_eq!(
+        status(&head),
+        407,
+        "a consumer with a password needs it: {head}"
+    );
+    let (_, head) = connect(d.addr, &target, None, "X-Pharox-Consumer: stranger\r\n").await;
+    assert_eq!(status(&head), 407, "{head}");
+    d.stop().await;
+}

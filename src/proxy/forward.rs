@@ -225,6 +225,9 @@ async fn forward(
         .await
         .map_err(|e| ProxyError::UpstreamFailed(format!("upstream request: {e}")))?;
     strip_hop_by_hop(resp.headers_mut());
+    // Our side of the connection speaks HTTP/1.1 whatever the origin spoke (an HTTP/1.0
+    // origin must not close the client's keep-alive connection and its lease).
+    *resp.version_mut() = hyper::Version::HTTP_11;
     Ok(success(resp.map(|b| b.boxed()), held))
 }
 
@@ -258,6 +261,7 @@ fn prepare_request(
             .map_err(|_| ProxyError::BadRequest("bad host".into()))?;
         headers.insert(HOST, host);
     }
+    *req.version_mut() = hyper::Version::HTTP_11;
     let proxy = held.proxy();
     if is_http_proxy(proxy.protocol) {
         if let Some(auth) = upstream::basic_auth(proxy) {
