@@ -6,9 +6,14 @@ use std::path::Path;
 use pharox::config::{Config, ConfigError, parse_proxy_line, parse_upstream_url};
 use pharox::{ProxyProtocol, Selector};
 
+/// A path in the repository (absolute, whatever the working directory).
+fn repo(p: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
 #[test]
 fn the_shipped_config_loads() {
-    let c = Config::load(Path::new("config/pharox.toml")).unwrap();
+    let c = Config::load(&repo("config/pharox.toml")).unwrap();
     assert_eq!(c.listen.to_string(), "127.0.0.1:8899");
     assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9899");
     assert!(c.auth.required);
@@ -23,9 +28,9 @@ fn the_shipped_config_loads() {
 
 #[test]
 fn the_example_loads_with_its_proxies_file_and_password_variables() {
-    let toml = std::fs::read_to_string("config/examples/multi-pool.toml").unwrap();
+    let toml = std::fs::read_to_string(repo("config/examples/multi-pool.toml")).unwrap();
     let env = |name: &str| Some(format!("pw-of-{name}"));
-    let c = Config::from_toml_str(&toml, Path::new("config/examples"), &env).unwrap();
+    let c = Config::from_toml_str(&toml, &repo("config/examples"), &env).unwrap();
     assert_eq!(
         c.consumers[0].password.as_ref().unwrap().expose(),
         "pw-of-SCRAPER_LATAM_PASSWORD"
@@ -35,8 +40,7 @@ fn the_example_loads_with_its_proxies_file_and_password_variables() {
     assert_eq!(dc.proxies.len(), 4);
     assert_eq!(dc.proxies[2].asn, Some(24940));
     assert_eq!(dc.proxies[3].id.as_deref(), Some("dc-eu-socks"));
-    let missing =
-        Config::from_toml_str(&toml, Path::new("config/examples"), &|_| None).unwrap_err();
+    let missing = Config::from_toml_str(&toml, &repo("config/examples"), &|_| None).unwrap_err();
     assert!(
         missing.to_string().contains(
             "consumers[0].password_env: environment variable `SCRAPER_LATAM_PASSWORD` is not set"
@@ -47,7 +51,7 @@ fn the_example_loads_with_its_proxies_file_and_password_variables() {
 
 #[test]
 fn every_invalid_fixture_fails_with_its_message() {
-    let mut files: Vec<_> = std::fs::read_dir("config/invalid")
+    let mut files: Vec<_> = std::fs::read_dir(repo("config/invalid"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
@@ -64,8 +68,9 @@ fn every_invalid_fixture_fails_with_its_message() {
             .expect_err(&path.display().to_string())
             .to_string();
         assert!(err.contains(expect), "{}: {err}", path.display());
+        let name = path.file_name().unwrap().to_string_lossy();
         assert!(
-            err.contains(&path.display().to_string()),
+            err.contains(&format!("invalid/{name}")),
             "the message names the file: {err}"
         );
     }
@@ -73,28 +78,8 @@ fn every_invalid_fixture_fails_with_its_message() {
 
 #[test]
 fn a_named_missing_file_is_an_error() {
-    let err = Config::load(Path::new("config/nope.toml")).unwrap_err();
+    let err = Config::load(&repo("config/nope.toml")).unwrap_err();
     assert!(matches!(err, ConfigError::File { .. }), "{err}");
-}
-
-#[test]
-#[allow(clippy::result_large_err)] // figment's Jail API returns its own error type
-fn environment_overrides_the_file() {
-    figment::Jail::expect_with(|jail| {
-        jail.create_file("p.toml", "[[consumers]]\nname = \"w\"\npassword = \"x\"\n[[pools]]\nname = \"p\"\n[[pools.proxies]]\nurl = \"direct\"\n")?;
-        jail.set_env("PHAROX_CONFIG", "ignored.toml");
-        jail.set_env("PHAROX_LISTEN", "127.0.0.1:18899");
-        jail.set_env("PHAROX_ADMIN__LISTEN", "127.0.0.1:19899");
-        jail.set_env("PHAROX_LIMITS__MAX_CONNECTIONS", "7");
-        let c = Config::load(Path::new("p.toml")).map_err(|e| e.to_string())?;
-        assert_eq!(c.listen.to_string(), "127.0.0.1:18899");
-        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:19899");
-        assert_eq!(c.limits.max_connections, 7);
-        jail.set_env("PHAROX_LIMITS__MAX_CONECTIONS", "7");
-        let err = Config::load(Path::new("p.toml")).unwrap_err().to_string();
-        assert!(err.contains("max_conections"), "{err}");
-        Ok(())
-    });
 }
 
 #[test]
