@@ -135,6 +135,9 @@ pub struct LimitsConfig {
     /// A tunnel with no byte in either direction for this long is closed, in seconds
     /// (0 = never). Default 300.
     pub idle_timeout_secs: u64,
+    /// On shutdown, how long open connections may finish before they are closed, in
+    /// seconds. Default 30.
+    pub drain_timeout_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -145,6 +148,7 @@ impl Default for LimitsConfig {
             head_timeout_ms: 10_000,
             connect_timeout_ms: 10_000,
             idle_timeout_secs: 300,
+            drain_timeout_secs: 30,
         }
     }
 }
@@ -158,6 +162,11 @@ impl LimitsConfig {
     /// `connect_timeout_ms` as a duration.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// `drain_timeout_secs` as a duration.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
     }
 
     /// `idle_timeout_secs` as a duration (`None`: never).

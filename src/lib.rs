@@ -16,8 +16,11 @@
 //! - [`identity`]: credentials, the username grammar, identity headers.
 //! - [`error`]: errors answered to clients and their HTTP form.
 //! - [`proxy`]: the proxy listener (CONNECT, plain HTTP, upstream dialing, splicing).
-//! - [`admin`]: the admin listener.
-//! - [`app`]: wiring and the run loop.
+//! - [`admin`]: the admin listener and its API.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`reload`]: building settings from a config, diffing and applying them to a running daemon.
+//! - [`app`]: wiring, the run loop, graceful shutdown.
+//! - [`systemd`]: readiness notification.
 //!
 //! ```
 //! use pharox::{AcquireRequest, InMemoryStorage, Pool, Proxy, ProxyManager, ProxyProtocol, Storage};
@@ -47,11 +50,14 @@ pub mod events;
 pub mod filter;
 pub mod identity;
 pub mod manager;
+pub mod metrics;
 pub mod model;
 pub mod proxy;
+pub mod reload;
 pub mod retry;
 pub mod selector;
 pub mod storage;
+pub mod systemd;
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

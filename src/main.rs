@@ -4,6 +4,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use pharox::cli::{Cli, Command, LogFormat, config_path};
 use pharox::config::Config;
+use tokio::signal::unix::{SignalKind, signal};
 
 fn main() {
     if let Err(e) = run() {
@@ -18,8 +19,9 @@ fn run() -> anyhow::Result<()> {
         Command::Check { config } => check(&config_path(config)),
         Command::Serve { config, log_format } => {
             init_tracing(log_format);
-            let config = Config::load(&config_path(config))?;
-            tokio::runtime::Runtime::new()?.block_on(serve(config))
+            let path = config_path(config);
+            let config = Config::load(&path)?;
+            tokio::runtime::Runtime::new()?.block_on(serve(config, path))
         }
     }
 }
@@ -48,21 +50,30 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
     let proxy = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen {}", config.listen))?;
     let admin = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin.listen {}", config.admin.listen))?;
-    let (daemon, runner) = pharox::app::Daemon::start(&config, proxy, admin).await?;
+    let (daemon, runner) =
+        pharox::app::Daemon::start(config, Some(path.clone()), proxy, admin).await?;
     tracing::info!(proxy = %daemon.proxy_addr, admin = %daemon.admin_addr, "listening");
+    let state = daemon.state.clone();
+    let hup = tokio::spawn(async move {
+        let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+        while hup.recv().await.is_some() {
+            tracing::info!(path = %path.display(), "SIGHUP: reloading the configuration");
+            let _ = pharox::reload::reload_from(&state, &path).await;
+        }
+    });
     runner.run(shutdown_signal()).await;
+    hup.abort();
     Ok(())
 }
 
 async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

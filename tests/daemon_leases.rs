@@ -287,9 +287,55 @@ async fn the_connection_cap_holds_further_clients_back() {
 }
 
 #[tokio::test]
-async fn shutdown_closes_tunnels_and_releases_every_lease() {
+async fn shutdown_lets_open_tunnels_finish() {
     let origin = Origin::start().await;
     let d = TestDaemon::start(&pool_config(&["url = \"direct\"".into()], "", "")).await;
+    let (mut s, head) = connect(d.addr, &origin.addr.to_string(), Some(&auth()), "").await;
+    assert_eq!(status(&head), 200);
+    let (state, addr) = (d.state.clone(), d.addr);
+    let mut d = d;
+    d.begin_stop();
+    // New clients are refused once draining started...
+    for _ in 0..200 {
+        if TcpStream::connect(addr).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
+    // ...while the open tunnel still works, and its end lets shutdown complete.
+    assert!(
+        get_over(&mut s, "o", "/during-drain")
+            .await
+            .ends_with("origin:/during-drain")
+    );
+    drop(s);
+    d.join().await;
+    assert_eq!(
+        state
+            .manager
+            .storage()
+            .pool_stats("p")
+            .await
+            .unwrap()
+            .unwrap()
+            .total_leases,
+        0
+    );
+}
+
+#[tokio::test]
+async fn shutdown_closes_what_is_left_at_the_deadline() {
+    let origin = Origin::start().await;
+    let cfg = pool_config(
+        &["url = \"direct\"".into()],
+        "",
+        "[limits]\ndrain_timeout_secs = 1",
+    );
+    let d = TestDaemon::start(&cfg).await;
     let (mut s, head) = connect(d.addr, &origin.addr.to_string(), Some(&auth()), "").await;
     assert_eq!(status(&head), 200);
     assert_eq!(d.leased("p").await, 1);
@@ -307,7 +353,11 @@ async fn shutdown_closes_tunnels_and_releases_every_lease() {
         0
     );
     let mut buf = [0u8; 1];
-    assert_eq!(s.read(&mut buf).await.unwrap_or(0), 0);
+    assert_eq!(
+        s.read(&mut buf).await.unwrap_or(0),
+        0,
+        "the tunnel was closed"
+    );
 }
 
 #[tokio::test]

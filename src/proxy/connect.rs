@@ -6,31 +6,54 @@ use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tokio::time::Instant;
+use tracing::{Span, debug};
 
 use super::head::Head;
-use super::splice::splice;
-use super::{DialMode, ProxyState, parse_authority, reply_error};
+use super::splice::{SpliceEnd, Transferred, splice};
+use super::{DialMode, ProxyState, Runtime, finish, parse_authority, record_identity, reply_error};
 
 /// Handles a CONNECT whose head has been read.
-pub async fn handle(state: &Arc<ProxyState>, mut client: TcpStream, head: Head) {
+pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream, head: Head) {
+    let started = Instant::now();
+    Span::current().record("kind", "connect");
     let prepared = async {
         let target = parse_authority(&head.target)?;
-        let id = head.identify(&state.auth)?;
-        let (held, upstream, early) = state.lease_and_dial(&id, &target, DialMode::Tunnel).await?;
-        Ok((target, id, held, upstream, early))
+        let id = head.identify(&rt.auth)?;
+        record_identity(&id, &target, None);
+        let (held, upstream, early) = state
+            .lease_and_dial(
+                rt,
+                &id,
+                &target,
+                DialMode::Tunnel,
+                state.cancel.child_token(),
+            )
+            .await?;
+        Ok::<_, crate::error::ProxyError>((id, held, upstream, early))
     };
     let result = tokio::select! {
         r = prepared => r,
         () = client_gone(&client) => {
             debug!("client left during the upstream handshake");
-            return;
+            return finish(state, "connect", None, "client_closed", Transferred::default(), started);
         }
     };
-    let (target, id, held, mut upstream, early) = match result {
+    let (id, held, mut upstream, early) = match result {
         Ok(ok) => ok,
-        Err(e) => return reply_error(&mut client, &e).await,
+        Err(e) => {
+            finish(
+                state,
+                "connect",
+                None,
+                e.code(),
+                Transferred::default(),
+                started,
+            );
+            return reply_error(&mut client, &e).await;
+        }
     };
+    Span::current().record("proxy", held.proxy().id.as_str());
     let reply = format!(
         "HTTP/1.1 200 Connection established\r\nX-Pharox-Proxy-Id: {}\r\nX-Pharox-Lease-Id: {}\r\n\r\n",
         held.proxy().id,
@@ -40,20 +63,42 @@ pub async fn handle(state: &Arc<ProxyState>, mut client: TcpStream, head: Head) 
         || (!head.rest.is_empty() && upstream.write_all(&head.rest).await.is_err())
         || (!early.is_empty() && client.write_all(&early).await.is_err())
     {
-        return;
+        return finish(
+            state,
+            "connect",
+            Some(&id.pool),
+            "client_closed",
+            Transferred::default(),
+            started,
+        );
     }
     let (end, bytes) = splice(
         &mut client,
         &mut upstream,
-        state.limits.idle_timeout(),
-        &state.cancel,
+        rt.limits().idle_timeout(),
+        &held.cancel,
     )
     .await;
-    info!(
-        consumer = %id.consumer, pool = %id.pool, proxy = %held.proxy().id, target = %target.authority(),
-        tx = bytes.tx, rx = bytes.rx, outcome = ?end, "tunnel closed"
-    );
     drop(held);
+    finish(
+        state,
+        "connect",
+        Some(&id.pool),
+        outcome(end),
+        bytes,
+        started,
+    );
+}
+
+/// Metric label for how a tunnel ended.
+pub fn outcome(end: SpliceEnd) -> &'static str {
+    match end {
+        SpliceEnd::Closed => "ok",
+        SpliceEnd::Error => "error",
+        SpliceEnd::Idle => "idle",
+        SpliceEnd::HalfClosed => "half_closed",
+        SpliceEnd::Shutdown => "closed_by_proxy",
+    }
 }
 
 /// Resolves when the client has closed its side (or failed); never if it sent data.

@@ -4,7 +4,11 @@
 //! CONNECT later on the same connection becomes a tunnel with a lease of its own.
 
 use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -15,15 +19,22 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
-use tracing::{debug, info};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span, debug};
 
+use super::connect::outcome;
 use super::head::{Head, Rewind};
 use super::headers::{strip_hop_by_hop, strip_identity};
+use super::splice::Transferred;
 use super::splice::splice;
 use super::upstream::{self, Target};
-use super::{DialMode, Held, ProxyState, log_error, parse_authority};
+use super::{
+    DialMode, Held, ProxyState, Runtime, finish, log_error, parse_authority, record_identity,
+};
 use crate::error::ProxyError;
 use crate::identity::Identity;
 use crate::model::ProxyProtocol;
@@ -39,54 +50,158 @@ struct ConnLease {
     /// The open upstream connection and the target it is bound to (`None`: an HTTP proxy,
     /// which takes requests for any target).
     sender: Option<(Option<Target>, SendRequest<Incoming>)>,
+    /// The pool of the lease, for metrics.
+    pool: Option<Arc<str>>,
+    /// The code of the last refused request, for metrics.
+    last_error: Option<&'static str>,
+}
+
+/// Counts the bytes a client connection reads and writes.
+struct Metered<T> {
+    inner: T,
+    read: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read
+            .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Serves the rest of a connection whose first head has been read.
-pub async fn serve(state: Arc<ProxyState>, stream: TcpStream, head: Head) {
+pub async fn serve(state: Arc<ProxyState>, rt: Arc<Runtime>, stream: TcpStream, head: Head) {
+    let started = Instant::now();
+    Span::current().record("kind", "http");
     let mut prefix = head.raw.to_vec();
     prefix.extend_from_slice(&head.rest);
-    let io = TokioIo::new(Rewind::new(Bytes::from(prefix), stream));
+    let (read, written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let metered = Metered {
+        inner: Rewind::new(Bytes::from(prefix), stream),
+        read: read.clone(),
+        written: written.clone(),
+    };
     let conn_lease = Arc::new(Mutex::new(ConnLease::default()));
-    let svc_state = state.clone();
-    let service = service_fn(move |req| {
-        let (state, conn_lease) = (svc_state.clone(), conn_lease.clone());
-        async move { Ok::<_, Infallible>(handle(state, conn_lease, req).await) }
+    // Cancelled at hard shutdown, or when an operator closes this connection's lease.
+    let cancel = state.cancel.child_token();
+    let service = service_fn({
+        let (state, rt, conn_lease, cancel) = (
+            state.clone(),
+            rt.clone(),
+            conn_lease.clone(),
+            cancel.clone(),
+        );
+        move |req| {
+            let (state, rt, conn_lease, cancel) = (
+                state.clone(),
+                rt.clone(),
+                conn_lease.clone(),
+                cancel.clone(),
+            );
+            async move { Ok::<_, Infallible>(handle(state, rt, conn_lease, cancel, req).await) }
+        }
     });
+    let limits = rt.limits();
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.limits.head_timeout())
-        .max_buf_size(state.limits.max_head_bytes.max(8192))
+        .header_read_timeout(limits.head_timeout())
+        .max_buf_size(limits.max_head_bytes.max(8192))
         .preserve_header_case(true)
         .title_case_headers(true)
-        .serve_connection(io, service)
+        .serve_connection(TokioIo::new(metered), service)
         .with_upgrades();
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "client connection ended with an error") },
-        () = state.cancel.cancelled() => {}
+    let mut outcome = "ok";
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(error = %e, "client connection ended with an error");
+                    outcome = "error";
+                }
+                break;
+            }
+            () = state.drain.cancelled(), if !draining => {
+                // Finish the request in flight, then close.
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = cancel.cancelled() => {
+                outcome = "closed_by_proxy";
+                break;
+            }
+        }
     }
+    let mut lease = conn_lease.lock().await;
+    let pool = lease.pool.clone();
+    if outcome == "ok" && pool.is_none() {
+        outcome = lease.last_error.unwrap_or("ok");
+    }
+    *lease = ConnLease::default();
+    drop(lease);
+    let bytes = Transferred {
+        tx: read.load(Ordering::Relaxed),
+        rx: written.load(Ordering::Relaxed),
+    };
+    finish(&state, "http", pool.as_deref(), outcome, bytes, started);
 }
 
 async fn handle(
     state: Arc<ProxyState>,
+    rt: Arc<Runtime>,
     conn: Arc<Mutex<ConnLease>>,
+    cancel: CancellationToken,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let result = if req.method() == Method::CONNECT {
-        tunnel(&state, req).await
+        tunnel(&state, &rt, req).await
     } else {
-        forward(&state, &conn, req).await
+        forward(&state, &rt, &conn, cancel, req).await
     };
     result.unwrap_or_else(|e| {
+        if let Ok(mut c) = conn.try_lock() {
+            c.last_error = Some(e.code());
+        }
         log_error(&e);
         error_response(&e)
     })
 }
 
-fn identify(state: &ProxyState, req: &Request<Incoming>) -> Result<Identity, ProxyError> {
+fn identify(rt: &Runtime, req: &Request<Incoming>) -> Result<Identity, ProxyError> {
     let headers = req.headers();
     let lookup = |name: &str| headers.get(name).map(HeaderValue::as_bytes);
-    state.auth.identify(
+    rt.auth.identify(
         headers.get(PROXY_AUTHORIZATION).map(HeaderValue::as_bytes),
         &lookup,
     )
@@ -96,48 +211,74 @@ fn identify(state: &ProxyState, req: &Request<Incoming>) -> Result<Identity, Pro
 /// the upgraded connection in a task that owns the lease.
 async fn tunnel(
     state: &Arc<ProxyState>,
+    rt: &Runtime,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
+    let started = Instant::now();
     let authority = req
         .uri()
         .authority()
         .map(|a| a.to_string())
         .unwrap_or_default();
     let target = parse_authority(&authority)?;
-    let id = identify(state, &req)?;
-    let (held, mut upstream, early) = state.lease_and_dial(&id, &target, DialMode::Tunnel).await?;
+    let id = identify(rt, &req)?;
+    let cancel = state.cancel.child_token();
+    let (held, mut upstream, early) = state
+        .lease_and_dial(rt, &id, &target, DialMode::Tunnel, cancel)
+        .await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let response = success(Response::new(empty()), &held);
-    let state = state.clone();
-    tokio::spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else {
-            return;
-        };
-        let mut client = TokioIo::new(upgraded);
-        if !early.is_empty()
-            && tokio::io::AsyncWriteExt::write_all(&mut client, &early)
-                .await
-                .is_err()
-        {
-            return;
+    let (state2, idle) = (state.clone(), rt.limits().idle_timeout());
+    let span = tracing::info_span!("tunnel", consumer = %id.consumer, pool = %id.pool, proxy = %held.proxy().id, target = %target.authority());
+    state.tracker.spawn(
+        async move {
+            let state = state2;
+            let Ok(upgraded) = on_upgrade.await else {
+                return finish(
+                    &state,
+                    "connect",
+                    Some(&id.pool),
+                    "client_closed",
+                    Transferred::default(),
+                    started,
+                );
+            };
+            let mut client = TokioIo::new(upgraded);
+            if !early.is_empty()
+                && tokio::io::AsyncWriteExt::write_all(&mut client, &early)
+                    .await
+                    .is_err()
+            {
+                return finish(
+                    &state,
+                    "connect",
+                    Some(&id.pool),
+                    "client_closed",
+                    Transferred::default(),
+                    started,
+                );
+            }
+            let (end, bytes) = splice(&mut client, &mut upstream, idle, &held.cancel).await;
+            drop(held);
+            finish(
+                &state,
+                "connect",
+                Some(&id.pool),
+                outcome(end),
+                bytes,
+                started,
+            );
         }
-        let (end, bytes) = splice(
-            &mut client,
-            &mut upstream,
-            state.limits.idle_timeout(),
-            &state.cancel,
-        )
-        .await;
-        info!(consumer = %id.consumer, pool = %id.pool, proxy = %held.proxy().id, target = %target.authority(),
-              tx = bytes.tx, rx = bytes.rx, outcome = ?end, "tunnel closed");
-        drop(held);
-    });
+        .instrument(span),
+    );
     Ok(response)
 }
 
 async fn forward(
     state: &Arc<ProxyState>,
+    rt: &Runtime,
     conn: &Mutex<ConnLease>,
+    cancel: CancellationToken,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let uri = req.uri().clone();
@@ -157,7 +298,7 @@ async fn forward(
         host,
         port: uri.port_u16().unwrap_or(80),
     };
-    let id = identify(state, &req)?;
+    let id = identify(rt, &req)?;
     let key = format!(
         "{}\n{}\n{:?}",
         id.consumer,
@@ -176,21 +317,19 @@ async fn forward(
     if !reusable {
         conn.sender = None;
         let io = if let Some(held) = &conn.held {
-            let extra = state
-                .extras
-                .get(&held.proxy().id)
-                .cloned()
-                .unwrap_or_default();
-            let timeout = state.limits.connect_timeout();
+            let extra = rt.extras.get(&held.proxy().id).cloned().unwrap_or_default();
+            let timeout = rt.limits().connect_timeout();
             let dialed =
-                upstream::open_forward(held.proxy(), &extra, &target, &state.policy, timeout).await;
+                upstream::open_forward(held.proxy(), &extra, &target, &rt.policy, timeout).await;
             dialed.map_err(|e| dial_error(e, held))?.0
         } else {
             let (held, io, _) = state
-                .lease_and_dial(&id, &target, DialMode::Forward)
+                .lease_and_dial(rt, &id, &target, DialMode::Forward, cancel)
                 .await?;
+            record_identity(&id, &target, Some(&held.proxy().id));
             conn.held = Some(held);
             conn.key = Some(key);
+            conn.pool = Some(id.pool.clone());
             io
         };
         let (sender, connection) = hyper::client::conn::http1::Builder::new()

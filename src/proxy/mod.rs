@@ -1,6 +1,7 @@
 //! The proxy listener: accept loop, per-connection dispatch (CONNECT tunnels on the raw
 //! socket, plain HTTP handed to hyper), and the leasing every connection shares: acquire with
-//! the pool's retry policy, dial with failover, passive health, renewal while open.
+//! the pool's retry policy, dial with failover, passive health, renewal while open, and the
+//! registry that lets an operator close a lease's connection.
 
 pub mod connect;
 pub mod forward;
@@ -10,27 +11,32 @@ pub mod splice;
 pub mod upstream;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 
-use crate::config::{LimitsConfig, PassiveHealthConfig};
+use crate::config::{Config, LimitsConfig, PassiveHealthConfig};
 use crate::error::ProxyError;
 use crate::identity::{Authenticator, Identity};
 use crate::manager::{LeaseGuard, ProxyManager};
+use crate::metrics::Metrics;
+use crate::model::LeaseId;
 use crate::model::{Proxy, ProxyId, ProxyStatus};
 use crate::retry::RetryPolicy;
 use crate::selector::Selector;
 use crate::storage::{AcquireRequest, LeaseError, Storage};
 use head::{Head, HeadError};
+use splice::Transferred;
 use upstream::{DialError, Policy, Target, UpstreamExtra, UpstreamIo};
 
 /// A pool's daemon settings.
@@ -48,46 +54,73 @@ pub struct PoolRuntime {
     pub health: PassiveHealthConfig,
 }
 
-/// Everything connections share. Built by `app` from the config.
-pub struct ProxyState {
-    /// The lease engine.
-    pub manager: ProxyManager,
+/// Everything derived from one configuration. Swapped whole on reload; a connection keeps
+/// the snapshot it started with.
+pub struct Runtime {
+    /// The configuration it was built from.
+    pub config: Config,
     /// Credentials and identity.
     pub auth: Authenticator,
     /// Per-pool settings.
     pub pools: HashMap<Arc<str>, PoolRuntime>,
     /// Per-upstream settings the engine does not carry.
     pub extras: HashMap<ProxyId, UpstreamExtra>,
-    /// Limits and timeouts.
-    pub limits: LimitsConfig,
     /// Destination policy.
     pub policy: Policy,
+}
+
+impl Runtime {
+    /// Limits and timeouts.
+    pub fn limits(&self) -> &LimitsConfig {
+        &self.config.limits
+    }
+}
+
+/// Everything connections share, for the daemon's whole life.
+pub struct ProxyState {
+    /// The lease engine.
+    pub manager: ProxyManager,
+    /// The current configuration-derived settings.
+    pub runtime: ArcSwap<Runtime>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
     /// Consecutive connect failures per upstream.
-    failures: DashMap<ProxyId, u32>,
-    /// Cancelled when open connections must close.
+    pub failures: DashMap<ProxyId, u32>,
+    /// Each held lease's connection, so an operator can close it.
+    connections: DashMap<LeaseId, CancellationToken>,
+    /// Cancelled when open connections must close (end of the shutdown drain).
     pub cancel: CancellationToken,
+    /// Cancelled when shutdown starts: keep-alive connections finish their request and close.
+    pub drain: CancellationToken,
+    /// Every connection task and every tunnel, so shutdown can wait for them.
+    pub tracker: TaskTracker,
 }
 
 impl ProxyState {
-    /// Assembles the state.
-    pub fn new(
-        manager: ProxyManager,
-        auth: Authenticator,
-        pools: HashMap<Arc<str>, PoolRuntime>,
-        extras: HashMap<ProxyId, UpstreamExtra>,
-        limits: LimitsConfig,
-        policy: Policy,
-    ) -> Self {
+    /// Assembles the state around a first runtime, wiring the engine's events to metrics.
+    pub fn new(manager: ProxyManager, runtime: Runtime, metrics: Arc<Metrics>) -> Self {
+        let m = metrics.clone();
+        manager.on_acquire(move |e| m.on_acquire(e));
+        let m = metrics.clone();
+        manager.on_release(move |e| m.on_release(e));
         Self {
             manager,
-            auth,
-            pools,
-            extras,
-            limits,
-            policy,
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics,
             failures: DashMap::new(),
+            connections: DashMap::new(),
             cancel: CancellationToken::new(),
+            drain: CancellationToken::new(),
+            tracker: TaskTracker::new(),
         }
+    }
+
+    /// Closes the connection holding lease `id` and releases the lease. False if not live.
+    pub async fn close_lease(&self, id: LeaseId) -> bool {
+        if let Some((_, token)) = self.connections.remove(&id) {
+            token.cancel();
+        }
+        self.manager.release_by_id(id).await.unwrap_or(false)
     }
 }
 
@@ -95,7 +128,19 @@ impl ProxyState {
 /// exactly once when dropped.
 pub struct Held {
     guard: LeaseGuard,
+    state: Arc<ProxyState>,
+    /// Cancelled when an operator closes this lease's connection (or at hard shutdown).
+    pub cancel: CancellationToken,
     _renew: AbortOnDropHandle<()>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.state.connections.remove(&self.guard.id);
+        self.state
+            .metrics
+            .connection_active(&self.guard.pool_name, -1.0);
+    }
 }
 
 impl Held {
@@ -125,14 +170,16 @@ impl ProxyState {
     /// upstreams (never the same twice) when one fails.
     pub async fn lease_and_dial(
         self: &Arc<Self>,
+        rt: &Runtime,
         id: &Identity,
         target: &Target,
         mode: DialMode,
+        cancel: CancellationToken,
     ) -> Result<(Held, UpstreamIo, Bytes), ProxyError> {
-        self.policy
+        rt.policy
             .check_literal(target)
             .map_err(|e| ProxyError::DestinationDenied(e.to_string()))?;
-        let pool = self
+        let pool = rt
             .pools
             .get(&id.pool)
             .ok_or_else(|| ProxyError::UnknownPool(id.pool.to_string()))?;
@@ -166,29 +213,25 @@ impl ProxyState {
                 break;
             };
             let guard = self.manager.guard(lease);
-            let extra = self
-                .extras
-                .get(&guard.proxy.id)
-                .cloned()
-                .unwrap_or_default();
-            let timeout = self.limits.connect_timeout();
+            let extra = rt.extras.get(&guard.proxy.id).cloned().unwrap_or_default();
+            let timeout = rt.limits().connect_timeout();
             let dialed = match mode {
                 DialMode::Tunnel => {
-                    upstream::open_tunnel(&guard.proxy, &extra, target, &self.policy, timeout).await
+                    upstream::open_tunnel(&guard.proxy, &extra, target, &rt.policy, timeout).await
                 }
                 DialMode::Forward => {
-                    upstream::open_forward(&guard.proxy, &extra, target, &self.policy, timeout)
-                        .await
+                    upstream::open_forward(&guard.proxy, &extra, target, &rt.policy, timeout).await
                 }
             };
             match dialed {
                 Ok((io, rest)) => {
                     self.failures.remove(&guard.proxy.id);
-                    return Ok((self.hold(guard, pool.lease), io, rest));
+                    return Ok((self.hold(guard, pool.lease, cancel), io, rest));
                 }
                 Err(DialError::Denied(m)) => return Err(ProxyError::DestinationDenied(m)),
                 Err(e) => {
                     warn!(proxy = %guard.proxy.id, pool = %id.pool, error = %e, "upstream failed");
+                    self.metrics.upstream_failure(&id.pool, e.reason());
                     self.record_failure(&guard.proxy.id, &pool.health);
                     tried.push(guard.proxy.id.clone());
                     errors.push((guard.proxy.id.clone(), e));
@@ -208,8 +251,14 @@ impl ProxyState {
         })
     }
 
-    /// Wraps a lease so that it is renewed while held.
-    fn hold(&self, guard: LeaseGuard, lease: Duration) -> Held {
+    /// Wraps a lease so that it is renewed while held and its connection can be closed
+    /// (through `cancel`, which the connection watches).
+    fn hold(
+        self: &Arc<Self>,
+        guard: LeaseGuard,
+        lease: Duration,
+        cancel: CancellationToken,
+    ) -> Held {
         let manager = self.manager.clone();
         let held = (*guard).clone();
         let every = (lease / 2).max(Duration::from_millis(500));
@@ -223,8 +272,12 @@ impl ProxyState {
                 }
             }
         });
+        self.connections.insert(guard.id, cancel.clone());
+        self.metrics.connection_active(&guard.pool_name, 1.0);
         Held {
             guard,
+            state: self.clone(),
+            cancel,
             _renew: AbortOnDropHandle::new(renew),
         }
     }
@@ -296,18 +349,14 @@ fn lease_error(e: LeaseError) -> ProxyError {
     }
 }
 
-/// Accepts clients until `shutdown` is cancelled; each connection runs on `tracker`.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<ProxyState>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-) {
-    let permits = Arc::new(Semaphore::new(state.limits.max_connections));
+/// Accepts clients until `state.drain` is cancelled; each connection runs on the tracker.
+pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
+    let max = state.runtime.load().limits().max_connections;
+    let permits = Arc::new(Semaphore::new(max));
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("never closed"),
-            () = shutdown.cancelled() => return,
+            () = state.drain.cancelled() => return,
         };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -318,13 +367,16 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = shutdown.cancelled() => return,
+            () = state.drain.cancelled() => return,
         };
-        let state = state.clone();
-        let span = info_span!("conn", client = %peer);
-        tracker.spawn(
+        let state2 = state.clone();
+        let span = info_span!(
+            "conn", client = %peer, kind = Empty, consumer = Empty, pool = Empty,
+            proxy = Empty, target = Empty
+        );
+        state.tracker.spawn(
             async move {
-                handle(state, stream, peer).await;
+                handle(state2, stream).await;
                 drop(permit);
             }
             .instrument(span),
@@ -333,30 +385,57 @@ pub async fn serve(
 }
 
 /// Serves one client connection.
-async fn handle(state: Arc<ProxyState>, mut stream: TcpStream, _peer: SocketAddr) {
+async fn handle(state: Arc<ProxyState>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let head = match head::read_head(
-        &mut stream,
-        state.limits.max_head_bytes,
-        state.limits.head_timeout(),
-    )
-    .await
-    {
+    let rt = state.runtime.load_full();
+    let limits = rt.limits();
+    let head = tokio::select! {
+        h = head::read_head(&mut stream, limits.max_head_bytes, limits.head_timeout()) => h,
+        () = state.drain.cancelled() => return,
+    };
+    let head = match head {
         Ok(head) => head,
         Err(HeadError::Closed | HeadError::Io(_)) => return,
-        Err(HeadError::Bad(e)) => return reply_error(&mut stream, &e).await,
+        Err(HeadError::Bad(e)) => {
+            state.metrics.connection_done("http", e.code());
+            return reply_error(&mut stream, &e).await;
+        }
     };
     if head.method.eq_ignore_ascii_case("CONNECT") {
-        connect::handle(&state, stream, head).await;
+        connect::handle(&state, &rt, stream, head).await;
     } else if head.target.starts_with("http://") || head.target.starts_with("https://") {
-        forward::serve(state, stream, head).await;
+        forward::serve(state, rt, stream, head).await;
     } else {
         let e = ProxyError::BadRequest(format!(
             "`{}` is not a proxy request (absolute URI or CONNECT)",
             head.target
         ));
+        state.metrics.connection_done("http", e.code());
         reply_error(&mut stream, &e).await;
     }
+}
+
+/// Records a finished connection: metrics, and the summary event in its span.
+pub fn finish(
+    state: &ProxyState,
+    kind: &str,
+    pool: Option<&str>,
+    outcome: &str,
+    bytes: Transferred,
+    started: Instant,
+) {
+    state.metrics.connection_done(kind, outcome);
+    if let Some(pool) = pool {
+        state.metrics.bytes(pool, bytes.tx, bytes.rx);
+    }
+    info!(
+        kind,
+        outcome,
+        tx = bytes.tx,
+        rx = bytes.rx,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "connection closed"
+    );
 }
 
 /// Writes an error response and closes.
@@ -390,5 +469,16 @@ impl Head {
         auth.identify(self.header("proxy-authorization"), &|name| {
             self.header(name)
         })
+    }
+}
+
+/// Records who and what a connection is about in its span.
+pub fn record_identity(id: &Identity, target: &Target, proxy: Option<&ProxyId>) {
+    let span = Span::current();
+    span.record("consumer", &*id.consumer);
+    span.record("pool", &*id.pool);
+    span.record("target", target.authority().as_str());
+    if let Some(p) = proxy {
+        span.record("proxy", p.as_str());
     }
 }

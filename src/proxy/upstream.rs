@@ -68,6 +68,18 @@ pub enum DialError {
     Denied(String),
 }
 
+impl DialError {
+    /// Bounded metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DialError::Timeout => "timeout",
+            DialError::Io(_) => "io",
+            DialError::Refused(_) => "refused",
+            DialError::Denied(_) => "denied",
+        }
+    }
+}
+
 /// A connection to the target through an upstream.
 pub enum UpstreamIo {
     /// Plain TCP.

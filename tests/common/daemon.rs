@@ -37,9 +37,19 @@ impl TestDaemon {
     }
 
     pub async fn start_config(config: Config) -> TestDaemon {
+        Self::start_inner(config, None).await
+    }
+
+    /// Starts from a config file (which reloads re-read).
+    pub async fn start_file(path: &Path) -> TestDaemon {
+        let config = Config::load(path).expect("valid test config");
+        Self::start_inner(config, Some(path.to_owned())).await
+    }
+
+    async fn start_inner(config: Config, path: Option<std::path::PathBuf>) -> TestDaemon {
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (daemon, runner) = Daemon::start(&config, proxy, admin)
+        let (daemon, runner) = Daemon::start(config, path, proxy, admin)
             .await
             .expect("daemon starts");
         let (tx, rx) = oneshot::channel::<()>();
@@ -84,7 +94,19 @@ impl TestDaemon {
 
     /// Shuts down and waits; panics from the run loop surface here.
     pub async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
+        self.begin_stop();
+        self.join().await;
+    }
+
+    /// Signals shutdown (the daemon starts draining) without waiting.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits for the run loop to finish.
+    pub async fn join(mut self) {
         self.task.take().unwrap().await.unwrap();
     }
 }

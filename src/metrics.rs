@@ -1,0 +1,274 @@
+//! Prometheus metrics: every name with its help text in one place, explicit histogram
+//! buckets, bounded labels only (pool, consumer, selector, status, kind, outcome, direction,
+//! reason, result — never a host, lease id or client address).
+//!
+//! Each daemon owns its recorder (no process-global state), fed by the lease engine's
+//! acquire/release callbacks and by connection events, and rendered on the admin listener.
+//!
+//! Adding a metric: a name constant below, a `describe` line in [`Metrics::new`], buckets if
+//! it is a histogram, a helper that records it, a row in README's metrics table and, if it is
+//! worth a panel, the Grafana dashboard.
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::events::{AcquireEvent, ReleaseEvent};
+use crate::model::PoolStats;
+
+/// Metric names (part of the product contract).
+pub mod names {
+    /// Acquire attempts by outcome.
+    pub const ACQUIRE_TOTAL: &str = "pharox_acquire_total";
+    /// Time an acquire attempt took.
+    pub const ACQUIRE_DURATION: &str = "pharox_acquire_duration_seconds";
+    /// Leases released.
+    pub const RELEASE_TOTAL: &str = "pharox_release_total";
+    /// How long leases were held.
+    pub const LEASE_DURATION: &str = "pharox_lease_duration_seconds";
+    /// Proxies with a free slot.
+    pub const POOL_AVAILABLE: &str = "pharox_pool_available_proxies";
+    /// Proxies with status active.
+    pub const POOL_ACTIVE: &str = "pharox_pool_active_proxies";
+    /// Proxies carrying at least one lease.
+    pub const POOL_LEASED: &str = "pharox_pool_leased_proxies";
+    /// Client connections holding a lease.
+    pub const CONNECTIONS_ACTIVE: &str = "pharox_connections_active";
+    /// Client connections by kind and outcome.
+    pub const CONNECTIONS_TOTAL: &str = "pharox_connections_total";
+    /// Bytes relayed.
+    pub const BYTES_TOTAL: &str = "pharox_bytes_total";
+    /// Upstream connect failures by reason.
+    pub const UPSTREAM_FAILURES: &str = "pharox_upstream_failures_total";
+    /// Configuration reloads by result.
+    pub const CONFIG_RELOADS: &str = "pharox_config_reloads_total";
+}
+
+/// Buckets for acquire latency (seconds).
+const ACQUIRE_BUCKETS: &[f64] = &[
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets for lease lifetimes (seconds).
+const LEASE_BUCKETS: &[f64] = &[
+    0.1, 1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 86400.0,
+];
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// A daemon's metrics: its recorder and the handle that renders it.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// A recorder with the buckets and help texts of every metric.
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(names::ACQUIRE_DURATION.into()),
+                ACQUIRE_BUCKETS,
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(names::LEASE_DURATION.into()), LEASE_BUCKETS)
+            })
+            .expect("bucket lists are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let m = Self { recorder, handle };
+        m.describe_all();
+        m
+    }
+
+    fn describe_all(&self) {
+        use names::*;
+        let r = &self.recorder;
+        r.describe_counter(
+            ACQUIRE_TOTAL.into(),
+            Some(Unit::Count),
+            "Lease acquire attempts (status=hit|miss).".into(),
+        );
+        r.describe_histogram(
+            ACQUIRE_DURATION.into(),
+            Some(Unit::Seconds),
+            "Duration of one acquire attempt.".into(),
+        );
+        r.describe_counter(
+            RELEASE_TOTAL.into(),
+            Some(Unit::Count),
+            "Leases released (by holder, operator or expiry).".into(),
+        );
+        r.describe_histogram(
+            LEASE_DURATION.into(),
+            Some(Unit::Seconds),
+            "How long released leases were held.".into(),
+        );
+        r.describe_gauge(
+            POOL_AVAILABLE.into(),
+            Some(Unit::Count),
+            "Active proxies with a free slot.".into(),
+        );
+        r.describe_gauge(
+            POOL_ACTIVE.into(),
+            Some(Unit::Count),
+            "Proxies with status active.".into(),
+        );
+        r.describe_gauge(
+            POOL_LEASED.into(),
+            Some(Unit::Count),
+            "Proxies carrying at least one lease.".into(),
+        );
+        r.describe_gauge(
+            CONNECTIONS_ACTIVE.into(),
+            Some(Unit::Count),
+            "Client connections holding a lease.".into(),
+        );
+        r.describe_counter(
+            CONNECTIONS_TOTAL.into(),
+            Some(Unit::Count),
+            "Client connections by kind and outcome.".into(),
+        );
+        r.describe_counter(
+            BYTES_TOTAL.into(),
+            Some(Unit::Bytes),
+            "Bytes relayed (tx: client to upstream).".into(),
+        );
+        r.describe_counter(
+            UPSTREAM_FAILURES.into(),
+            Some(Unit::Count),
+            "Upstream connect failures by reason.".into(),
+        );
+        r.describe_counter(
+            CONFIG_RELOADS.into(),
+            Some(Unit::Count),
+            "Configuration reloads (result=ok|invalid).".into(),
+        );
+    }
+
+    fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, v.to_string()))
+            .collect();
+        Key::from_parts(name, labels)
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        self.recorder
+            .register_counter(&Self::key(name, labels), &METADATA)
+    }
+
+    fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.recorder
+            .register_gauge(&Self::key(name, labels), &METADATA)
+    }
+
+    fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        self.recorder
+            .register_histogram(&Self::key(name, labels), &METADATA)
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains histogram buffers; call periodically.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// An acquire attempt (callback of the lease engine).
+    pub fn on_acquire(&self, e: &AcquireEvent) {
+        let status = if e.lease.is_some() { "hit" } else { "miss" };
+        let pool = &*e.pool_name;
+        self.counter(
+            names::ACQUIRE_TOTAL,
+            &[
+                ("pool", pool),
+                ("consumer", &e.consumer_name),
+                ("selector", e.selector.as_str()),
+                ("status", status),
+            ],
+        )
+        .increment(1);
+        self.histogram(
+            names::ACQUIRE_DURATION,
+            &[("pool", pool), ("status", status)],
+        )
+        .record(e.duration.as_secs_f64());
+        self.pool_stats(&e.pool_stats);
+    }
+
+    /// A release (callback of the lease engine).
+    pub fn on_release(&self, e: &ReleaseEvent) {
+        let pool = &*e.pool_name;
+        self.counter(names::RELEASE_TOTAL, &[("pool", pool)])
+            .increment(1);
+        self.histogram(names::LEASE_DURATION, &[("pool", pool)])
+            .record(e.lease_duration.as_secs_f64());
+        self.pool_stats(&e.pool_stats);
+    }
+
+    /// The pool gauges.
+    pub fn pool_stats(&self, s: &PoolStats) {
+        let pool = [("pool", &*s.pool_name)];
+        self.gauge(names::POOL_AVAILABLE, &pool)
+            .set(s.available as f64);
+        self.gauge(names::POOL_ACTIVE, &pool).set(s.active as f64);
+        self.gauge(names::POOL_LEASED, &pool).set(s.leased as f64);
+    }
+
+    /// A client connection took (+1) or gave back (-1) a lease.
+    pub fn connection_active(&self, pool: &str, delta: f64) {
+        self.gauge(names::CONNECTIONS_ACTIVE, &[("pool", pool)])
+            .increment(delta);
+    }
+
+    /// A client connection ended. `kind`: connect, http or socks5; `outcome`: ok, idle,
+    /// shutdown, error, or an error code.
+    pub fn connection_done(&self, kind: &str, outcome: &str) {
+        self.counter(
+            names::CONNECTIONS_TOTAL,
+            &[("kind", kind), ("outcome", outcome)],
+        )
+        .increment(1);
+    }
+
+    /// Bytes relayed for a pool.
+    pub fn bytes(&self, pool: &str, tx: u64, rx: u64) {
+        self.counter(names::BYTES_TOTAL, &[("pool", pool), ("direction", "tx")])
+            .increment(tx);
+        self.counter(names::BYTES_TOTAL, &[("pool", pool), ("direction", "rx")])
+            .increment(rx);
+    }
+
+    /// An upstream failed to connect. `reason`: timeout, refused, io.
+    pub fn upstream_failure(&self, pool: &str, reason: &str) {
+        self.counter(
+            names::UPSTREAM_FAILURES,
+            &[("pool", pool), ("reason", reason)],
+        )
+        .increment(1);
+    }
+
+    /// A configuration reload. `result`: ok or invalid.
+    pub fn reload(&self, result: &str) {
+        self.counter(names::CONFIG_RELOADS, &[("result", result)])
+            .increment(1);
+    }
+}

@@ -1,0 +1,280 @@
+//! From a configuration to a running daemon's settings, at start and on reload: build the
+//! runtime (TLS clients, identity tables, pool settings), then bring the lease engine's
+//! inventory in line — pools and proxies added, changed, removed (removed ones drain: their
+//! open connections go on, no new leases) — and swap the runtime in. An invalid config
+//! changes nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::config::{Config, ConfigError, parse_upstream_url, proxy_id};
+use crate::identity::Authenticator;
+use crate::manager::ProxyManager;
+use crate::model::{Credentials, Pool, Proxy, ProxyId, ProxyProtocol};
+use crate::proxy::upstream::{Policy, UpstreamExtra, tls_connector};
+use crate::proxy::{PoolRuntime, ProxyState, Runtime};
+use crate::storage::{LeaseError, Storage};
+
+/// Why a configuration could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file does not load or validate.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// A TLS setting could not be used.
+    #[error("{0}")]
+    Tls(String),
+    /// The lease engine refused the inventory.
+    #[error("{0}")]
+    Inventory(#[from] LeaseError),
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Pools created.
+    pub pools_added: Vec<String>,
+    /// Pools removed (they drain).
+    pub pools_removed: Vec<String>,
+    /// Proxies created.
+    pub proxies_added: usize,
+    /// Proxies whose record changed.
+    pub proxies_changed: usize,
+    /// Proxies removed (they drain).
+    pub proxies_removed: usize,
+    /// Settings that cannot change while running and were kept.
+    pub warnings: Vec<String>,
+}
+
+/// The engine records a config describes, with the extras the engine does not carry.
+fn inventory(
+    config: &Config,
+) -> Result<(Vec<Proxy>, HashMap<ProxyId, UpstreamExtra>), ReloadError> {
+    let mut proxies = Vec::new();
+    let mut extras = HashMap::new();
+    let mut tls_cache: HashMap<Option<PathBuf>, tokio_rustls::TlsConnector> = HashMap::new();
+    for pc in &config.pools {
+        for xc in &pc.proxies {
+            let url = parse_upstream_url(&xc.url).expect("validated");
+            let id = ProxyId::new(proxy_id(pc, xc).expect("validated"));
+            let mut p = Proxy::new(
+                id.clone(),
+                pc.name.clone(),
+                url.protocol,
+                url.host,
+                url.port,
+            );
+            p.credentials = url.username.map(|u| Credentials {
+                username: u,
+                password: url.password.unwrap_or_default(),
+            });
+            p.max_concurrency = xc.max_concurrency;
+            p.country = xc.country.clone();
+            p.city = xc.city.clone();
+            p.source = xc.source.clone();
+            p.isp = xc.isp.clone();
+            p.asn = xc.asn;
+            p.latitude = xc.latitude;
+            p.longitude = xc.longitude;
+            let mut extra = UpstreamExtra {
+                bind: xc.bind,
+                tls: None,
+            };
+            if url.protocol == ProxyProtocol::Https {
+                let key = xc.ca_file.clone();
+                let tls = match tls_cache.get(&key) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = tls_connector(key.as_deref()).map_err(ReloadError::Tls)?;
+                        tls_cache.insert(key, t.clone());
+                        t
+                    }
+                };
+                extra.tls = Some(tls);
+            }
+            extras.insert(id, extra);
+            proxies.push(p);
+        }
+    }
+    Ok((proxies, extras))
+}
+
+/// Builds the runtime settings of a validated config.
+fn runtime(
+    config: Config,
+    extras: HashMap<ProxyId, UpstreamExtra>,
+    own: Vec<SocketAddr>,
+) -> Runtime {
+    let pools = config
+        .pools
+        .iter()
+        .map(|pc| {
+            let rt = PoolRuntime {
+                selector: pc.selector,
+                lease: Duration::from_secs(pc.lease_seconds),
+                retry: pc.retry.policy(),
+                failover: pc.failover_attempts,
+                health: pc.health.clone(),
+            };
+            (Arc::from(pc.name.as_str()), rt)
+        })
+        .collect();
+    let policy = Policy {
+        allow_private: config.security.allow_private_targets,
+        own,
+    };
+    Runtime {
+        auth: Authenticator::new(&config),
+        pools,
+        extras,
+        policy,
+        config,
+    }
+}
+
+/// Brings the engine's inventory in line with `proxies` (grouped by their pools).
+async fn sync_inventory(
+    manager: &ProxyManager,
+    config: &Config,
+    proxies: Vec<Proxy>,
+    report: &mut ReloadReport,
+) -> Result<(), LeaseError> {
+    let storage = manager.storage();
+    let existing_pools: HashSet<String> = storage
+        .list_pools()
+        .await?
+        .into_iter()
+        .map(|(p, _)| p.name)
+        .collect();
+    let wanted_pools: HashSet<&str> = config.pools.iter().map(|p| p.name.as_str()).collect();
+    for pc in &config.pools {
+        if !existing_pools.contains(&pc.name) {
+            report.pools_added.push(pc.name.clone());
+        }
+        storage.upsert_pool(Pool::new(pc.name.clone())).await?;
+    }
+    let mut wanted: HashSet<ProxyId> = HashSet::new();
+    for mut p in proxies {
+        wanted.insert(p.id.clone());
+        match storage.get_proxy(&p.id).await? {
+            Some(old) if !old.draining => {
+                // Live state (a ban, a rest, measured latency) survives a reload.
+                p.status = old.proxy.status;
+                p.checked_at = old.proxy.checked_at;
+                p.latency = old.proxy.latency;
+                if !same_record(&old.proxy, &p) {
+                    report.proxies_changed += 1;
+                }
+            }
+            _ => report.proxies_added += 1,
+        }
+        storage.upsert_proxy(p).await?;
+    }
+    for pool in &existing_pools {
+        for info in storage.list_proxies(pool).await? {
+            if !info.draining && !wanted.contains(&info.proxy.id) {
+                storage.remove_proxy(&info.proxy.id).await?;
+                report.proxies_removed += 1;
+            }
+        }
+        if !wanted_pools.contains(pool.as_str()) {
+            storage.remove_pool(pool).await?;
+            report.pools_removed.push(pool.clone());
+        }
+    }
+    Ok(())
+}
+
+fn same_record(a: &Proxy, b: &Proxy) -> bool {
+    (
+        &a.host,
+        a.port,
+        a.protocol,
+        &a.credentials,
+        a.max_concurrency,
+    ) == (
+        &b.host,
+        b.port,
+        b.protocol,
+        &b.credentials,
+        b.max_concurrency,
+    ) && (&a.country, &a.city, &a.source, &a.isp, a.asn)
+        == (&b.country, &b.city, &b.source, &b.isp, b.asn)
+        && (a.latitude, a.longitude) == (b.latitude, b.longitude)
+}
+
+/// Fills a fresh engine from `config` and returns the first runtime.
+pub async fn initial(
+    manager: &ProxyManager,
+    config: Config,
+    own: Vec<SocketAddr>,
+) -> Result<Runtime, ReloadError> {
+    let (proxies, extras) = inventory(&config)?;
+    sync_inventory(manager, &config, proxies, &mut ReloadReport::default()).await?;
+    Ok(runtime(config, extras, own))
+}
+
+/// Applies a new, already validated config to a running daemon.
+pub async fn apply(state: &ProxyState, config: Config) -> Result<ReloadReport, ReloadError> {
+    let current = state.runtime.load_full();
+    let mut report = ReloadReport::default();
+    let mut config = config;
+    if config.listen != current.config.listen {
+        report.warnings.push(format!(
+            "listen: {} → {} needs a restart; kept {}",
+            current.config.listen, config.listen, current.config.listen
+        ));
+        config.listen = current.config.listen;
+    }
+    if config.admin.listen != current.config.admin.listen {
+        report.warnings.push(format!(
+            "admin.listen: {} → {} needs a restart; kept {}",
+            current.config.admin.listen, config.admin.listen, current.config.admin.listen
+        ));
+        config.admin.listen = current.config.admin.listen;
+    }
+    if config.limits.max_connections != current.config.limits.max_connections {
+        report
+            .warnings
+            .push("limits.max_connections needs a restart; kept the running value".into());
+        config.limits.max_connections = current.config.limits.max_connections;
+    }
+    let (proxies, extras) = inventory(&config)?;
+    sync_inventory(&state.manager, &config, proxies, &mut report).await?;
+    state.runtime.store(Arc::new(runtime(
+        config,
+        extras,
+        current.policy.own.clone(),
+    )));
+    for w in &report.warnings {
+        warn!("{w}");
+    }
+    info!(?report, "configuration reloaded");
+    Ok(report)
+}
+
+/// Loads `path`, validates and applies it; counts the result. The running config stays on
+/// any error.
+pub async fn reload_from(
+    state: &ProxyState,
+    path: &std::path::Path,
+) -> Result<ReloadReport, ReloadError> {
+    let result = match Config::load(path) {
+        Ok(config) => apply(state, config).await,
+        Err(e) => Err(e.into()),
+    };
+    match &result {
+        Ok(_) => state.metrics.reload("ok"),
+        Err(e) => {
+            state.metrics.reload("invalid");
+            warn!(error = %e, "configuration rejected; the running one stays");
+        }
+    }
+    result
+}
