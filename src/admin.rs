@@ -121,10 +121,15 @@ async fn route(admin: &AdminState, state: &Arc<ProxyState>, req: Request<Incomin
             .header("content-type", "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(state.metrics.render())))
             .expect("static parts are valid"),
-        (_, p) if p.starts_with("/api/v1/") => match authorized(state, &req) {
-            Ok(()) => api(admin, state, req, &path["/api/v1/".len()..]).await,
-            Err(resp) => resp,
-        },
+        (_, p) if p.starts_with("/api/v1/") => {
+            if authorized(state, &req) {
+                api(admin, state, req, &path["/api/v1/".len()..]).await
+            } else {
+                let mut resp = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+                resp.headers_mut().insert("www-authenticate", hyper::header::HeaderValue::from_static("Bearer"));
+                resp
+            }
+        }
         (_, "/healthz" | "/readyz" | "/metrics") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
@@ -133,10 +138,10 @@ async fn route(admin: &AdminState, state: &Arc<ProxyState>, req: Request<Incomin
 }
 
 /// Checks `Authorization: Bearer` against `admin.token` (constant time), if one is set.
-fn authorized(state: &ProxyState, req: &Request<Incoming>) -> Result<(), Resp> {
+fn authorized(state: &ProxyState, req: &Request<Incoming>) -> bool {
     let rt = state.runtime.load();
     let Some(token) = rt.config.admin.token.as_ref().filter(|t| !t.is_empty()) else {
-        return Ok(());
+        return true;
     };
     let given = req
         .headers()
@@ -144,16 +149,7 @@ fn authorized(state: &ProxyState, req: &Request<Incoming>) -> Result<(), Resp> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
-        Ok(())
-    } else {
-        let mut resp = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
-        resp.headers_mut().insert(
-            "www-authenticate",
-            hyper::header::HeaderValue::from_static("Bearer"),
-        );
-        Err(resp)
-    }
+    bool::from(given.as_bytes().ct_eq(token.expose().as_bytes()))
 }
 
 async fn api(
