@@ -126,7 +126,10 @@ async fn route(admin: &AdminState, state: &Arc<ProxyState>, req: Request<Incomin
                 api(admin, state, req, &path["/api/v1/".len()..]).await
             } else {
                 let mut resp = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
-                resp.headers_mut().insert("www-authenticate", hyper::header::HeaderValue::from_static("Bearer"));
+                resp.headers_mut().insert(
+                    "www-authenticate",
+                    hyper::header::HeaderValue::from_static("Bearer"),
+                );
                 resp
             }
         }

@@ -53,4 +53,5 @@ impl Sleeper for RecordingSleeper {
         Box::pin(async {})
     }
 }
+pub mod admin;
 pub mod daemon;
