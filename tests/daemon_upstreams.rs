@@ -164,6 +164,7 @@ async fn socks5h_passes_names_and_socks5_resolves_them() {
                 .await
                 .ends_with("origin:/")
         );
+        drop(s);
         assert_eq!(socks.targets(), [want], "{scheme}");
         d.stop().await;
     }
