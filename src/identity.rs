@@ -205,11 +205,29 @@ impl Authenticator {
         authorization: Option<&[u8]>,
         header: HeaderLookup<'_>,
     ) -> Result<Identity, ProxyError> {
-        let (consumer, params) = match authorization {
-            Some(value) => {
-                let (user, password) = decode_basic(value)?;
-                let params = parse_username(&user, &|p| self.pools.contains_key(p))?;
-                let consumer = self.authenticate(&params.consumer, &password)?;
+        let credentials = authorization.map(decode_basic).transpose()?;
+        self.identify_credentials(
+            credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+            header,
+        )
+    }
+
+    /// Whether credentials are required.
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    /// Authenticates and identifies from a user name and password (already decoded, as
+    /// SOCKS5 carries them) and the request's headers.
+    pub fn identify_credentials(
+        &self,
+        credentials: Option<(&str, &str)>,
+        header: HeaderLookup<'_>,
+    ) -> Result<Identity, ProxyError> {
+        let (consumer, params) = match credentials {
+            Some((user, password)) => {
+                let params = parse_username(user, &|p| self.pools.contains_key(p))?;
+                let consumer = self.authenticate(&params.consumer, password)?;
                 (consumer, params)
             }
             None if self.required => return Err(ProxyError::AuthRequired),

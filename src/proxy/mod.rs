@@ -7,6 +7,7 @@ pub mod connect;
 pub mod forward;
 pub mod head;
 pub mod headers;
+pub mod socks;
 pub mod splice;
 pub mod upstream;
 
@@ -389,6 +390,21 @@ async fn handle(state: Arc<ProxyState>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let rt = state.runtime.load_full();
     let limits = rt.limits();
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        r = tokio::time::timeout(limits.head_timeout(), stream.peek(&mut first)) => r,
+        () = state.drain.cancelled() => return,
+    };
+    match peeked {
+        Ok(Ok(1)) if first[0] == 5 => return socks::handle(&state, &rt, stream).await,
+        Ok(Ok(1..)) => {}
+        Ok(_) => return, // closed or failed before a byte
+        Err(_) => {
+            let e = ProxyError::BadRequest("request head not received in time".into());
+            state.metrics.connection_done("http", e.code());
+            return reply_error(&mut stream, &e).await;
+        }
+    }
     let head = tokio::select! {
         h = head::read_head(&mut stream, limits.max_head_bytes, limits.head_timeout()) => h,
         () = state.drain.cancelled() => return,

@@ -1,0 +1,271 @@
+//! SOCKS5 on the proxy port (RFC 1928, username/password auth RFC 1929), told apart from HTTP
+//! by its first byte (5). The username carries the same grammar as the HTTP one, and leasing,
+//! failover, limits and metrics (`kind="socks5"`) are shared with CONNECT.
+//!
+//! Error mapping (reply field of the SOCKS5 answer):
+//!
+//! | situation | answer |
+//! |---|---|
+//! | auth required but the client offers no username/password method | method `0xFF` |
+//! | credentials missing, wrong, or a bad username | RFC 1929 status `0x01`, close |
+//! | pool exhausted, unknown or forbidden pool, destination denied | `0x02` not allowed by ruleset |
+//! | every upstream refused or failed | `0x05` connection refused |
+//! | an upstream could not reach the host | `0x04` host unreachable |
+//! | upstream timed out | `0x06` TTL expired |
+//! | BIND, UDP ASSOCIATE, any other command | `0x07` command not supported |
+//! | unknown address type | `0x08` address type not supported |
+//! | malformed request | `0x01` general failure |
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{Span, debug};
+
+use super::connect::outcome;
+use super::splice::{Transferred, splice};
+use super::upstream::Target;
+use super::{DialMode, ProxyState, Runtime, finish, record_identity};
+use crate::error::ProxyError;
+
+/// Reply codes (RFC 1928 §6).
+mod rep {
+    pub const OK: u8 = 0x00;
+    pub const GENERAL: u8 = 0x01;
+    pub const NOT_ALLOWED: u8 = 0x02;
+    pub const HOST_UNREACHABLE: u8 = 0x04;
+    pub const REFUSED: u8 = 0x05;
+    pub const TTL_EXPIRED: u8 = 0x06;
+    pub const COMMAND: u8 = 0x07;
+    pub const ADDRESS: u8 = 0x08;
+}
+
+/// The SOCKS5 reply code for a proxy error.
+pub fn reply_code(e: &ProxyError) -> u8 {
+    match e {
+        ProxyError::PoolExhausted { .. }
+        | ProxyError::PoolForbidden(_)
+        | ProxyError::UnknownPool(_)
+        | ProxyError::DestinationDenied(_) => rep::NOT_ALLOWED,
+        ProxyError::UpstreamTimeout(_) => rep::TTL_EXPIRED,
+        ProxyError::UpstreamFailed(m) if m.contains("unreachable") || m.contains("resolve") => {
+            rep::HOST_UNREACHABLE
+        }
+        ProxyError::UpstreamFailed(_) => rep::REFUSED,
+        _ => rep::GENERAL,
+    }
+}
+
+/// Why the handshake stopped before a tunnel.
+enum Stop {
+    /// Answered (or nothing to answer); the code is for metrics.
+    Done(&'static str),
+    /// Answer with this reply code.
+    Reply(u8, &'static str),
+}
+
+impl From<std::io::Error> for Stop {
+    fn from(_: std::io::Error) -> Self {
+        Stop::Done("client_closed")
+    }
+}
+
+/// Serves a SOCKS5 client; the first byte (5) has been peeked, not consumed.
+pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream) {
+    let started = Instant::now();
+    Span::current().record("kind", "socks5");
+    let limits = rt.limits();
+    let negotiated = tokio::time::timeout(limits.head_timeout(), negotiate(rt, &mut client)).await;
+    let (id, target) = match negotiated {
+        Ok(Ok(v)) => v,
+        Ok(Err(stop)) => return stopped(state, &mut client, stop, started).await,
+        Err(_) => {
+            return finish(
+                state,
+                "socks5",
+                None,
+                "bad_request",
+                Transferred::default(),
+                started,
+            );
+        }
+    };
+    record_identity(&id, &target, None);
+    let cancel = state.cancel.child_token();
+    let dialed = tokio::select! {
+        r = state.lease_and_dial(rt, &id, &target, DialMode::Tunnel, cancel) => r,
+        () = super::connect::client_gone(&client) => {
+            return finish(state, "socks5", None, "client_closed", Transferred::default(), started);
+        }
+    };
+    let (held, mut upstream, early) = match dialed {
+        Ok(v) => v,
+        Err(e) => {
+            super::log_error(&e);
+            return stopped(
+                state,
+                &mut client,
+                Stop::Reply(reply_code(&e), e.code()),
+                started,
+            )
+            .await;
+        }
+    };
+    Span::current().record("proxy", held.proxy().id.as_str());
+    // Bound address: unspecified (clients do not need it for CONNECT).
+    if client
+        .write_all(&[5, rep::OK, 0, 1, 0, 0, 0, 0, 0, 0])
+        .await
+        .is_err()
+        || (!early.is_empty() && client.write_all(&early).await.is_err())
+    {
+        return finish(
+            state,
+            "socks5",
+            Some(&id.pool),
+            "client_closed",
+            Transferred::default(),
+            started,
+        );
+    }
+    let (end, bytes) = splice(
+        &mut client,
+        &mut upstream,
+        limits.idle_timeout(),
+        &held.cancel,
+    )
+    .await;
+    drop(held);
+    finish(
+        state,
+        "socks5",
+        Some(&id.pool),
+        outcome(end),
+        bytes,
+        started,
+    );
+}
+
+async fn stopped(state: &ProxyState, client: &mut TcpStream, stop: Stop, started: Instant) {
+    let code = match stop {
+        Stop::Done(code) => code,
+        Stop::Reply(rep, code) => {
+            let _ = client.write_all(&[5, rep, 0, 1, 0, 0, 0, 0, 0, 0]).await;
+            code
+        }
+    };
+    let _ = client.shutdown().await;
+    finish(state, "socks5", None, code, Transferred::default(), started);
+}
+
+/// Greeting, authentication and the request; returns who asks and where to.
+async fn negotiate(
+    rt: &Runtime,
+    c: &mut TcpStream,
+) -> Result<(crate::identity::Identity, Target), Stop> {
+    let mut head = [0u8; 2];
+    c.read_exact(&mut head).await?;
+    let mut methods = vec![0u8; head[1] as usize];
+    c.read_exact(&mut methods).await?;
+    let credentials = if methods.contains(&2) {
+        c.write_all(&[5, 2]).await?;
+        Some(read_credentials(c).await?)
+    } else if methods.contains(&0) && !rt.auth.required() {
+        c.write_all(&[5, 0]).await?;
+        None
+    } else {
+        c.write_all(&[5, 0xff]).await?;
+        return Err(Stop::Done("auth_required"));
+    };
+    let no_headers = |_: &str| None;
+    let identified = rt.auth.identify_credentials(
+        credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+        &no_headers,
+    );
+    let refused_credentials = matches!(
+        identified,
+        Err(ProxyError::AuthRequired | ProxyError::AuthFailed | ProxyError::BadUsername(_))
+    );
+    if credentials.is_some() {
+        c.write_all(&[1, if refused_credentials { 1 } else { 0 }])
+            .await?;
+    }
+    if let (true, Err(e)) = (refused_credentials, &identified) {
+        debug!(code = e.code(), error = %e, "SOCKS5 authentication refused");
+        return Err(Stop::Done(e.code()));
+    }
+    // Credentials are fine; a pool problem is answered in the reply to the request.
+    let target = read_request(c).await?;
+    match identified {
+        Ok(id) => Ok((id, target)),
+        Err(e) => {
+            super::log_error(&e);
+            Err(Stop::Reply(reply_code(&e), e.code()))
+        }
+    }
+}
+
+async fn read_credentials(c: &mut TcpStream) -> Result<(String, String), Stop> {
+    let mut ver_len = [0u8; 2];
+    c.read_exact(&mut ver_len).await?;
+    if ver_len[0] != 1 {
+        c.write_all(&[1, 1]).await?;
+        return Err(Stop::Done("bad_request"));
+    }
+    let mut user = vec![0u8; ver_len[1] as usize];
+    c.read_exact(&mut user).await?;
+    let mut plen = [0u8; 1];
+    c.read_exact(&mut plen).await?;
+    let mut pass = vec![0u8; plen[0] as usize];
+    c.read_exact(&mut pass).await?;
+    match (String::from_utf8(user), String::from_utf8(pass)) {
+        (Ok(u), Ok(p)) => Ok((u, p)),
+        _ => {
+            c.write_all(&[1, 1]).await?;
+            Err(Stop::Done("auth_failed"))
+        }
+    }
+}
+
+async fn read_request(c: &mut TcpStream) -> Result<Target, Stop> {
+    let mut req = [0u8; 4];
+    c.read_exact(&mut req).await?;
+    if req[0] != 5 {
+        return Err(Stop::Reply(rep::GENERAL, "bad_request"));
+    }
+    let host = match req[3] {
+        1 => {
+            let mut a = [0u8; 4];
+            c.read_exact(&mut a).await?;
+            Ipv4Addr::from(a).to_string()
+        }
+        4 => {
+            let mut a = [0u8; 16];
+            c.read_exact(&mut a).await?;
+            Ipv6Addr::from(a).to_string()
+        }
+        3 => {
+            let mut len = [0u8; 1];
+            c.read_exact(&mut len).await?;
+            let mut name = vec![0u8; len[0] as usize];
+            c.read_exact(&mut name).await?;
+            match String::from_utf8(name) {
+                Ok(n) if !n.is_empty() => n,
+                _ => return Err(Stop::Reply(rep::GENERAL, "bad_request")),
+            }
+        }
+        _ => return Err(Stop::Reply(rep::ADDRESS, "bad_request")),
+    };
+    let mut port = [0u8; 2];
+    c.read_exact(&mut port).await?;
+    if req[1] != 1 {
+        return Err(Stop::Reply(rep::COMMAND, "bad_request"));
+    }
+    let port = u16::from_be_bytes(port);
+    if port == 0 {
+        return Err(Stop::Reply(rep::GENERAL, "bad_request"));
+    }
+    Ok(Target { host, port })
+}
