@@ -5,7 +5,8 @@
 //!   (Prometheus text) — open.
 //! - `/api/v1/…` — JSON, behind `Authorization: Bearer TOKEN` when `admin.token` is set:
 //!   `GET pools`, `GET pools/{name}`, `GET leases`, `DELETE leases/{id}`,
-//!   `PUT proxies/{id}/status`, `POST reload`. Errors are `{"error": "..."}`.
+//!   `PUT proxies/{id}/status`, `POST reload`, `GET sessions`,
+//!   `DELETE sessions/{consumer}/{pool}/{id}`. Errors are `{"error": "..."}`.
 
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -178,7 +179,16 @@ async fn api(
             set_status(state, ProxyId::new(id), req).await
         }
         (Method::POST, ["reload"]) => reload(admin, state).await,
-        (_, ["pools" | "leases" | "reload", ..] | ["proxies", ..]) => {
+        (Method::GET, ["sessions"]) => sessions(state).await,
+        (Method::DELETE, ["sessions", consumer, pool, id]) => {
+            let key = (decode(consumer).into(), decode(pool).into(), decode(id));
+            if state.rotate_session(&key) {
+                reply(StatusCode::OK, json!({"rotated": key.2}))
+            } else {
+                error(StatusCode::NOT_FOUND, "no such session")
+            }
+        }
+        (_, ["pools" | "leases" | "reload" | "sessions", ..] | ["proxies", ..]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => error(StatusCode::NOT_FOUND, "not found"),
@@ -265,6 +275,21 @@ async fn leases(state: &ProxyState) -> Resp {
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
+}
+
+async fn sessions(state: &ProxyState) -> Resp {
+    let mut items = Vec::new();
+    for s in state.sessions.list() {
+        let (open, idle) = s.usage();
+        let lease = s.lease.lock().await;
+        let (consumer, pool, id) = s.key();
+        items.push(json!({
+            "consumer": consumer, "pool": pool, "id": id,
+            "proxy_id": lease.current.as_ref().map(|h| h.proxy().id.clone()),
+            "open_connections": open, "idle_seconds": idle.as_secs_f64(), "ttl_seconds": s.ttl().as_secs(),
+        }));
+    }
+    reply(StatusCode::OK, json!({ "sessions": items }))
 }
 
 async fn set_status(state: &ProxyState, id: ProxyId, req: Request<Incoming>) -> Resp {

@@ -126,6 +126,8 @@ impl Runner {
             state.cancel.cancel();
             state.tracker.wait().await;
         }
+        // Sessions hold leases between connections; with every connection gone, end them.
+        state.end_sessions();
         admin_stop.cancel();
         let _ = admin_task.await;
         upkeep.abort();

@@ -217,6 +217,9 @@ pub struct PoolConfig {
     /// Sticky-session idle TTL. Default 600.
     #[serde(default = "default_session_ttl")]
     pub session_ttl_seconds: u64,
+    /// Largest TTL a username's `-ttl-` may ask for (larger ones are capped). Default 3600.
+    #[serde(default = "default_session_max_ttl")]
+    pub session_max_ttl_seconds: u64,
     /// Other upstreams tried when one fails to connect. Default 2.
     #[serde(default = "default_failover")]
     pub failover_attempts: u32,
@@ -239,6 +242,10 @@ fn default_lease_seconds() -> u64 {
 
 fn default_session_ttl() -> u64 {
     600
+}
+
+fn default_session_max_ttl() -> u64 {
+    3600
 }
 
 fn default_failover() -> u32 {
@@ -636,8 +643,11 @@ impl Config {
             if pool.lease_seconds == 0 {
                 problems.push(format!("{key}.lease_seconds: must be positive"));
             }
-            if pool.session_ttl_seconds == 0 {
+            if pool.session_ttl_seconds == 0 || pool.session_max_ttl_seconds == 0 {
                 problems.push(format!("{key}.session_ttl_seconds: must be positive"));
+            }
+            if pool.session_ttl_seconds > pool.session_max_ttl_seconds {
+                problems.push(format!("{key}.session_ttl_seconds: larger than session_max_ttl_seconds"));
             }
             if let Err(e) = pool.retry.policy().validate() {
                 problems.push(format!("{key}.retry: {e}"));

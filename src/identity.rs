@@ -156,6 +156,10 @@ pub struct Identity {
     pub pool: Arc<str>,
     /// Constraints from the username and headers.
     pub filter: Option<Filter>,
+    /// Sticky session id, if any.
+    pub session: Option<String>,
+    /// Requested session TTL in seconds, if any.
+    pub ttl: Option<u64>,
 }
 
 /// Everything needed to authenticate and identify requests; built from the config.
@@ -337,11 +341,7 @@ impl Authenticator {
             ..Filter::default()
         };
         let filter = (!filter.index_key().is_empty()).then_some(filter);
-        Ok(Identity {
-            consumer,
-            pool,
-            filter,
-        })
+        Ok(Identity { consumer, pool, filter, session: params.session, ttl: params.ttl })
     }
 }
 

@@ -43,6 +43,8 @@ pub mod names {
     pub const UPSTREAM_FAILURES: &str = "pharox_upstream_failures_total";
     /// Configuration reloads by result.
     pub const CONFIG_RELOADS: &str = "pharox_config_reloads_total";
+    /// Live sticky sessions.
+    pub const SESSIONS_ACTIVE: &str = "pharox_sessions_active";
 }
 
 /// Buckets for acquire latency (seconds).
@@ -264,6 +266,11 @@ impl Metrics {
             &[("pool", pool), ("reason", reason)],
         )
         .increment(1);
+    }
+
+    /// A sticky session started (+1) or ended (-1).
+    pub fn session(&self, pool: &str, delta: f64) {
+        self.gauge(names::SESSIONS_ACTIVE, &[("pool", pool)]).increment(delta);
     }
 
     /// A configuration reload. `result`: ok or invalid.

@@ -121,6 +121,8 @@ fn runtime(
                 retry: pc.retry.policy(),
                 failover: pc.failover_attempts,
                 health: pc.health.clone(),
+                session_ttl: Duration::from_secs(pc.session_ttl_seconds),
+                session_max_ttl: Duration::from_secs(pc.session_max_ttl_seconds),
             };
             (Arc::from(pc.name.as_str()), rt)
         })

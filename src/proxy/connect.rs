@@ -21,15 +21,7 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
         let target = parse_authority(&head.target)?;
         let id = head.identify(&rt.auth)?;
         record_identity(&id, &target, None);
-        let (held, upstream, early) = state
-            .lease_and_dial(
-                rt,
-                &id,
-                &target,
-                DialMode::Tunnel,
-                state.cancel.child_token(),
-            )
-            .await?;
+        let (held, upstream, early) = state.lease_and_dial(rt, &id, &target, DialMode::Tunnel).await?;
         Ok::<_, crate::error::ProxyError>((id, held, upstream, early))
     };
     let result = tokio::select! {
@@ -54,11 +46,15 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
         }
     };
     Span::current().record("proxy", held.proxy().id.as_str());
-    let reply = format!(
-        "HTTP/1.1 200 Connection established\r\nX-Pharox-Proxy-Id: {}\r\nX-Pharox-Lease-Id: {}\r\n\r\n",
+    let mut reply = format!(
+        "HTTP/1.1 200 Connection established\r\nX-Pharox-Proxy-Id: {}\r\nX-Pharox-Lease-Id: {}\r\n",
         held.proxy().id,
         held.lease_id()
     );
+    for (k, v) in held.session_headers() {
+        reply.push_str(&format!("{k}: {v}\r\n"));
+    }
+    reply.push_str("\r\n");
     if client.write_all(reply.as_bytes()).await.is_err()
         || (!head.rest.is_empty() && upstream.write_all(&head.rest).await.is_err())
         || (!early.is_empty() && client.write_all(&early).await.is_err())

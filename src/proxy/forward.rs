@@ -174,6 +174,7 @@ pub async fn serve(state: Arc<ProxyState>, rt: Arc<Runtime>, stream: TcpStream, 
         tx: read.load(Ordering::Relaxed),
         rx: written.load(Ordering::Relaxed),
     };
+    cancel.cancel(); // ends the lease watcher, if one runs
     finish(&state, "http", pool.as_deref(), outcome, bytes, started);
 }
 
@@ -222,10 +223,7 @@ async fn tunnel(
         .unwrap_or_default();
     let target = parse_authority(&authority)?;
     let id = identify(rt, &req)?;
-    let cancel = state.cancel.child_token();
-    let (held, mut upstream, early) = state
-        .lease_and_dial(rt, &id, &target, DialMode::Tunnel, cancel)
-        .await?;
+    let (held, mut upstream, early) = state.lease_and_dial(rt, &id, &target, DialMode::Tunnel).await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let response = success(Response::new(empty()), &held);
     let (state2, idle) = (state.clone(), rt.limits().idle_timeout());
@@ -300,10 +298,11 @@ async fn forward(
     };
     let id = identify(rt, &req)?;
     let key = format!(
-        "{}\n{}\n{:?}",
+        "{}\n{}\n{:?}\n{:?}",
         id.consumer,
         id.pool,
-        id.filter.as_ref().map(|f| f.index_key())
+        id.filter.as_ref().map(|f| f.index_key()),
+        id.session
     );
 
     let mut guard = conn.lock().await;
@@ -323,10 +322,16 @@ async fn forward(
                 upstream::open_forward(held.proxy(), &extra, &target, &rt.policy, timeout).await;
             dialed.map_err(|e| dial_error(e, held))?.0
         } else {
-            let (held, io, _) = state
-                .lease_and_dial(rt, &id, &target, DialMode::Forward, cancel)
-                .await?;
+            let (held, io, _) = state.lease_and_dial(rt, &id, &target, DialMode::Forward).await?;
             record_identity(&id, &target, Some(&held.proxy().id));
+            // An operator closing this lease closes the whole client connection.
+            let (lease_cancel, conn_cancel) = (held.cancel.clone(), cancel.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = lease_cancel.cancelled() => conn_cancel.cancel(),
+                    () = conn_cancel.cancelled() => {}
+                }
+            });
             conn.held = Some(held);
             conn.key = Some(key);
             conn.pool = Some(id.pool.clone());
@@ -430,6 +435,11 @@ fn success(mut resp: Response<Body>, held: &Held) -> Response<Body> {
     }
     if let Ok(v) = HeaderValue::from_str(&held.lease_id()) {
         h.insert("x-pharox-lease-id", v);
+    }
+    for (k, v) in held.session_headers() {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(k, v);
+        }
     }
     resp
 }

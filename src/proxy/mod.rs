@@ -7,6 +7,7 @@ pub mod connect;
 pub mod forward;
 pub mod head;
 pub mod headers;
+pub mod session;
 pub mod socks;
 pub mod splice;
 pub mod upstream;
@@ -53,6 +54,10 @@ pub struct PoolRuntime {
     pub failover: u32,
     /// Passive health.
     pub health: PassiveHealthConfig,
+    /// Sticky-session idle TTL.
+    pub session_ttl: Duration,
+    /// Largest TTL a username may ask for.
+    pub session_max_ttl: Duration,
 }
 
 /// Everything derived from one configuration. Swapped whole on reload; a connection keeps
@@ -95,6 +100,8 @@ pub struct ProxyState {
     pub drain: CancellationToken,
     /// Every connection task and every tunnel, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Live sticky sessions.
+    pub sessions: session::Sessions,
 }
 
 impl ProxyState {
@@ -113,6 +120,25 @@ impl ProxyState {
             cancel: CancellationToken::new(),
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            sessions: session::Sessions::default(),
+        }
+    }
+
+    /// Ends a sticky session (its next connection takes a new lease). False if unknown.
+    pub fn rotate_session(&self, key: &session::SessionKey) -> bool {
+        match self.sessions.rotate(key) {
+            Some(s) => {
+                self.metrics.session(&s.key().1, -1.0);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends every sticky session, releasing leases held between connections (shutdown).
+    pub fn end_sessions(&self) {
+        for s in self.sessions.list() {
+            self.rotate_session(s.key());
         }
     }
 
@@ -125,34 +151,69 @@ impl ProxyState {
     }
 }
 
-/// A lease held by a client connection: renewed in the background while held, released
-/// exactly once when dropped.
-pub struct Held {
+/// A lease and what comes with it: background renewal while it is held, and the token that
+/// closes every connection using it. Released exactly once, when the last holder (a
+/// connection, or a sticky session between connections) drops it.
+pub struct LeaseHold {
     guard: LeaseGuard,
     state: Arc<ProxyState>,
-    /// Cancelled when an operator closes this lease's connection (or at hard shutdown).
+    /// Cancelled when an operator closes this lease (or at hard shutdown).
     pub cancel: CancellationToken,
     _renew: AbortOnDropHandle<()>,
 }
 
-impl Drop for Held {
+impl Drop for LeaseHold {
     fn drop(&mut self) {
         self.state.connections.remove(&self.guard.id);
-        self.state
-            .metrics
-            .connection_active(&self.guard.pool_name, -1.0);
     }
 }
 
-impl Held {
+impl LeaseHold {
     /// The leased upstream.
     pub fn proxy(&self) -> &Arc<Proxy> {
         &self.guard.proxy
     }
+}
+
+/// One client connection's use of a lease.
+pub struct Held {
+    hold: Arc<LeaseHold>,
+    /// Cancelled when the connection must close (operator, hard shutdown).
+    pub cancel: CancellationToken,
+    /// The sticky session this connection belongs to, if any.
+    pub session: Option<session::SessionUse>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.hold.state.metrics.connection_active(&self.hold.guard.pool_name, -1.0);
+    }
+}
+
+impl Held {
+    fn new(hold: Arc<LeaseHold>, session: Option<session::SessionUse>) -> Self {
+        hold.state.metrics.connection_active(&hold.guard.pool_name, 1.0);
+        Held { cancel: hold.cancel.clone(), hold, session }
+    }
+
+    /// The leased upstream.
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        self.hold.proxy()
+    }
 
     /// The lease id, as sent in `X-Pharox-Lease-Id`.
     pub fn lease_id(&self) -> String {
-        self.guard.id.to_string()
+        self.hold.guard.id.to_string()
+    }
+
+    /// Extra response headers: the session and, if it just moved, the upstream it left.
+    pub fn session_headers(&self) -> Vec<(&'static str, String)> {
+        let Some(s) = &self.session else { return Vec::new() };
+        let mut h = vec![("X-Pharox-Session", s.id().to_owned())];
+        if let Some(from) = &s.moved_from {
+            h.push(("X-Pharox-Session-Moved-From", from.to_string()));
+        }
+        h
     }
 }
 
@@ -167,99 +228,143 @@ pub enum DialMode {
 }
 
 impl ProxyState {
-    /// Leases an upstream of the identity's pool and connects through it, trying other
-    /// upstreams (never the same twice) when one fails.
+    /// Leases an upstream of the identity's pool (or uses its sticky session's) and connects
+    /// through it, trying other upstreams (never the same twice) when one fails.
     pub async fn lease_and_dial(
         self: &Arc<Self>,
         rt: &Runtime,
         id: &Identity,
         target: &Target,
         mode: DialMode,
-        cancel: CancellationToken,
     ) -> Result<(Held, UpstreamIo, Bytes), ProxyError> {
-        rt.policy
-            .check_literal(target)
-            .map_err(|e| ProxyError::DestinationDenied(e.to_string()))?;
-        let pool = rt
-            .pools
-            .get(&id.pool)
-            .ok_or_else(|| ProxyError::UnknownPool(id.pool.to_string()))?;
+        rt.policy.check_literal(target).map_err(|e| ProxyError::DestinationDenied(e.to_string()))?;
+        let pool = rt.pools.get(&id.pool).ok_or_else(|| ProxyError::UnknownPool(id.pool.to_string()))?;
+        let Some(session_id) = &id.session else {
+            let (hold, io, rest) = self.dial_with_failover(rt, id, pool, target, mode, None, None).await?;
+            return Ok((Held::new(hold, None), io, rest));
+        };
+        let ttl = id.ttl.map_or(pool.session_ttl, |t| Duration::from_secs(t).min(pool.session_max_ttl));
+        let key = (id.consumer.clone(), id.pool.clone(), session_id.clone());
+        let metrics = self.metrics.clone();
+        let session = self.sessions.get_or_create(
+            key,
+            ttl,
+            self.cancel.clone(),
+            move |s| metrics.session(&s.key().1, -1.0),
+            |s| self.metrics.session(&s.key().1, 1.0),
+        );
+        // One connection of a session at a time past this point, so that a new session never
+        // takes two leases.
+        let mut lease = session.lease.lock().await;
+        let mut current = lease.current.clone();
+        if let Some(h) = &current
+            && !self.still_leasable(h.proxy()).await
+        {
+            current = None;
+        }
+        let before = lease.current.as_ref().map(|h| h.proxy().id.clone());
+        let avoid = lease.avoid.clone();
+        let result = self.dial_with_failover(rt, id, pool, target, mode, current, avoid).await;
+        let (hold, io, rest) = match result {
+            Ok(ok) => ok,
+            Err(e) => {
+                lease.current = None;
+                return Err(e);
+            }
+        };
+        let moved_from = before.filter(|b| *b != hold.proxy().id);
+        lease.current = Some(hold.clone());
+        lease.avoid = None;
+        drop(lease);
+        Ok((Held::new(hold, Some(session::SessionUse::new(session, moved_from))), io, rest))
+    }
+
+    /// Is the upstream still active (not banned, not resting, not removed)?
+    async fn still_leasable(&self, proxy: &Proxy) -> bool {
+        matches!(
+            self.manager.storage().get_proxy(&proxy.id).await,
+            Ok(Some(info)) if info.proxy.status == ProxyStatus::Active && !info.draining
+        )
+    }
+
+    /// Tries `first` (a lease already held), then new leases, until a dial succeeds or the
+    /// pool's failover budget is spent. `avoid` is skipped when another upstream is free.
+    #[allow(clippy::too_many_arguments)]
+    async fn dial_with_failover(
+        self: &Arc<Self>,
+        rt: &Runtime,
+        id: &Identity,
+        pool: &PoolRuntime,
+        target: &Target,
+        mode: DialMode,
+        mut first: Option<Arc<LeaseHold>>,
+        avoid: Option<ProxyId>,
+    ) -> Result<(Arc<LeaseHold>, UpstreamIo, Bytes), ProxyError> {
         let mut tried: Vec<ProxyId> = Vec::new();
         let mut errors: Vec<(ProxyId, DialError)> = Vec::new();
         for attempt in 0..=pool.failover {
-            let policy = if attempt == 0 {
-                pool.retry.clone()
-            } else {
-                RetryPolicy::once()
-            };
-            let req = request(id, pool, &tried);
-            let lease = self
-                .manager
-                .acquire_proxy_with_retry(&req, &policy)
-                .await
-                .map_err(lease_error)?;
-            let Some(lease) = lease else {
-                if errors.is_empty() {
-                    let retry_after = pool
-                        .retry
-                        .max_backoff
-                        .unwrap_or(pool.retry.backoff)
-                        .as_secs()
-                        .max(1);
-                    return Err(ProxyError::PoolExhausted {
-                        pool: id.pool.to_string(),
-                        retry_after,
-                    });
+            let hold = match first.take() {
+                Some(h) => h,
+                None => {
+                    let policy = if attempt == 0 { pool.retry.clone() } else { RetryPolicy::once() };
+                    let mut lease = None;
+                    if let Some(a) = &avoid {
+                        let mut skip = tried.clone();
+                        skip.push(a.clone());
+                        lease = self.acquire(id, pool, &skip, &RetryPolicy::once()).await?;
+                    }
+                    if lease.is_none() {
+                        lease = self.acquire(id, pool, &tried, &policy).await?;
+                    }
+                    let Some(lease) = lease else {
+                        if errors.is_empty() {
+                            let retry_after = pool.retry.max_backoff.unwrap_or(pool.retry.backoff).as_secs().max(1);
+                            return Err(ProxyError::PoolExhausted { pool: id.pool.to_string(), retry_after });
+                        }
+                        break;
+                    };
+                    self.hold(self.manager.guard(lease), pool.lease)
                 }
-                break;
             };
-            let guard = self.manager.guard(lease);
-            let extra = rt.extras.get(&guard.proxy.id).cloned().unwrap_or_default();
+            let proxy = hold.proxy().clone();
+            let extra = rt.extras.get(&proxy.id).cloned().unwrap_or_default();
             let timeout = rt.limits().connect_timeout();
             let dialed = match mode {
-                DialMode::Tunnel => {
-                    upstream::open_tunnel(&guard.proxy, &extra, target, &rt.policy, timeout).await
-                }
-                DialMode::Forward => {
-                    upstream::open_forward(&guard.proxy, &extra, target, &rt.policy, timeout).await
-                }
+                DialMode::Tunnel => upstream::open_tunnel(&proxy, &extra, target, &rt.policy, timeout).await,
+                DialMode::Forward => upstream::open_forward(&proxy, &extra, target, &rt.policy, timeout).await,
             };
             match dialed {
                 Ok((io, rest)) => {
-                    self.failures.remove(&guard.proxy.id);
-                    return Ok((self.hold(guard, pool.lease, cancel), io, rest));
+                    self.failures.remove(&proxy.id);
+                    return Ok((hold, io, rest));
                 }
                 Err(DialError::Denied(m)) => return Err(ProxyError::DestinationDenied(m)),
                 Err(e) => {
-                    warn!(proxy = %guard.proxy.id, pool = %id.pool, error = %e, "upstream failed");
+                    warn!(proxy = %proxy.id, pool = %id.pool, error = %e, "upstream failed");
                     self.metrics.upstream_failure(&id.pool, e.reason());
-                    self.record_failure(&guard.proxy.id, &pool.health);
-                    tried.push(guard.proxy.id.clone());
-                    errors.push((guard.proxy.id.clone(), e));
+                    self.record_failure(&proxy.id, &pool.health);
+                    tried.push(proxy.id.clone());
+                    errors.push((proxy.id.clone(), e));
                 }
             }
         }
         let all_timeouts = errors.iter().all(|(_, e)| matches!(e, DialError::Timeout));
-        let detail = errors
-            .iter()
-            .map(|(p, e)| format!("{p}: {e}"))
-            .collect::<Vec<_>>()
-            .join("; ");
-        Err(if all_timeouts {
-            ProxyError::UpstreamTimeout(detail)
-        } else {
-            ProxyError::UpstreamFailed(detail)
-        })
+        let detail = errors.iter().map(|(p, e)| format!("{p}: {e}")).collect::<Vec<_>>().join("; ");
+        Err(if all_timeouts { ProxyError::UpstreamTimeout(detail) } else { ProxyError::UpstreamFailed(detail) })
     }
 
-    /// Wraps a lease so that it is renewed while held and its connection can be closed
-    /// (through `cancel`, which the connection watches).
-    fn hold(
-        self: &Arc<Self>,
-        guard: LeaseGuard,
-        lease: Duration,
-        cancel: CancellationToken,
-    ) -> Held {
+    async fn acquire(
+        &self,
+        id: &Identity,
+        pool: &PoolRuntime,
+        skip: &[ProxyId],
+        policy: &RetryPolicy,
+    ) -> Result<Option<crate::model::Lease>, ProxyError> {
+        let req = request(id, pool, skip);
+        self.manager.acquire_proxy_with_retry(&req, policy).await.map_err(lease_error)
+    }
+
+    fn hold(self: &Arc<Self>, guard: LeaseGuard, lease: Duration) -> Arc<LeaseHold> {
         let manager = self.manager.clone();
         let held = (*guard).clone();
         let every = (lease / 2).max(Duration::from_millis(500));
@@ -273,14 +378,9 @@ impl ProxyState {
                 }
             }
         });
+        let cancel = self.cancel.child_token();
         self.connections.insert(guard.id, cancel.clone());
-        self.metrics.connection_active(&guard.pool_name, 1.0);
-        Held {
-            guard,
-            state: self.clone(),
-            cancel,
-            _renew: AbortOnDropHandle::new(renew),
-        }
+        Arc::new(LeaseHold { guard, state: self.clone(), cancel, _renew: AbortOnDropHandle::new(renew) })
     }
 
     /// Counts a connect failure; at the pool's threshold the upstream rests for the cooldown.
