@@ -647,7 +647,9 @@ impl Config {
                 problems.push(format!("{key}.session_ttl_seconds: must be positive"));
             }
             if pool.session_ttl_seconds > pool.session_max_ttl_seconds {
-                problems.push(format!("{key}.session_ttl_seconds: larger than session_max_ttl_seconds"));
+                problems.push(format!(
+                    "{key}.session_ttl_seconds: larger than session_max_ttl_seconds"
+                ));
             }
             if let Err(e) = pool.retry.policy().validate() {
                 problems.push(format!("{key}.retry: {e}"));

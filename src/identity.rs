@@ -308,10 +308,18 @@ impl Authenticator {
         if let Some(v) = header_str(header, headers::SESSION)? {
             params.session = Some(v.to_owned());
         }
-        if params.session.is_some() || params.ttl.is_some() {
+        if let Some(id) = &params.session
+            && (id.len() > 64
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)))
+        {
             return Err(ProxyError::BadUsername(
-                "sticky sessions are not supported yet".into(),
+                "a session id is 1-64 of A-Z a-z 0-9 _ . : -".into(),
             ));
+        }
+        if params.ttl.is_some() && params.session.is_none() {
+            return Err(ProxyError::BadUsername("ttl needs a session".into()));
         }
         let pool = match &params.pool {
             Some(name) => self
@@ -341,7 +349,13 @@ impl Authenticator {
             ..Filter::default()
         };
         let filter = (!filter.index_key().is_empty()).then_some(filter);
-        Ok(Identity { consumer, pool, filter, session: params.session, ttl: params.ttl })
+        Ok(Identity {
+            consumer,
+            pool,
+            filter,
+            session: params.session,
+            ttl: params.ttl,
+        })
     }
 }
 

@@ -270,7 +270,8 @@ impl Metrics {
 
     /// A sticky session started (+1) or ended (-1).
     pub fn session(&self, pool: &str, delta: f64) {
-        self.gauge(names::SESSIONS_ACTIVE, &[("pool", pool)]).increment(delta);
+        self.gauge(names::SESSIONS_ACTIVE, &[("pool", pool)])
+            .increment(delta);
     }
 
     /// A configuration reload. `result`: ok or invalid.

@@ -223,7 +223,9 @@ async fn tunnel(
         .unwrap_or_default();
     let target = parse_authority(&authority)?;
     let id = identify(rt, &req)?;
-    let (held, mut upstream, early) = state.lease_and_dial(rt, &id, &target, DialMode::Tunnel).await?;
+    let (held, mut upstream, early) = state
+        .lease_and_dial(rt, &id, &target, DialMode::Tunnel)
+        .await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let response = success(Response::new(empty()), &held);
     let (state2, idle) = (state.clone(), rt.limits().idle_timeout());
@@ -322,7 +324,9 @@ async fn forward(
                 upstream::open_forward(held.proxy(), &extra, &target, &rt.policy, timeout).await;
             dialed.map_err(|e| dial_error(e, held))?.0
         } else {
-            let (held, io, _) = state.lease_and_dial(rt, &id, &target, DialMode::Forward).await?;
+            let (held, io, _) = state
+                .lease_and_dial(rt, &id, &target, DialMode::Forward)
+                .await?;
             record_identity(&id, &target, Some(&held.proxy().id));
             // An operator closing this lease closes the whole client connection.
             let (lease_cancel, conn_cancel) = (held.cancel.clone(), cancel.clone());

@@ -186,14 +186,23 @@ pub struct Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.hold.state.metrics.connection_active(&self.hold.guard.pool_name, -1.0);
+        self.hold
+            .state
+            .metrics
+            .connection_active(&self.hold.guard.pool_name, -1.0);
     }
 }
 
 impl Held {
     fn new(hold: Arc<LeaseHold>, session: Option<session::SessionUse>) -> Self {
-        hold.state.metrics.connection_active(&hold.guard.pool_name, 1.0);
-        Held { cancel: hold.cancel.clone(), hold, session }
+        hold.state
+            .metrics
+            .connection_active(&hold.guard.pool_name, 1.0);
+        Held {
+            cancel: hold.cancel.clone(),
+            hold,
+            session,
+        }
     }
 
     /// The leased upstream.
@@ -208,7 +217,9 @@ impl Held {
 
     /// Extra response headers: the session and, if it just moved, the upstream it left.
     pub fn session_headers(&self) -> Vec<(&'static str, String)> {
-        let Some(s) = &self.session else { return Vec::new() };
+        let Some(s) = &self.session else {
+            return Vec::new();
+        };
         let mut h = vec![("X-Pharox-Session", s.id().to_owned())];
         if let Some(from) = &s.moved_from {
             h.push(("X-Pharox-Session-Moved-From", from.to_string()));
@@ -237,13 +248,22 @@ impl ProxyState {
         target: &Target,
         mode: DialMode,
     ) -> Result<(Held, UpstreamIo, Bytes), ProxyError> {
-        rt.policy.check_literal(target).map_err(|e| ProxyError::DestinationDenied(e.to_string()))?;
-        let pool = rt.pools.get(&id.pool).ok_or_else(|| ProxyError::UnknownPool(id.pool.to_string()))?;
+        rt.policy
+            .check_literal(target)
+            .map_err(|e| ProxyError::DestinationDenied(e.to_string()))?;
+        let pool = rt
+            .pools
+            .get(&id.pool)
+            .ok_or_else(|| ProxyError::UnknownPool(id.pool.to_string()))?;
         let Some(session_id) = &id.session else {
-            let (hold, io, rest) = self.dial_with_failover(rt, id, pool, target, mode, None, None).await?;
+            let (hold, io, rest) = self
+                .dial_with_failover(rt, id, pool, target, mode, None, None)
+                .await?;
             return Ok((Held::new(hold, None), io, rest));
         };
-        let ttl = id.ttl.map_or(pool.session_ttl, |t| Duration::from_secs(t).min(pool.session_max_ttl));
+        let ttl = id.ttl.map_or(pool.session_ttl, |t| {
+            Duration::from_secs(t).min(pool.session_max_ttl)
+        });
         let key = (id.consumer.clone(), id.pool.clone(), session_id.clone());
         let metrics = self.metrics.clone();
         let session = self.sessions.get_or_create(
@@ -264,7 +284,9 @@ impl ProxyState {
         }
         let before = lease.current.as_ref().map(|h| h.proxy().id.clone());
         let avoid = lease.avoid.clone();
-        let result = self.dial_with_failover(rt, id, pool, target, mode, current, avoid).await;
+        let result = self
+            .dial_with_failover(rt, id, pool, target, mode, current, avoid)
+            .await;
         let (hold, io, rest) = match result {
             Ok(ok) => ok,
             Err(e) => {
@@ -276,7 +298,11 @@ impl ProxyState {
         lease.current = Some(hold.clone());
         lease.avoid = None;
         drop(lease);
-        Ok((Held::new(hold, Some(session::SessionUse::new(session, moved_from))), io, rest))
+        Ok((
+            Held::new(hold, Some(session::SessionUse::new(session, moved_from))),
+            io,
+            rest,
+        ))
     }
 
     /// Is the upstream still active (not banned, not resting, not removed)?
@@ -306,7 +332,11 @@ impl ProxyState {
             let hold = match first.take() {
                 Some(h) => h,
                 None => {
-                    let policy = if attempt == 0 { pool.retry.clone() } else { RetryPolicy::once() };
+                    let policy = if attempt == 0 {
+                        pool.retry.clone()
+                    } else {
+                        RetryPolicy::once()
+                    };
                     let mut lease = None;
                     if let Some(a) = &avoid {
                         let mut skip = tried.clone();
@@ -318,8 +348,16 @@ impl ProxyState {
                     }
                     let Some(lease) = lease else {
                         if errors.is_empty() {
-                            let retry_after = pool.retry.max_backoff.unwrap_or(pool.retry.backoff).as_secs().max(1);
-                            return Err(ProxyError::PoolExhausted { pool: id.pool.to_string(), retry_after });
+                            let retry_after = pool
+                                .retry
+                                .max_backoff
+                                .unwrap_or(pool.retry.backoff)
+                                .as_secs()
+                                .max(1);
+                            return Err(ProxyError::PoolExhausted {
+                                pool: id.pool.to_string(),
+                                retry_after,
+                            });
                         }
                         break;
                     };
@@ -330,8 +368,12 @@ impl ProxyState {
             let extra = rt.extras.get(&proxy.id).cloned().unwrap_or_default();
             let timeout = rt.limits().connect_timeout();
             let dialed = match mode {
-                DialMode::Tunnel => upstream::open_tunnel(&proxy, &extra, target, &rt.policy, timeout).await,
-                DialMode::Forward => upstream::open_forward(&proxy, &extra, target, &rt.policy, timeout).await,
+                DialMode::Tunnel => {
+                    upstream::open_tunnel(&proxy, &extra, target, &rt.policy, timeout).await
+                }
+                DialMode::Forward => {
+                    upstream::open_forward(&proxy, &extra, target, &rt.policy, timeout).await
+                }
             };
             match dialed {
                 Ok((io, rest)) => {
@@ -349,8 +391,16 @@ impl ProxyState {
             }
         }
         let all_timeouts = errors.iter().all(|(_, e)| matches!(e, DialError::Timeout));
-        let detail = errors.iter().map(|(p, e)| format!("{p}: {e}")).collect::<Vec<_>>().join("; ");
-        Err(if all_timeouts { ProxyError::UpstreamTimeout(detail) } else { ProxyError::UpstreamFailed(detail) })
+        let detail = errors
+            .iter()
+            .map(|(p, e)| format!("{p}: {e}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(if all_timeouts {
+            ProxyError::UpstreamTimeout(detail)
+        } else {
+            ProxyError::UpstreamFailed(detail)
+        })
     }
 
     async fn acquire(
@@ -361,7 +411,10 @@ impl ProxyState {
         policy: &RetryPolicy,
     ) -> Result<Option<crate::model::Lease>, ProxyError> {
         let req = request(id, pool, skip);
-        self.manager.acquire_proxy_with_retry(&req, policy).await.map_err(lease_error)
+        self.manager
+            .acquire_proxy_with_retry(&req, policy)
+            .await
+            .map_err(lease_error)
     }
 
     fn hold(self: &Arc<Self>, guard: LeaseGuard, lease: Duration) -> Arc<LeaseHold> {
@@ -380,7 +433,12 @@ impl ProxyState {
         });
         let cancel = self.cancel.child_token();
         self.connections.insert(guard.id, cancel.clone());
-        Arc::new(LeaseHold { guard, state: self.clone(), cancel, _renew: AbortOnDropHandle::new(renew) })
+        Arc::new(LeaseHold {
+            guard,
+            state: self.clone(),
+            cancel,
+            _renew: AbortOnDropHandle::new(renew),
+        })
     }
 
     /// Counts a connect failure; at the pool's threshold the upstream rests for the cooldown.

@@ -69,7 +69,11 @@ impl Session {
     /// Open connections and time since the last one closed (zero while one is open).
     pub fn usage(&self) -> (usize, Duration) {
         let u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
-        let idle = if u.open > 0 { Duration::ZERO } else { u.last_used.elapsed() };
+        let idle = if u.open > 0 {
+            Duration::ZERO
+        } else {
+            u.last_used.elapsed()
+        };
         (u.open, idle)
     }
 }
@@ -86,7 +90,10 @@ impl SessionUse {
     pub fn new(session: Arc<Session>, moved_from: Option<ProxyId>) -> Self {
         session.usage.lock().unwrap_or_else(|e| e.into_inner()).open += 1;
         session.wake.notify_one();
-        Self { session, moved_from }
+        Self {
+            session,
+            moved_from,
+        }
     }
 
     /// The session id.
@@ -135,12 +142,18 @@ impl Sessions {
             .map
             .entry(key.clone())
             .or_insert_with(|| {
-                let lease = SessionLease { current: None, avoid: self.avoid.remove(&key).map(|(_, p)| p) };
+                let lease = SessionLease {
+                    current: None,
+                    avoid: self.avoid.remove(&key).map(|(_, p)| p),
+                };
                 let s = Arc::new(Session {
                     key: key.clone(),
                     ttl,
                     lease: tokio::sync::Mutex::new(lease),
-                    usage: Mutex::new(Usage { open: 0, last_used: Instant::now() }),
+                    usage: Mutex::new(Usage {
+                        open: 0,
+                        last_used: Instant::now(),
+                    }),
                     wake: Notify::new(),
                     reaper: Mutex::new(None),
                 });
@@ -170,7 +183,12 @@ impl Sessions {
         {
             self.avoid.insert(key.clone(), current.proxy().id.clone());
         }
-        if let Some(task) = session.reaper.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(task) = session
+            .reaper
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             task.abort();
         }
         Some(session)
