@@ -275,6 +275,8 @@ pub struct Pool {
     pub name: String,
     /// Free text for operators.
     pub description: Option<String>,
+    /// Lease `slow` proxies too (default `false`: only `active` ones, as the seed does).
+    pub lease_slow: bool,
 }
 
 impl Pool {
@@ -283,6 +285,7 @@ impl Pool {
         Self {
             name: name.into(),
             description: None,
+            lease_slow: false,
         }
     }
 }

@@ -329,3 +329,58 @@ async fn invalid_filters_are_rejected() {
         );
     }
 }
+
+#[tokio::test]
+async fn slow_proxies_are_leased_only_where_the_pool_allows() {
+    let m = manager_with("p", vec![proxy("p", "s").with_status(ProxyStatus::Slow)]).await;
+    let req = AcquireRequest::new("p");
+    assert_eq!(
+        pick(&m, &req).await,
+        None,
+        "the seed's rule by default: only active"
+    );
+    let mut pool = pharox::Pool::new("p");
+    pool.lease_slow = true;
+    m.storage().upsert_pool(pool.clone()).await.unwrap();
+    let lease = m
+        .acquire_proxy(&req)
+        .await
+        .unwrap()
+        .expect("slow is leasable now");
+    assert_eq!(
+        m.storage().pool_stats("p").await.unwrap().unwrap().active,
+        1
+    );
+    m.release_proxy(&lease).await.unwrap();
+    pool.lease_slow = false;
+    m.storage().upsert_pool(pool).await.unwrap();
+    assert_eq!(pick(&m, &req).await, None);
+}
+
+#[tokio::test]
+async fn lowest_latency_spreads_over_nearly_equal_latencies() {
+    let with_latency = |id, ms: u64| {
+        let mut p = proxy("p", id);
+        p.latency = Some(Duration::from_millis(ms));
+        p
+    };
+    let m = manager_with(
+        "p",
+        vec![
+            with_latency("f1", 20),
+            with_latency("f2", 21),
+            with_latency("slow", 100),
+        ],
+    )
+    .await;
+    let req = AcquireRequest::new("p").selector(Selector::LowestLatency);
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(pick(&m, &req).await.unwrap());
+    }
+    assert_eq!(
+        got,
+        ["f1", "f2", "f1", "f2"],
+        "20 ms and 21 ms count as equal; least used wins"
+    );
+}

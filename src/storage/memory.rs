@@ -254,6 +254,7 @@ impl Storage for InMemoryStorage {
                 let pool = Pool {
                     name: state.name().to_string(),
                     description: state.description().map(str::to_owned),
+                    lease_slow: state.lease_slow(),
                 };
                 (!state.removed).then(|| (pool, state.stats()))
             })
@@ -277,6 +278,7 @@ impl Storage for InMemoryStorage {
         let mut state = entry.lock();
         state.removed = false;
         state.set_description(pool.description);
+        state.set_lease_slow(pool.lease_slow);
         Ok(())
     }
 

@@ -38,14 +38,14 @@ struct Slot {
     active: bool,
     cap: Option<u32>,
     checked_at: SystemTime,
-    /// Measured latency in µs; `u64::MAX` when unmeasured (sorts last).
+    /// Measured latency as a `latency_bucket`; `u64::MAX` when unmeasured (sorts last).
     latency_us: u64,
     /// Views this slot belongs to (always includes view 0).
     views: SmallVec<[u16; 4]>,
 }
 
 impl Slot {
-    fn new(proxy: Arc<Proxy>, views: SmallVec<[u16; 4]>) -> Self {
+    fn new(proxy: Arc<Proxy>, views: SmallVec<[u16; 4]>, lease_slow: bool) -> Self {
         let mut slot = Slot {
             proxy: proxy.clone(),
             leases: 0,
@@ -57,18 +57,24 @@ impl Slot {
             latency_us: u64::MAX,
             views,
         };
-        slot.set_proxy(proxy);
+        slot.set_proxy(proxy, lease_slow);
         slot
     }
 
-    fn set_proxy(&mut self, proxy: Arc<Proxy>) {
-        self.active = proxy.status == ProxyStatus::Active;
+    fn set_proxy(&mut self, proxy: Arc<Proxy>, lease_slow: bool) {
         self.cap = proxy.max_concurrency;
         self.checked_at = proxy.checked_at;
-        self.latency_us = proxy.latency.map_or(u64::MAX, |d| {
-            d.as_micros().min(u128::from(u64::MAX - 1)) as u64
-        });
+        self.latency_us = proxy
+            .latency
+            .map_or(u64::MAX, crate::selector::latency_bucket);
         self.proxy = proxy;
+        self.set_leasable_statuses(lease_slow);
+    }
+
+    /// `active` (leasable status): `active`, and `slow` when the pool allows it.
+    fn set_leasable_statuses(&mut self, lease_slow: bool) {
+        let status = self.proxy.status;
+        self.active = status == ProxyStatus::Active || (lease_slow && status == ProxyStatus::Slow);
     }
 
     fn eligible(&self) -> bool {
@@ -402,6 +408,8 @@ pub(crate) struct PoolState {
     /// No lease expires before this instant (a lower bound; `None`: no lease).
     next_expiry: Option<Instant>,
     counters: Counters,
+    /// Whether `slow` proxies are leased too.
+    lease_slow: bool,
 }
 
 impl PoolState {
@@ -425,6 +433,7 @@ impl PoolState {
             ranks_dirty: false,
             next_expiry: None,
             counters: Counters::default(),
+            lease_slow: false,
         }
     }
 
@@ -434,6 +443,24 @@ impl PoolState {
 
     pub fn description(&self) -> Option<&str> {
         self.description.as_deref()
+    }
+
+    /// Whether `slow` proxies are leased too.
+    pub fn lease_slow(&self) -> bool {
+        self.lease_slow
+    }
+
+    /// Leases `slow` proxies too (or stops); indexes follow.
+    pub fn set_lease_slow(&mut self, lease_slow: bool) {
+        if self.lease_slow == lease_slow {
+            return;
+        }
+        self.lease_slow = lease_slow;
+        for i in 0..self.slots.len() as u32 {
+            if self.slots[i as usize].is_some() {
+                self.update_slot(i, |s| s.set_leasable_statuses(lease_slow));
+            }
+        }
     }
 
     pub fn set_description(&mut self, description: Option<String>) {
@@ -490,9 +517,10 @@ impl PoolState {
     pub fn upsert(&mut self, mut proxy: Proxy) -> bool {
         proxy.normalise();
         let proxy = Arc::new(proxy);
+        let lease_slow = self.lease_slow;
         if let Some(&i) = self.by_id.get(&proxy.id) {
             self.update_slot(i, |s| {
-                s.set_proxy(proxy);
+                s.set_proxy(proxy, lease_slow);
                 s.draining = false;
             });
             return true;
@@ -500,7 +528,8 @@ impl PoolState {
         let i = self.slots.len() as u32;
         let views = views_of(&self.views, &proxy);
         self.by_id.insert(proxy.id.clone(), i);
-        self.slots.push(Some(Slot::new(proxy, views)));
+        self.slots
+            .push(Some(Slot::new(proxy, views, self.lease_slow)));
         self.ranks_dirty = true;
         self.counters.add(
             self.slots[i as usize]
@@ -581,6 +610,7 @@ impl PoolState {
     pub fn apply_check(&mut self, id: &ProxyId, check: &HealthCheck) -> Option<ProxyStatus> {
         let &i = self.by_id.get(id)?;
         let old = self.slots[i as usize].as_ref()?.proxy.status;
+        let lease_slow = self.lease_slow;
         self.update_slot(i, |s| {
             let mut p = (*s.proxy).clone();
             p.status = check.status;
@@ -590,7 +620,7 @@ impl PoolState {
             if check.latency.is_some() {
                 p.latency = check.latency;
             }
-            s.set_proxy(Arc::new(p));
+            s.set_proxy(Arc::new(p), lease_slow);
         });
         Some(old)
     }
