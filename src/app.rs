@@ -93,6 +93,7 @@ impl Runner {
             }
         });
         let admin_stop = tokio_util::sync::CancellationToken::new();
+        let checks = tokio::spawn(crate::health::run(state.clone(), state.drain.clone()));
         let admin_task = tokio::spawn(admin::serve(
             self.admin_listener,
             self.admin.clone(),
@@ -114,6 +115,7 @@ impl Runner {
         self.admin.ready.store(false, Ordering::Release);
         state.drain.cancel();
         let _ = proxy_task.await;
+        let _ = checks.await;
         state.tracker.close();
         if tokio::time::timeout(grace, state.tracker.wait())
             .await

@@ -229,6 +229,11 @@ pub struct PoolConfig {
     /// Passive health: when to rest a failing upstream.
     #[serde(default)]
     pub health: PassiveHealthConfig,
+    /// Active health checks (off unless this table is present).
+    pub health_check: Option<HealthCheckConfig>,
+    /// Lease `slow` proxies too. Default `true`.
+    #[serde(default = "yes")]
+    pub lease_slow: bool,
     /// Upstreams listed inline.
     #[serde(default)]
     pub proxies: Vec<ProxyConfig>,
@@ -242,6 +247,10 @@ fn default_lease_seconds() -> u64 {
 
 fn default_session_ttl() -> u64 {
     600
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_session_max_ttl() -> u64 {
@@ -311,6 +320,52 @@ impl Default for PassiveHealthConfig {
             cooldown_seconds: 30,
         }
     }
+}
+
+/// `[pools.health_check]`: periodic probes through every upstream of the pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// `host:port` the probe opens a tunnel to.
+    pub target: String,
+    /// Optional `http://` URL fetched through the tunnel (to `target`); its status must be
+    /// `expect_status`.
+    pub url: Option<String>,
+    /// Expected HTTP status for `url`. Default 200.
+    #[serde(default = "default_expect_status")]
+    pub expect_status: u16,
+    /// Seconds between rounds. Default 30.
+    #[serde(default = "default_check_interval")]
+    pub interval_secs: u64,
+    /// Time for one probe, in ms. Default 5000.
+    #[serde(default = "default_check_timeout")]
+    pub timeout_ms: u64,
+    /// A probe slower than this marks the upstream `slow`, in ms. Default 2000.
+    #[serde(default = "default_slow_threshold")]
+    pub slow_threshold_ms: u64,
+    /// Probes running at once. Default 8.
+    #[serde(default = "default_check_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_expect_status() -> u16 {
+    200
+}
+
+fn default_check_interval() -> u64 {
+    30
+}
+
+fn default_check_timeout() -> u64 {
+    5000
+}
+
+fn default_slow_threshold() -> u64 {
+    2000
+}
+
+fn default_check_concurrency() -> usize {
+    8
 }
 
 /// `[[pools.proxies]]`, or one line of a `proxies_file`.
@@ -653,6 +708,22 @@ impl Config {
             }
             if let Err(e) = pool.retry.policy().validate() {
                 problems.push(format!("{key}.retry: {e}"));
+            }
+            if let Some(hc) = &pool.health_check {
+                if split_host_port(&hc.target).is_none() {
+                    problems.push(format!(
+                        "{key}.health_check.target: `{}` is not host:port",
+                        hc.target
+                    ));
+                }
+                if hc.url.as_deref().is_some_and(|u| !u.starts_with("http://")) {
+                    problems.push(format!(
+                        "{key}.health_check.url: only http:// URLs are fetched"
+                    ));
+                }
+                if hc.interval_secs == 0 || hc.timeout_ms == 0 || hc.concurrency == 0 {
+                    problems.push(format!("{key}.health_check: interval_secs, timeout_ms and concurrency must be positive"));
+                }
             }
             if pool.health.max_failures == 0 || pool.health.cooldown_seconds == 0 {
                 problems.push(format!(

@@ -16,6 +16,7 @@
 //! - [`identity`]: credentials, the username grammar, identity headers.
 //! - [`error`]: errors answered to clients and their HTTP form.
 //! - [`proxy`]: the proxy listener (CONNECT, plain HTTP, upstream dialing, splicing).
+//! - [`health`]: active health checks.
 //! - [`admin`]: the admin listener and its API.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`reload`]: building settings from a config, diffing and applying them to a running daemon.
@@ -48,6 +49,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod filter;
+pub mod health;
 pub mod identity;
 pub mod manager;
 pub mod metrics;

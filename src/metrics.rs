@@ -45,6 +45,10 @@ pub mod names {
     pub const CONFIG_RELOADS: &str = "pharox_config_reloads_total";
     /// Live sticky sessions.
     pub const SESSIONS_ACTIVE: &str = "pharox_sessions_active";
+    /// Active health probes by result.
+    pub const HEALTH_CHECKS: &str = "pharox_health_checks_total";
+    /// Latency measured by health probes.
+    pub const PROXY_LATENCY: &str = "pharox_proxy_latency_seconds";
 }
 
 /// Buckets for acquire latency (seconds).
@@ -87,6 +91,12 @@ impl Metrics {
             )
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(names::LEASE_DURATION.into()), LEASE_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(names::PROXY_LATENCY.into()),
+                    ACQUIRE_BUCKETS,
+                )
             })
             .expect("bucket lists are not empty")
             .build_recorder();
@@ -158,6 +168,21 @@ impl Metrics {
             CONFIG_RELOADS.into(),
             Some(Unit::Count),
             "Configuration reloads (result=ok|invalid).".into(),
+        );
+        r.describe_gauge(
+            SESSIONS_ACTIVE.into(),
+            Some(Unit::Count),
+            "Live sticky sessions.".into(),
+        );
+        r.describe_counter(
+            HEALTH_CHECKS.into(),
+            Some(Unit::Count),
+            "Health probes (result=active|slow|inactive).".into(),
+        );
+        r.describe_histogram(
+            PROXY_LATENCY.into(),
+            Some(Unit::Seconds),
+            "Upstream latency measured by health probes.".into(),
         );
     }
 
@@ -272,6 +297,16 @@ impl Metrics {
     pub fn session(&self, pool: &str, delta: f64) {
         self.gauge(names::SESSIONS_ACTIVE, &[("pool", pool)])
             .increment(delta);
+    }
+
+    /// A health probe's result (`active`, `slow`, `inactive`) and, if it succeeded, latency.
+    pub fn health_check(&self, pool: &str, result: &str, latency: Option<std::time::Duration>) {
+        self.counter(names::HEALTH_CHECKS, &[("pool", pool), ("result", result)])
+            .increment(1);
+        if let Some(l) = latency {
+            self.histogram(names::PROXY_LATENCY, &[("pool", pool)])
+                .record(l.as_secs_f64());
+        }
     }
 
     /// A configuration reload. `result`: ok or invalid.

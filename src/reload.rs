@@ -123,6 +123,7 @@ fn runtime(
                 health: pc.health.clone(),
                 session_ttl: Duration::from_secs(pc.session_ttl_seconds),
                 session_max_ttl: Duration::from_secs(pc.session_max_ttl_seconds),
+                health_check: pc.health_check.clone(),
             };
             (Arc::from(pc.name.as_str()), rt)
         })
@@ -159,7 +160,9 @@ async fn sync_inventory(
         if !existing_pools.contains(&pc.name) {
             report.pools_added.push(pc.name.clone());
         }
-        storage.upsert_pool(Pool::new(pc.name.clone())).await?;
+        let mut pool = Pool::new(pc.name.clone());
+        pool.lease_slow = pc.lease_slow;
+        storage.upsert_pool(pool).await?;
     }
     let mut wanted: HashSet<ProxyId> = HashSet::new();
     for mut p in proxies {

@@ -58,6 +58,8 @@ pub struct PoolRuntime {
     pub session_ttl: Duration,
     /// Largest TTL a username may ask for.
     pub session_max_ttl: Duration,
+    /// Active health checks, if configured.
+    pub health_check: Option<crate::config::HealthCheckConfig>,
 }
 
 /// Everything derived from one configuration. Swapped whole on reload; a connection keeps

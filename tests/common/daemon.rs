@@ -236,6 +236,8 @@ pub enum Mode {
     Status(u16),
     /// Never answer.
     Stall,
+    /// Like `Ok`, but answer CONNECT after this many milliseconds.
+    Delay(u64),
 }
 
 /// A fake HTTP upstream proxy that records each request head.
@@ -304,6 +306,9 @@ impl FakeProxy {
                 .unwrap_or_default()
                 .to_owned();
             if head.starts_with("CONNECT ") {
+                if let Mode::Delay(ms) = mode {
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
                 if let Mode::Status(code) = mode {
                     let _ = s
                         .write_all(
