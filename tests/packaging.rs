@@ -100,6 +100,9 @@ fn the_grafana_dashboard_is_importable_and_uses_real_metrics() {
         names::BYTES_TOTAL,
         names::UPSTREAM_FAILURES,
         names::CONFIG_RELOADS,
+        names::SESSIONS_ACTIVE,
+        names::HEALTH_CHECKS,
+        names::PROXY_LATENCY,
     ];
     let mut used = std::collections::HashSet::new();
     let panels = d["panels"].as_array().unwrap();
