@@ -124,6 +124,7 @@ fn runtime(
                 session_ttl: Duration::from_secs(pc.session_ttl_seconds),
                 session_max_ttl: Duration::from_secs(pc.session_max_ttl_seconds),
                 health_check: pc.health_check.clone(),
+                lease_slow: pc.lease_slow,
             };
             (Arc::from(pc.name.as_str()), rt)
         })

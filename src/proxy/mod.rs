@@ -60,6 +60,8 @@ pub struct PoolRuntime {
     pub session_max_ttl: Duration,
     /// Active health checks, if configured.
     pub health_check: Option<crate::config::HealthCheckConfig>,
+    /// Whether `slow` upstreams are leased.
+    pub lease_slow: bool,
 }
 
 /// Everything derived from one configuration. Swapped whole on reload; a connection keeps
@@ -280,7 +282,7 @@ impl ProxyState {
         let mut lease = session.lease.lock().await;
         let mut current = lease.current.clone();
         if let Some(h) = &current
-            && !self.still_leasable(h.proxy()).await
+            && !self.still_leasable(h.proxy(), pool.lease_slow).await
         {
             current = None;
         }
@@ -308,11 +310,15 @@ impl ProxyState {
     }
 
     /// Is the upstream still active (not banned, not resting, not removed)?
-    async fn still_leasable(&self, proxy: &Proxy) -> bool {
-        matches!(
-            self.manager.storage().get_proxy(&proxy.id).await,
-            Ok(Some(info)) if info.proxy.status == ProxyStatus::Active && !info.draining
-        )
+    async fn still_leasable(&self, proxy: &Proxy, lease_slow: bool) -> bool {
+        match self.manager.storage().get_proxy(&proxy.id).await {
+            Ok(Some(info)) if !info.draining => match info.proxy.status {
+                ProxyStatus::Active => true,
+                ProxyStatus::Slow => lease_slow,
+                _ => false,
+            },
+            _ => false,
+        }
     }
 
     /// Tries `first` (a lease already held), then new leases, until a dial succeeds or the
