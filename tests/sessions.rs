@@ -209,3 +209,35 @@ async fn session_values_are_checked() {
     );
     d.stop().await;
 }
+
+#[tokio::test]
+async fn closing_a_session_lease_makes_the_session_take_a_new_one() {
+    let (d, _a, _b, origin) = two_upstreams("").await;
+    let (mut s, h1) = open(&d, &origin, "w-session-cl").await;
+    let lease = header(&h1, "x-pharox-lease-id").unwrap().to_owned();
+    let (code, _) = admin(
+        d.admin,
+        "DELETE",
+        &format!("/api/v1/leases/{lease}"),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(code, 200);
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+            .await
+            .unwrap_or(0),
+        0,
+        "its connection was closed"
+    );
+    let (_s, h2) = open(&d, &origin, "w-session-cl").await;
+    assert_ne!(
+        header(&h2, "x-pharox-lease-id").unwrap(),
+        lease,
+        "a fresh lease, not the released one"
+    );
+    assert_eq!(d.leased("p").await, 1);
+    d.stop().await;
+}

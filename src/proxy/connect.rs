@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tracing::{Span, debug};
 
 use super::head::Head;
-use super::splice::{SpliceEnd, Transferred, splice};
+use super::splice::{SpliceEnd, Transferred};
 use super::{DialMode, ProxyState, Runtime, finish, parse_authority, record_identity, reply_error};
 
 /// Handles a CONNECT whose head has been read.
@@ -70,9 +70,10 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
             started,
         );
     }
-    let (end, bytes) = splice(
+    drop((early, head));
+    let (end, bytes) = super::splice::splice_upstream(
         &mut client,
-        &mut upstream,
+        upstream,
         rt.limits().idle_timeout(),
         &held.cancel,
     )

@@ -282,7 +282,7 @@ impl ProxyState {
         let mut lease = session.lease.lock().await;
         let mut current = lease.current.clone();
         if let Some(h) = &current
-            && !self.still_leasable(h.proxy(), pool.lease_slow).await
+            && (h.cancel.is_cancelled() || !self.still_leasable(h.proxy(), pool.lease_slow).await)
         {
             current = None;
         }

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tracing::{Span, debug};
 
 use super::connect::outcome;
-use super::splice::{Transferred, splice};
+use super::splice::Transferred;
 use super::upstream::Target;
 use super::{DialMode, ProxyState, Runtime, finish, record_identity};
 use crate::error::ProxyError;
@@ -99,7 +99,7 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
             return finish(state, "socks5", None, "client_closed", Transferred::default(), started);
         }
     };
-    let (held, mut upstream, early) = match dialed {
+    let (held, upstream, early) = match dialed {
         Ok(v) => v,
         Err(e) => {
             super::log_error(&e);
@@ -129,13 +129,10 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
             started,
         );
     }
-    let (end, bytes) = splice(
-        &mut client,
-        &mut upstream,
-        limits.idle_timeout(),
-        &held.cancel,
-    )
-    .await;
+    drop(early);
+    let (end, bytes) =
+        super::splice::splice_upstream(&mut client, upstream, limits.idle_timeout(), &held.cancel)
+            .await;
     drop(held);
     finish(
         state,

@@ -5,14 +5,23 @@
 //! direction keeps flowing), but once a side has closed, the idle window shrinks to
 //! [`HALF_CLOSE_GRACE`]: a peer that stays silent after its partner left would otherwise keep
 //! a lease for the whole idle timeout, while a download still flowing is not cut.
+//!
+//! Between two plain TCP sockets ([`splice_tcp`]) a direction waits for readability *without*
+//! a buffer and borrows one (64 KiB, from a per-thread pool) only while bytes flow: an idle
+//! tunnel costs no copy buffer at all, and a busy one copies in large chunks. Other streams
+//! (TLS upstreams, upgraded hyper connections) use tokio's `copy_bidirectional`.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,10 +29,15 @@ use tokio_util::sync::CancellationToken;
 /// Idle window once one side reached EOF.
 pub const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// Copy buffer size of the TCP fast path.
+const BUF_SIZE: usize = 64 * 1024;
+/// Buffers kept per thread for reuse.
+const POOL_MAX: usize = 32;
+
 /// How a splice ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpliceEnd {
-    /// One side closed and the other finished.
+    /// Both sides closed.
     Closed,
     /// An I/O error on either side.
     Error,
@@ -31,7 +45,7 @@ pub enum SpliceEnd {
     Idle,
     /// One side closed and the other stayed silent for the grace period.
     HalfClosed,
-    /// The daemon is shutting down.
+    /// Closed by the daemon (shutdown or an operator).
     Shutdown,
 }
 
@@ -44,13 +58,88 @@ pub struct Transferred {
     pub rx: u64,
 }
 
+/// What both directions report: bytes, last activity (ms since start), EOFs.
+struct Activity {
+    tx: AtomicU64,
+    rx: AtomicU64,
+    last: AtomicU64,
+    eof: Notify,
+    start: Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            tx: AtomicU64::new(0),
+            rx: AtomicU64::new(0),
+            last: AtomicU64::new(0),
+            eof: Notify::new(),
+            start: Instant::now(),
+        }
+    }
+
+    fn moved(&self, counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn last_activity(&self) -> Instant {
+        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed))
+    }
+
+    fn transferred(&self) -> Transferred {
+        Transferred {
+            tx: self.tx.load(Ordering::Relaxed),
+            rx: self.rx.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Runs `copy` until it ends, the tunnel idles (or half-closes and goes quiet), or `cancel`.
+async fn supervise(
+    copy: impl Future<Output = io::Result<()>>,
+    act: &Activity,
+    idle: Option<Duration>,
+    cancel: &CancellationToken,
+) -> SpliceEnd {
+    tokio::pin!(copy);
+    // The idle window: the configured limit, shortened to the grace once a side closed.
+    let grace = idle.map_or(HALF_CLOSE_GRACE, |i| i.min(HALF_CLOSE_GRACE));
+    let mut half_closed = false;
+    let mut window = idle;
+    let mut deadline = window.map(|d| act.start + d);
+    loop {
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = &mut copy => return if r.is_ok() { SpliceEnd::Closed } else { SpliceEnd::Error },
+            () = cancel.cancelled() => return SpliceEnd::Shutdown,
+            () = act.eof.notified(), if !half_closed => {
+                half_closed = true;
+                window = Some(grace);
+                deadline = Some(Instant::now().max(act.last_activity()) + grace);
+            }
+            () = sleep => {
+                let w = window.expect("a deadline implies a window");
+                if Instant::now() >= act.last_activity() + w {
+                    return if half_closed { SpliceEnd::HalfClosed } else { SpliceEnd::Idle };
+                }
+                deadline = Some(act.last_activity() + w);
+            }
+        }
+    }
+}
+
 /// Counts bytes read through it, stamps the time of the last read, and signals EOF.
 struct Counted<'a, T> {
     inner: &'a mut T,
     bytes: &'a AtomicU64,
-    last: &'a AtomicU64,
-    eof: &'a Notify,
-    start: Instant,
+    act: &'a Activity,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
@@ -61,14 +150,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
+        let n = buf.filled().len() - before;
         if n > 0 {
-            self.bytes.fetch_add(n, Ordering::Relaxed);
-            self.last
-                .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+            self.act.moved(self.bytes, n);
         } else if matches!(r, Poll::Ready(Ok(()))) && buf.remaining() > 0 {
             // A read that filled nothing into a non-full buffer is EOF.
-            self.eof.notify_one();
+            self.act.eof.notify_one();
         }
         r
     }
@@ -92,7 +179,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
     }
 }
 
-/// Splices `client` and `upstream` until the end; returns how it ended and the byte counts.
+/// Splices any two streams (tokio's `copy_bidirectional`, 8 KiB buffers per direction).
 pub async fn splice<C, U>(
     client: &mut C,
     upstream: &mut U,
@@ -103,62 +190,110 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let (tx, rx, last) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    let eof = Notify::new();
-    let start = Instant::now();
+    let act = Activity::new();
     let mut c = Counted {
         inner: client,
-        bytes: &tx,
-        last: &last,
-        eof: &eof,
-        start,
+        bytes: &act.tx,
+        act: &act,
     };
     let mut u = Counted {
         inner: upstream,
-        bytes: &rx,
-        last: &last,
-        eof: &eof,
-        start,
+        bytes: &act.rx,
+        act: &act,
     };
-    let end = {
-        let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
-        tokio::pin!(copy);
-        // The idle window: the configured limit, shortened to the grace once a side closed.
-        let grace = idle.map_or(HALF_CLOSE_GRACE, |i| i.min(HALF_CLOSE_GRACE));
-        let mut half_closed = false;
-        let mut window = idle;
-        let mut deadline = window.map(|d| start + d);
-        loop {
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let last_activity = || start + Duration::from_millis(last.load(Ordering::Relaxed));
-            tokio::select! {
-                r = &mut copy => break if r.is_ok() { SpliceEnd::Closed } else { SpliceEnd::Error },
-                () = cancel.cancelled() => break SpliceEnd::Shutdown,
-                () = eof.notified(), if !half_closed => {
-                    half_closed = true;
-                    window = Some(grace);
-                    deadline = Some(Instant::now().max(last_activity()) + grace);
-                }
-                () = sleep => {
-                    let w = window.expect("a deadline implies a window");
-                    if Instant::now() >= last_activity() + w {
-                        break if half_closed { SpliceEnd::HalfClosed } else { SpliceEnd::Idle };
-                    }
-                    deadline = Some(last_activity() + w);
-                }
-            }
+    let copy = async {
+        tokio::io::copy_bidirectional(&mut c, &mut u)
+            .await
+            .map(|_| ())
+    };
+    let end = supervise(copy, &act, idle, cancel).await;
+    (end, act.transferred())
+}
+
+/// Splices two TCP sockets, holding a copy buffer only while bytes flow.
+pub async fn splice_tcp(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    idle: Option<Duration>,
+    cancel: &CancellationToken,
+) -> (SpliceEnd, Transferred) {
+    let act = Activity::new();
+    let (cr, mut cw) = client.split();
+    let (ur, mut uw) = upstream.split();
+    let copy = async {
+        tokio::try_join!(
+            pump(&cr, &mut uw, &act.tx, &act),
+            pump(&ur, &mut cw, &act.rx, &act)
+        )
+        .map(|_| ())
+    };
+    let end = supervise(copy, &act, idle, cancel).await;
+    (end, act.transferred())
+}
+
+/// Splices a client socket with an upstream connection: the buffer-free TCP path when the
+/// upstream is plain TCP, the generic one otherwise.
+pub async fn splice_upstream(
+    client: &mut TcpStream,
+    upstream: super::upstream::UpstreamIo,
+    idle: Option<Duration>,
+    cancel: &CancellationToken,
+) -> (SpliceEnd, Transferred) {
+    match upstream {
+        super::upstream::UpstreamIo::Tcp(mut tcp) => {
+            splice_tcp(client, &mut tcp, idle, cancel).await
         }
-    };
-    (
-        end,
-        Transferred {
-            tx: tx.load(Ordering::Relaxed),
-            rx: rx.load(Ordering::Relaxed),
-        },
-    )
+        mut other => splice(client, &mut other, idle, cancel).await,
+    }
+}
+
+/// One direction: wait for data without a buffer, then copy with a pooled one until the
+/// socket would block; pass EOF on as a write shutdown.
+async fn pump(
+    src: &ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
+    bytes: &AtomicU64,
+    act: &Activity,
+) -> io::Result<()> {
+    loop {
+        src.readable().await?;
+        let mut buf = take_buffer();
+        let burst = loop {
+            match src.try_read(&mut buf) {
+                Ok(0) => {
+                    give_back(buf);
+                    act.eof.notify_one();
+                    return dst.shutdown().await;
+                }
+                Ok(n) => {
+                    act.moved(bytes, n);
+                    if let Err(e) = dst.write_all(&buf[..n]).await {
+                        break Err(e);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        give_back(buf);
+        burst?;
+    }
+}
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Box<[u8]> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
+}
+
+fn give_back(buf: Box<[u8]>) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_MAX {
+            p.push(buf);
+        }
+    });
 }
