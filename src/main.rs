@@ -19,6 +19,11 @@ fn run() -> anyhow::Result<()> {
         Command::Check { config } => check(&config_path(config)),
         Command::Serve { config, log_format } => {
             init_tracing(log_format);
+            // Every tunnel holds two sockets: take the whole hard limit of descriptors.
+            match rlimit::increase_nofile_limit(u64::MAX) {
+                Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+                Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+            }
             let path = config_path(config);
             let config = Config::load(&path)?;
             tokio::runtime::Runtime::new()?.block_on(serve(config, path))
