@@ -27,7 +27,7 @@ target = "{}"
 url = "http://{}/health"
 interval_secs = 1
 timeout_ms = 2000
-slow_threshold_ms = 150
+slow_threshold_ms = 300
 "#,
         origin.addr, origin.addr
     );
@@ -63,7 +63,7 @@ async fn wait_status(d: &TestDaemon, id: &str, want: ProxyStatus) {
 async fn probes_set_active_slow_and_inactive() {
     let origin = Origin::start().await;
     let up = FakeProxy::start(Mode::Ok).await;
-    let slow = FakeProxy::start(Mode::Delay(400)).await;
+    let slow = FakeProxy::start(Mode::Delay(800)).await;
     let down = FakeProxy::start(Mode::Refuse).await;
     let d = TestDaemon::start(&config(
         &origin,

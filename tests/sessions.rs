@@ -93,12 +93,12 @@ async fn a_session_sticks_to_one_upstream_and_counts_once() {
 #[tokio::test]
 async fn the_idle_ttl_releases_the_lease() {
     let (d, _a, _b, origin) = two_upstreams("").await;
-    let (s, _) = open(&d, &origin, "w-session-brief-ttl-1").await;
+    let (s, _) = open(&d, &origin, "w-session-brief-ttl-2").await;
     drop(s);
     // The session keeps its lease between connections...
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(d.leased("p").await, 1);
-    // ...until its one-second TTL lapses with nothing open.
+    // ...until its two-second TTL lapses with nothing open.
     d.wait_leased("p", 0).await;
     let (_, body) = admin(d.admin, "GET", "/api/v1/sessions", None, "").await;
     assert!(body.contains("\"sessions\":[]"), "{body}");
