@@ -476,3 +476,42 @@ async fn without_required_auth_the_consumer_header_counts() {
     assert_eq!(status(&head), 407, "{head}");
     d.stop().await;
 }
+
+#[tokio::test]
+async fn connect_after_plain_requests_on_one_connection_gets_its_own_lease() {
+    let origin = Origin::start().await;
+    let d = TestDaemon::start(&pool_config(&["url = \"direct\"".into()], "", "")).await;
+    let mut c = TcpStream::connect(d.addr).await.unwrap();
+    let get = format!(
+        "GET http://{0}/first HTTP/1.1\r\nHost: {0}\r\nProxy-Authorization: {1}\r\n\r\n",
+        origin.addr,
+        auth()
+    );
+    c.write_all(get.as_bytes()).await.unwrap();
+    let head = read_head(&mut c).await;
+    let len: usize = header(&head, "content-length").unwrap().parse().unwrap();
+    let mut body = vec![0; len];
+    c.read_exact(&mut body).await.unwrap();
+    let plain_lease = header(&head, "x-pharox-lease-id").unwrap().to_owned();
+    let connect_req = format!(
+        "CONNECT {0} HTTP/1.1\r\nHost: {0}\r\nProxy-Authorization: {1}\r\n\r\n",
+        origin.addr,
+        auth()
+    );
+    c.write_all(connect_req.as_bytes()).await.unwrap();
+    let head = read_head(&mut c).await;
+    assert_eq!(status(&head), 200, "{head}");
+    assert_ne!(
+        header(&head, "x-pharox-lease-id"),
+        Some(plain_lease.as_str()),
+        "the tunnel has its own lease"
+    );
+    assert!(
+        get_over(&mut c, "o", "/in-tunnel")
+            .await
+            .ends_with("origin:/in-tunnel")
+    );
+    drop(c);
+    d.wait_leased("p", 0).await;
+    d.stop().await;
+}

@@ -233,41 +233,22 @@ async fn tunnel(
     state.tracker.spawn(
         async move {
             let state = state2;
-            let Ok(upgraded) = on_upgrade.await else {
-                return finish(
-                    &state,
-                    "connect",
-                    Some(&id.pool),
-                    "client_closed",
-                    Transferred::default(),
-                    started,
-                );
-            };
-            let mut client = TokioIo::new(upgraded);
-            if !early.is_empty()
-                && tokio::io::AsyncWriteExt::write_all(&mut client, &early)
-                    .await
-                    .is_err()
-            {
-                return finish(
-                    &state,
-                    "connect",
-                    Some(&id.pool),
-                    "client_closed",
-                    Transferred::default(),
-                    started,
-                );
+            let spliced = async {
+                let mut client = TokioIo::new(on_upgrade.await.ok()?);
+                if !early.is_empty() {
+                    tokio::io::AsyncWriteExt::write_all(&mut client, &early)
+                        .await
+                        .ok()?;
+                }
+                Some(splice(&mut client, &mut upstream, idle, &held.cancel).await)
             }
-            let (end, bytes) = splice(&mut client, &mut upstream, idle, &held.cancel).await;
+            .await;
             drop(held);
-            finish(
-                &state,
-                "connect",
-                Some(&id.pool),
-                outcome(end),
-                bytes,
-                started,
-            );
+            let (how, bytes) = match spliced {
+                Some((end, bytes)) => (outcome(end), bytes),
+                None => ("client_closed", Transferred::default()),
+            };
+            finish(&state, "connect", Some(&id.pool), how, bytes, started);
         }
         .instrument(span),
     );
