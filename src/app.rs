@@ -92,6 +92,17 @@ impl Runner {
                 }
             }
         });
+        let renewer = tokio::spawn({
+            let state = state.clone();
+            async move {
+                let mut tick = tokio::time::interval(crate::proxy::RENEW_TICK);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    state.renew_held().await;
+                }
+            }
+        });
         let admin_stop = tokio_util::sync::CancellationToken::new();
         let checks = tokio::spawn(crate::health::run(state.clone(), state.drain.clone()));
         let admin_task = tokio::spawn(admin::serve(
@@ -133,6 +144,7 @@ impl Runner {
         admin_stop.cancel();
         let _ = admin_task.await;
         upkeep.abort();
+        renewer.abort();
         drop(sweeper);
         info!("stopped");
     }

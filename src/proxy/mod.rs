@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::{AbortOnDropHandle, TaskTracker};
+use tokio_util::task::TaskTracker;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
@@ -97,7 +97,7 @@ pub struct ProxyState {
     /// Consecutive connect failures per upstream.
     pub failures: DashMap<ProxyId, u32>,
     /// Each held lease's connection, so an operator can close it.
-    connections: DashMap<LeaseId, CancellationToken>,
+    connections: DashMap<LeaseId, Holding>,
     /// Cancelled when open connections must close (end of the shutdown drain).
     pub cancel: CancellationToken,
     /// Cancelled when shutdown starts: keep-alive connections finish their request and close.
@@ -148,22 +148,32 @@ impl ProxyState {
 
     /// Closes the connection holding lease `id` and releases the lease. False if not live.
     pub async fn close_lease(&self, id: LeaseId) -> bool {
-        if let Some((_, token)) = self.connections.remove(&id) {
-            token.cancel();
+        if let Some((_, holding)) = self.connections.remove(&id) {
+            holding.cancel.cancel();
         }
         self.manager.release_by_id(id).await.unwrap_or(false)
     }
 }
 
-/// A lease and what comes with it: background renewal while it is held, and the token that
-/// closes every connection using it. Released exactly once, when the last holder (a
+/// How often held leases are checked for renewal.
+pub const RENEW_TICK: Duration = Duration::from_millis(250);
+
+/// A lease and what comes with it: renewal while it is held (by `renew_held`), and the token
+/// that closes every connection using it. Released exactly once, when the last holder (a
 /// connection, or a sticky session between connections) drops it.
 pub struct LeaseHold {
     guard: LeaseGuard,
     state: Arc<ProxyState>,
     /// Cancelled when an operator closes this lease (or at hard shutdown).
     pub cancel: CancellationToken,
-    _renew: AbortOnDropHandle<()>,
+}
+
+/// A held lease as the registry knows it: how to close its connections and when to renew it.
+struct Holding {
+    cancel: CancellationToken,
+    lease: crate::model::Lease,
+    duration: Duration,
+    renew_at: Instant,
 }
 
 impl Drop for LeaseHold {
@@ -426,27 +436,42 @@ impl ProxyState {
     }
 
     fn hold(self: &Arc<Self>, guard: LeaseGuard, lease: Duration) -> Arc<LeaseHold> {
-        let manager = self.manager.clone();
-        let held = (*guard).clone();
-        let every = (lease / 2).max(Duration::from_millis(500));
-        let renew = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match manager.renew(&held, lease).await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => break,
-                    Err(e) => warn!(lease = %held.id, error = %e, "renewal failed"),
-                }
-            }
-        });
         let cancel = self.cancel.child_token();
-        self.connections.insert(guard.id, cancel.clone());
+        let holding = Holding {
+            cancel: cancel.clone(),
+            lease: (*guard).clone(),
+            duration: lease,
+            renew_at: Instant::now() + lease / 2,
+        };
+        self.connections.insert(guard.id, holding);
         Arc::new(LeaseHold {
             guard,
             state: self.clone(),
             cancel,
-            _renew: AbortOnDropHandle::new(renew),
         })
+    }
+
+    /// Renews every held lease that is past half its life. One task does this for all
+    /// leases (`RENEW_TICK`), so a tunnel costs no timer of its own.
+    pub async fn renew_held(&self) {
+        let now = Instant::now();
+        let due: Vec<(crate::model::Lease, Duration)> = self
+            .connections
+            .iter()
+            .filter(|e| e.renew_at <= now)
+            .map(|e| (e.lease.clone(), e.duration))
+            .collect();
+        for (lease, duration) in due {
+            match self.manager.renew(&lease, duration).await {
+                Ok(Some(_)) => {
+                    if let Some(mut e) = self.connections.get_mut(&lease.id) {
+                        e.renew_at = Instant::now() + duration / 2;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => warn!(lease = %lease.id, error = %e, "renewal failed"),
+            }
+        }
     }
 
     /// Counts a connect failure; at the pool's threshold the upstream rests for the cooldown.
