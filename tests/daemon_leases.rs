@@ -515,3 +515,54 @@ async fn connect_after_plain_requests_on_one_connection_gets_its_own_lease() {
     d.wait_leased("p", 0).await;
     d.stop().await;
 }
+
+#[tokio::test]
+async fn a_keep_alive_connection_fails_over_when_its_upstream_goes_away() {
+    let a = FakeProxy::start(Mode::OkClose).await;
+    let b = FakeProxy::start(Mode::Ok).await;
+    let cfg = pool_config(
+        &[
+            format!("url = \"http://{}\"\nid = \"a\"", a.addr),
+            format!("url = \"http://{}\"\nid = \"b\"", b.addr),
+        ],
+        "failover_attempts = 1",
+        "",
+    );
+    let d = TestDaemon::start(&cfg).await;
+    let mut c = TcpStream::connect(d.addr).await.unwrap();
+    let mut ids = Vec::new();
+    for (i, path) in ["/one", "/two"].iter().enumerate() {
+        if i == 1 {
+            // "a" closed its connection after the first answer and now refuses new ones.
+            *a.mode.lock().unwrap() = Mode::Refuse;
+        }
+        let req = format!(
+            "GET http://example.test{path} HTTP/1.1\r\nHost: example.test\r\nProxy-Authorization: {}\r\n\r\n",
+            auth()
+        );
+        c.write_all(req.as_bytes()).await.unwrap();
+        let head = read_head(&mut c).await;
+        if status(&head) != 200 {
+            let mut rest = vec![0u8; 200];
+            let n = c.read(&mut rest).await.unwrap_or(0);
+            panic!("{path}: {head}{}", String::from_utf8_lossy(&rest[..n]));
+        }
+        let len: usize = header(&head, "content-length").unwrap().parse().unwrap();
+        let mut body = vec![0; len];
+        c.read_exact(&mut body).await.unwrap();
+        ids.push(header(&head, "x-pharox-proxy-id").unwrap().to_owned());
+    }
+    assert_eq!(
+        ids,
+        ["a", "b"],
+        "the second request moved to the live upstream"
+    );
+    assert_eq!(
+        d.leased("p").await,
+        1,
+        "the failed upstream's lease was given back"
+    );
+    drop(c);
+    d.wait_leased("p", 0).await;
+    d.stop().await;
+}

@@ -22,7 +22,7 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
         let id = head.identify(&rt.auth)?;
         record_identity(&id, &target, None);
         let (held, upstream, early) = state
-            .lease_and_dial(rt, &id, &target, DialMode::Tunnel)
+            .lease_and_dial(rt, &id, &target, DialMode::Tunnel, &[])
             .await?;
         Ok::<_, crate::error::ProxyError>((id, held, upstream, early))
     };

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HOST, HeaderValue, PROXY_AUTHORIZATION};
+use hyper::header::{HOST, HeaderMap, HeaderValue, PROXY_AUTHORIZATION};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, Uri};
@@ -37,7 +37,7 @@ use super::{
 };
 use crate::error::ProxyError;
 use crate::identity::Identity;
-use crate::model::ProxyProtocol;
+use crate::model::{ProxyId, ProxyProtocol};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -49,7 +49,7 @@ struct ConnLease {
     held: Option<Held>,
     /// The open upstream connection and the target it is bound to (`None`: an HTTP proxy,
     /// which takes requests for any target).
-    sender: Option<(Option<Target>, SendRequest<Incoming>)>,
+    sender: Option<(Option<Target>, SendRequest<Body>)>,
     /// The pool of the lease, for metrics.
     pool: Option<Arc<str>>,
     /// The code of the last refused request, for metrics.
@@ -224,7 +224,7 @@ async fn tunnel(
     let target = parse_authority(&authority)?;
     let id = identify(rt, &req)?;
     let (held, mut upstream, early) = state
-        .lease_and_dial(rt, &id, &target, DialMode::Tunnel)
+        .lease_and_dial(rt, &id, &target, DialMode::Tunnel, &[])
         .await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let response = success(Response::new(empty()), &held);
@@ -260,7 +260,7 @@ async fn forward(
     rt: &Runtime,
     conn: &Mutex<ConnLease>,
     cancel: CancellationToken,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let uri = req.uri().clone();
     if uri.scheme_str() != Some("http") {
@@ -293,22 +293,150 @@ async fn forward(
     if conn.key.as_deref() != Some(key.as_str()) {
         *conn = ConnLease::default(); // releases a lease taken for another identity
     }
-    let reusable = conn.sender.as_ref().is_some_and(|(bound, sender)| {
-        !sender.is_closed() && bound.as_ref().is_none_or(|b| *b == target)
-    });
-    if !reusable {
+    // A keep-alive upstream connection can close just as a request goes out. A request that
+    // was never sent, or a bodiless idempotent one, is sent again once, on a fresh connection
+    // (failing over if need be).
+    let replay = replayable(&req);
+    let mut req = req.map(|b| b.boxed());
+    let mut resp = None;
+    let mut failed: Vec<ProxyId> = Vec::new();
+    for attempt in 0..3 {
+        let fresh = ensure_sender(
+            state,
+            rt,
+            conn,
+            &cancel,
+            &id,
+            key.clone(),
+            &target,
+            &mut failed,
+        )
+        .await?;
+        let held = conn
+            .held
+            .as_ref()
+            .expect("a lease is held once a sender exists");
+        prepare_request(&mut req, &uri, &target, held)?;
+        let (_, sender) = conn.sender.as_mut().expect("sender set above");
+        let sent = match sender.ready().await {
+            Ok(()) => sender.try_send_request(req).await,
+            Err(e) => {
+                return Err(ProxyError::UpstreamFailed(format!(
+                    "upstream connection: {e}"
+                )));
+            }
+        };
+        let mut e = match sent {
+            Ok(r) => {
+                resp = Some(r);
+                break;
+            }
+            Err(e) => e,
+        };
+        req = match (e.take_message(), &replay) {
+            (Some(unsent), _) if attempt < 2 => unsent,
+            (None, Some(parts)) if attempt < 2 => rebuild(parts),
+            _ => {
+                return Err(ProxyError::UpstreamFailed(format!(
+                    "upstream request: {}",
+                    e.error()
+                )));
+            }
+        };
         conn.sender = None;
-        let io = if let Some(held) = &conn.held {
-            let extra = rt.extras.get(&held.proxy().id).cloned().unwrap_or_default();
-            let timeout = rt.limits().connect_timeout();
-            let dialed =
-                upstream::open_forward(held.proxy(), &extra, &target, &rt.policy, timeout).await;
-            dialed.map_err(|e| dial_error(e, held))?.0
-        } else {
+        if fresh {
+            // A connection just made failed at once: the upstream is at fault; try another.
+            let proxy = conn.held.as_ref().map(|h| h.proxy().id.clone());
+            if let (Some(proxy), Some(pool)) = (proxy, rt.pools.get(&id.pool)) {
+                tracing::warn!(%proxy, error = %e.error(), "upstream closed a new connection");
+                state.metrics.upstream_failure(&id.pool, "refused");
+                state.record_failure(&proxy, &pool.health);
+                failed.push(proxy);
+            }
+            *conn = ConnLease::default();
+        }
+    }
+    let mut resp =
+        resp.ok_or_else(|| ProxyError::UpstreamFailed("upstream connection closed".into()))?;
+    let held = conn
+        .held
+        .as_ref()
+        .expect("a lease is held once a response came");
+    strip_hop_by_hop(resp.headers_mut());
+    // Our side of the connection speaks HTTP/1.1 whatever the origin spoke (an HTTP/1.0
+    // origin must not close the client's keep-alive connection and its lease).
+    *resp.version_mut() = hyper::Version::HTTP_11;
+    Ok(success(resp.map(|b| b.boxed()), held))
+}
+
+/// The parts of a bodiless idempotent request, to send it again.
+fn replayable(req: &Request<Incoming>) -> Option<(Method, Uri, HeaderMap)> {
+    use hyper::body::Body as _;
+    let idempotent = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    (idempotent && req.body().is_end_stream()).then(|| {
+        (
+            req.method().clone(),
+            req.uri().clone(),
+            req.headers().clone(),
+        )
+    })
+}
+
+fn rebuild((method, uri, headers): &(Method, Uri, HeaderMap)) -> Request<Body> {
+    let mut req = Request::new(empty());
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri.clone();
+    *req.headers_mut() = headers.clone();
+    req
+}
+
+/// Makes sure the connection has a lease and an open upstream connection for `target`:
+/// reuses them if possible, re-dials through the same lease if its upstream still answers,
+/// and otherwise gives the lease back (counting the failure) and takes another. True when
+/// the upstream connection is new.
+#[allow(clippy::too_many_arguments)]
+async fn ensure_sender(
+    state: &Arc<ProxyState>,
+    rt: &Runtime,
+    conn: &mut ConnLease,
+    cancel: &CancellationToken,
+    id: &Identity,
+    key: String,
+    target: &Target,
+    failed: &mut Vec<ProxyId>,
+) -> Result<bool, ProxyError> {
+    let reusable = conn.sender.as_ref().is_some_and(|(bound, sender)| {
+        !sender.is_closed() && bound.as_ref().is_none_or(|b| b == target)
+    });
+    if reusable {
+        return Ok(false);
+    }
+    conn.sender = None;
+    let mut reused = None;
+    if let Some(held) = &conn.held {
+        let extra = rt.extras.get(&held.proxy().id).cloned().unwrap_or_default();
+        let timeout = rt.limits().connect_timeout();
+        match upstream::open_forward(held.proxy(), &extra, target, &rt.policy, timeout).await {
+            Ok((io, _)) => reused = Some(io),
+            Err(upstream::DialError::Denied(m)) => return Err(ProxyError::DestinationDenied(m)),
+            Err(e) => {
+                tracing::warn!(proxy = %held.proxy().id, error = %e, "upstream of a keep-alive connection failed");
+                state.metrics.upstream_failure(&id.pool, e.reason());
+                if let Some(pool) = rt.pools.get(&id.pool) {
+                    state.record_failure(&held.proxy().id, &pool.health);
+                }
+                failed.push(held.proxy().id.clone());
+                *conn = ConnLease::default();
+            }
+        }
+    }
+    let io = match reused {
+        Some(io) => io,
+        None => {
             let (held, io, _) = state
-                .lease_and_dial(rt, &id, &target, DialMode::Forward)
+                .lease_and_dial(rt, id, target, DialMode::Forward, failed)
                 .await?;
-            record_identity(&id, &target, Some(&held.proxy().id));
+            record_identity(id, target, Some(&held.proxy().id));
             // An operator closing this lease closes the whole client connection.
             let (lease_cancel, conn_cancel) = (held.cancel.clone(), cancel.clone());
             tokio::spawn(async move {
@@ -321,59 +449,31 @@ async fn forward(
             conn.key = Some(key);
             conn.pool = Some(id.pool.clone());
             io
-        };
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
-            .preserve_header_case(true)
-            .title_case_headers(true)
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| ProxyError::UpstreamFailed(format!("HTTP handshake: {e}")))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(error = %e, "upstream HTTP connection ended");
-            }
-        });
-        let via_proxy = conn
-            .held
-            .as_ref()
-            .is_some_and(|h| is_http_proxy(h.proxy().protocol));
-        conn.sender = Some(((!via_proxy).then(|| target.clone()), sender));
-    }
-    let held = conn
+        }
+    };
+    let (sender, connection) = hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .title_case_headers(true)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ProxyError::UpstreamFailed(format!("HTTP handshake: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(error = %e, "upstream HTTP connection ended");
+        }
+    });
+    let via_proxy = conn
         .held
         .as_ref()
-        .expect("a lease is held once a sender exists");
-    prepare_request(&mut req, &uri, &target, held)?;
-    let (_, sender) = conn.sender.as_mut().expect("sender set above");
-    sender
-        .ready()
-        .await
-        .map_err(|e| ProxyError::UpstreamFailed(format!("upstream connection: {e}")))?;
-    let mut resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| ProxyError::UpstreamFailed(format!("upstream request: {e}")))?;
-    strip_hop_by_hop(resp.headers_mut());
-    // Our side of the connection speaks HTTP/1.1 whatever the origin spoke (an HTTP/1.0
-    // origin must not close the client's keep-alive connection and its lease).
-    *resp.version_mut() = hyper::Version::HTTP_11;
-    Ok(success(resp.map(|b| b.boxed()), held))
-}
-
-fn dial_error(e: upstream::DialError, held: &Held) -> ProxyError {
-    match e {
-        upstream::DialError::Denied(m) => ProxyError::DestinationDenied(m),
-        upstream::DialError::Timeout => {
-            ProxyError::UpstreamTimeout(format!("{}: timed out", held.proxy().id))
-        }
-        other => ProxyError::UpstreamFailed(format!("{}: {other}", held.proxy().id)),
-    }
+        .is_some_and(|h| is_http_proxy(h.proxy().protocol));
+    conn.sender = Some(((!via_proxy).then(|| target.clone()), sender));
+    Ok(true)
 }
 
 /// Rewrites a client request for the leased upstream: headers cleaned, the URI in absolute
 /// form for an HTTP proxy (with its credentials) or origin form otherwise, `Host` set.
 fn prepare_request(
-    req: &mut Request<Incoming>,
+    req: &mut Request<Body>,
     uri: &Uri,
     target: &Target,
     held: &Held,

@@ -261,6 +261,7 @@ impl ProxyState {
         id: &Identity,
         target: &Target,
         mode: DialMode,
+        exclude: &[ProxyId],
     ) -> Result<(Held, UpstreamIo, Bytes), ProxyError> {
         rt.policy
             .check_literal(target)
@@ -271,7 +272,7 @@ impl ProxyState {
             .ok_or_else(|| ProxyError::UnknownPool(id.pool.to_string()))?;
         let Some(session_id) = &id.session else {
             let (hold, io, rest) = self
-                .dial_with_failover(rt, id, pool, target, mode, None, None)
+                .dial_with_failover(rt, id, pool, target, mode, None, None, exclude)
                 .await?;
             return Ok((Held::new(hold, None), io, rest));
         };
@@ -299,7 +300,7 @@ impl ProxyState {
         let before = lease.current.as_ref().map(|h| h.proxy().id.clone());
         let avoid = lease.avoid.clone();
         let result = self
-            .dial_with_failover(rt, id, pool, target, mode, current, avoid)
+            .dial_with_failover(rt, id, pool, target, mode, current, avoid, exclude)
             .await;
         let (hold, io, rest) = match result {
             Ok(ok) => ok,
@@ -332,7 +333,8 @@ impl ProxyState {
     }
 
     /// Tries `first` (a lease already held), then new leases, until a dial succeeds or the
-    /// pool's failover budget is spent. `avoid` is skipped when another upstream is free.
+    /// pool's failover budget is spent. `avoid` is skipped when another upstream is free;
+    /// `exclude` (upstreams that already failed this request) never.
     #[allow(clippy::too_many_arguments)]
     async fn dial_with_failover(
         self: &Arc<Self>,
@@ -343,8 +345,9 @@ impl ProxyState {
         mode: DialMode,
         mut first: Option<Arc<LeaseHold>>,
         avoid: Option<ProxyId>,
+        exclude: &[ProxyId],
     ) -> Result<(Arc<LeaseHold>, UpstreamIo, Bytes), ProxyError> {
-        let mut tried: Vec<ProxyId> = Vec::new();
+        let mut tried: Vec<ProxyId> = exclude.to_vec();
         let mut errors: Vec<(ProxyId, DialError)> = Vec::new();
         for attempt in 0..=pool.failover {
             let hold = match first.take() {
@@ -475,7 +478,7 @@ impl ProxyState {
     }
 
     /// Counts a connect failure; at the pool's threshold the upstream rests for the cooldown.
-    fn record_failure(self: &Arc<Self>, id: &ProxyId, health: &PassiveHealthConfig) {
+    pub(crate) fn record_failure(self: &Arc<Self>, id: &ProxyId, health: &PassiveHealthConfig) {
         let count = {
             let mut n = self.failures.entry(id.clone()).or_insert(0);
             *n += 1;

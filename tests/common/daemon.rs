@@ -238,6 +238,8 @@ pub enum Mode {
     Stall,
     /// Like `Ok`, but answer CONNECT after this many milliseconds.
     Delay(u64),
+    /// Like `Ok`, but close the connection after each plain-HTTP response.
+    OkClose,
 }
 
 /// A fake HTTP upstream proxy that records each request head.
@@ -332,7 +334,7 @@ impl FakeProxy {
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             );
-            if s.write_all(resp.as_bytes()).await.is_err() {
+            if s.write_all(resp.as_bytes()).await.is_err() || mode == Mode::OkClose {
                 return;
             }
         }
