@@ -6,6 +6,7 @@
 //! an error. Release is idempotent. The trait is async so that a database backend fits; the
 //! in-memory backend ([`InMemoryStorage`]) completes every call without waiting.
 
+mod index;
 mod memory;
 mod pool;
 
