@@ -49,12 +49,8 @@ impl Daemon {
         proxy: TcpListener,
         admin_listener: TcpListener,
     ) -> Result<(Daemon, Runner), ReloadError> {
-        let proxy_addr = proxy
-            .local_addr()
-            .map_err(|e| ReloadError::Tls(e.to_string()))?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|e| ReloadError::Tls(e.to_string()))?;
+        let proxy_addr = proxy.local_addr().map_err(ReloadError::Listener)?;
+        let admin_addr = admin_listener.local_addr().map_err(ReloadError::Listener)?;
         let manager = ProxyManager::new(InMemoryStorage::new());
         let runtime = reload::initial(&manager, config, vec![proxy_addr, admin_addr]).await?;
         let state = Arc::new(ProxyState::new(manager, runtime, Arc::new(Metrics::new())));

@@ -155,7 +155,7 @@ pub struct Identity {
     /// The pool to lease from.
     pub pool: Arc<str>,
     /// Constraints from the username and headers.
-    pub filter: Option<Filter>,
+    pub filter: Option<Arc<Filter>>,
     /// Sticky session id, if any.
     pub session: Option<String>,
     /// Requested session TTL in seconds, if any.
@@ -348,7 +348,7 @@ impl Authenticator {
             asn: params.asn,
             ..Filter::default()
         };
-        let filter = (!filter.index_key().is_empty()).then_some(filter);
+        let filter = (!filter.index_key().is_empty()).then(|| Arc::new(filter));
         Ok(Identity {
             consumer,
             pool,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::task::AbortHandle;
 
 use crate::events::{AcquireEvent, Callbacks, ReleaseEvent};
-use crate::model::{DEFAULT_CONSUMER_NAME, Lease, LeaseId};
+use crate::model::{Lease, LeaseId, default_consumer};
 use crate::retry::{Clock, RetryPolicy, Sleeper, TokioClock, TokioSleeper};
 use crate::storage::{AcquireRequest, InMemoryStorage, LeaseError, Released, Storage};
 
@@ -94,10 +94,7 @@ impl<S: Storage> ProxyManager<S> {
             callbacks.fire_acquire(&AcquireEvent {
                 lease: acquired.lease.clone(),
                 pool_name: req.pool.clone(),
-                consumer_name: req
-                    .consumer
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_CONSUMER_NAME.into()),
+                consumer_name: req.consumer.clone().unwrap_or_else(default_consumer),
                 filter: req.filter.clone(),
                 selector: req.selector,
                 started_at,

@@ -17,6 +17,12 @@ use tokio::time::Instant;
 /// Name of the consumer used when a caller does not name one. It always exists.
 pub const DEFAULT_CONSUMER_NAME: &str = "default";
 
+/// [`DEFAULT_CONSUMER_NAME`] as a shared string (allocated once per process).
+pub(crate) fn default_consumer() -> Arc<str> {
+    static NAME: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(DEFAULT_CONSUMER_NAME));
+    NAME.clone()
+}
+
 /// A string that must never be printed: `Debug` and `Display` show `***`.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);

@@ -33,6 +33,12 @@ pub enum ReloadError {
     /// The lease engine refused the inventory.
     #[error("{0}")]
     Inventory(#[from] LeaseError),
+    /// The config was not validated (`Config::load` or `from_toml_str` validate).
+    #[error("{0}")]
+    Invalid(String),
+    /// A listener's address could not be read.
+    #[error("listener: {0}")]
+    Listener(#[source] std::io::Error),
 }
 
 /// What a reload changed.
@@ -61,8 +67,8 @@ fn inventory(
     let mut tls_cache: HashMap<Option<PathBuf>, tokio_rustls::TlsConnector> = HashMap::new();
     for pc in &config.pools {
         for xc in &pc.proxies {
-            let url = parse_upstream_url(&xc.url).expect("validated");
-            let id = ProxyId::new(proxy_id(pc, xc).expect("validated"));
+            let url = parse_upstream_url(&xc.url).map_err(ReloadError::Invalid)?;
+            let id = ProxyId::new(proxy_id(pc, xc).map_err(ReloadError::Invalid)?);
             let mut p = Proxy::new(
                 id.clone(),
                 pc.name.clone(),

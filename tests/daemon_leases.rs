@@ -124,18 +124,9 @@ async fn keep_alive_requests_share_one_lease() {
     let mut c = TcpStream::connect(d.addr).await.unwrap();
     let mut leases = Vec::new();
     for path in ["/a", "/b"] {
-        let req = format!(
-            "GET http://{0}{path} HTTP/1.1\r\nHost: {0}\r\nProxy-Authorization: {1}\r\n\r\n",
-            origin.addr,
-            auth()
-        );
-        c.write_all(req.as_bytes()).await.unwrap();
-        let head = read_head(&mut c).await;
+        let (head, body) = get_keep_alive(&mut c, &origin.addr.to_string(), path, &auth()).await;
         assert_eq!(status(&head), 200, "{head}");
-        let len: usize = header(&head, "content-length").unwrap().parse().unwrap();
-        let mut body = vec![0; len];
-        c.read_exact(&mut body).await.unwrap();
-        assert_eq!(body, format!("origin:{path}").as_bytes());
+        assert_eq!(body, format!("origin:{path}"));
         leases.push(header(&head, "x-pharox-lease-id").unwrap().to_owned());
         assert_eq!(d.leased("p").await, 1);
     }
@@ -482,16 +473,12 @@ async fn connect_after_plain_requests_on_one_connection_gets_its_own_lease() {
     let origin = Origin::start().await;
     let d = TestDaemon::start(&pool_config(&["url = \"direct\"".into()], "", "")).await;
     let mut c = TcpStream::connect(d.addr).await.unwrap();
-    let get = format!(
-        "GET http://{0}/first HTTP/1.1\r\nHost: {0}\r\nProxy-Authorization: {1}\r\n\r\n",
-        origin.addr,
-        auth()
+    let (head, body) = get_keep_alive(&mut c, &origin.addr.to_string(), "/first", &auth()).await;
+    assert_eq!(
+        (status(&head), body.as_str()),
+        (200, "origin:/first"),
+        "{head}"
     );
-    c.write_all(get.as_bytes()).await.unwrap();
-    let head = read_head(&mut c).await;
-    let len: usize = header(&head, "content-length").unwrap().parse().unwrap();
-    let mut body = vec![0; len];
-    c.read_exact(&mut body).await.unwrap();
     let plain_lease = header(&head, "x-pharox-lease-id").unwrap().to_owned();
     let connect_req = format!(
         "CONNECT {0} HTTP/1.1\r\nHost: {0}\r\nProxy-Authorization: {1}\r\n\r\n",
@@ -536,20 +523,9 @@ async fn a_keep_alive_connection_fails_over_when_its_upstream_goes_away() {
             // "a" closed its connection after the first answer and now refuses new ones.
             *a.mode.lock().unwrap() = Mode::Refuse;
         }
-        let req = format!(
-            "GET http://example.test{path} HTTP/1.1\r\nHost: example.test\r\nProxy-Authorization: {}\r\n\r\n",
-            auth()
-        );
-        c.write_all(req.as_bytes()).await.unwrap();
-        let head = read_head(&mut c).await;
-        if status(&head) != 200 {
-            let mut rest = vec![0u8; 200];
-            let n = c.read(&mut rest).await.unwrap_or(0);
-            panic!("{path}: {head}{}", String::from_utf8_lossy(&rest[..n]));
-        }
-        let len: usize = header(&head, "content-length").unwrap().parse().unwrap();
-        let mut body = vec![0; len];
-        c.read_exact(&mut body).await.unwrap();
+        let (head, body) = get_keep_alive(&mut c, "example.test", path, &auth()).await;
+        assert_eq!(status(&head), 200, "{path}: {head}{body}");
+        assert_eq!(body, format!("proxied:http://example.test{path}"));
         ids.push(header(&head, "x-pharox-proxy-id").unwrap().to_owned());
     }
     assert_eq!(

@@ -288,18 +288,15 @@ fn request(id: &Identity, pool: &PoolRuntime, tried: &[ProxyId]) -> AcquireReque
         .consumer(id.consumer.clone())
         .selector(pool.selector)
         .duration(pool.lease);
-    let mut filter = id.filter.clone();
-    if !tried.is_empty() {
+    req.filter = if tried.is_empty() {
+        id.filter.clone()
+    } else {
+        // Never the same upstream twice: the identity's filter plus an exclusion.
         let tried = tried.to_vec();
-        filter = Some(
-            filter
-                .unwrap_or_default()
-                .predicate(move |p| !tried.contains(&p.id)),
-        );
-    }
-    if let Some(f) = filter {
-        req = req.filter(f);
-    }
+        let mut f = id.filter.as_deref().cloned().unwrap_or_default();
+        f = f.predicate(move |p| !tried.contains(&p.id));
+        Some(Arc::new(f))
+    };
     req
 }
 

@@ -15,7 +15,7 @@ use super::pool::{Freed, Pick, PoolState};
 use super::{AcquireRequest, Acquired, CapacitySignal, LeaseError, Released, Storage};
 use crate::model::{
     Consumer, DEFAULT_CONSUMER_NAME, HealthCheck, Lease, LeaseId, LeaseStatus, Pool, PoolStats,
-    Proxy, ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus,
+    Proxy, ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus, default_consumer,
 };
 
 /// One pool: its state and its capacity signal.
@@ -57,7 +57,7 @@ impl InMemoryStorage {
     /// An empty storage with the default consumer.
     pub fn new() -> Self {
         let consumers = DashMap::default();
-        let name: Arc<str> = DEFAULT_CONSUMER_NAME.into();
+        let name = default_consumer();
         consumers.insert(name.clone(), Consumer { name });
         Self {
             pools: Arc::new(DashMap::default()),
@@ -158,21 +158,17 @@ impl Storage for InMemoryStorage {
         let entry = self
             .pool(&req.pool)
             .ok_or_else(|| LeaseError::UnknownPool(req.pool.to_string()))?;
-        let default_consumer;
         let consumer = match &req.consumer {
             Some(name) => {
                 self.intern_consumer(name);
-                name
+                name.clone()
             }
-            None => {
-                default_consumer = Arc::from(DEFAULT_CONSUMER_NAME);
-                &default_consumer
-            }
+            None => default_consumer(),
         };
         let pick = Pick {
             selector: req.selector,
             filter: req.filter.as_deref(),
-            consumer,
+            consumer: &consumer,
             duration: req.duration,
             now,
         };
@@ -239,10 +235,8 @@ impl Storage for InMemoryStorage {
     }
 
     async fn pool_stats(&self, pool: &str) -> Result<Option<PoolStats>, LeaseError> {
-        Ok(self
-            .pool(pool)
-            .map(|e| e.lock().stats())
-            .filter(|s| self.pool(&s.pool_name).is_some()))
+        // A removed pool still reports its draining leases until the last one is released.
+        Ok(self.pool(pool).map(|e| e.lock().stats()))
     }
 
     async fn list_pools(&self) -> Result<Vec<(Pool, PoolStats)>, LeaseError> {

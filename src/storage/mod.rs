@@ -219,7 +219,8 @@ pub trait Storage: Send + Sync + 'static {
         now: Instant,
     ) -> impl Future<Output = Result<Vec<Released>, LeaseError>> + Send;
 
-    /// A pool's figures, `None` for an unknown pool.
+    /// A pool's figures, `None` for an unknown pool (a removed pool reports its draining
+    /// leases until the last one is released).
     fn pool_stats(
         &self,
         pool: &str,

@@ -447,3 +447,24 @@ pub fn test_tls() -> (tokio_rustls::TlsAcceptor, String) {
         .unwrap();
     (tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca.pem())
 }
+
+/// Sends a keep-alive absolute-form GET on an open connection; returns the response head and
+/// body (read by `Content-Length`; an error response's body is read too).
+pub async fn get_keep_alive(
+    c: &mut TcpStream,
+    authority: &str,
+    path: &str,
+    auth: &str,
+) -> (String, String) {
+    let req = format!(
+        "GET http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: {auth}\r\n\r\n"
+    );
+    c.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(c).await;
+    let len: usize = header(&head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    c.read_exact(&mut body).await.unwrap();
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
