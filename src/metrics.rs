@@ -9,6 +9,9 @@
 //! it is a histogram, a helper that records it, a row in README's metrics table and, if it is
 //! worth a panel, the Grafana dashboard.
 
+use std::sync::Arc;
+
+use dashmap::DashMap;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -16,6 +19,7 @@ use metrics_exporter_prometheus::{
 
 use crate::events::{AcquireEvent, ReleaseEvent};
 use crate::model::PoolStats;
+use crate::selector::Selector;
 
 /// Metric names (part of the product contract).
 pub mod names {
@@ -63,10 +67,31 @@ const LEASE_BUCKETS: &[f64] = &[
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
-/// A daemon's metrics: its recorder and the handle that renders it.
+/// A daemon's metrics: its recorder, the handle that renders it, and the handles of the
+/// series every connection touches, registered once (a registry lookup builds a key with
+/// owned label strings; the hot path only bumps an atomic).
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    pools: DashMap<Arc<str>, Arc<PoolMetrics>>,
+    connections: DashMap<(&'static str, &'static str), Counter>,
+}
+
+/// The series labelled by one pool only (plus fixed label values).
+struct PoolMetrics {
+    release: Counter,
+    lease_duration: Histogram,
+    acquire_hit: Histogram,
+    acquire_miss: Histogram,
+    available: Gauge,
+    active: Gauge,
+    leased: Gauge,
+    connections_active: Gauge,
+    bytes_tx: Counter,
+    bytes_rx: Counter,
+    sessions: Gauge,
+    /// `pharox_acquire_total` by consumer and selector: `[hit, miss]`.
+    acquire: DashMap<(Arc<str>, Selector), [Counter; 2]>,
 }
 
 impl Default for Metrics {
@@ -101,7 +126,12 @@ impl Metrics {
             .expect("bucket lists are not empty")
             .build_recorder();
         let handle = recorder.handle();
-        let m = Self { recorder, handle };
+        let m = Self {
+            recorder,
+            handle,
+            pools: DashMap::new(),
+            connections: DashMap::new(),
+        };
         m.describe_all();
         m
     }
@@ -219,69 +249,107 @@ impl Metrics {
         self.handle.run_upkeep();
     }
 
+    /// The registered series of `pool`.
+    fn pool(&self, pool: &str) -> Arc<PoolMetrics> {
+        if let Some(p) = self.pools.get(pool) {
+            return p.clone();
+        }
+        let l = [("pool", pool)];
+        let with = |k: &'static str, v: &'static str| [("pool", pool), (k, v)];
+        let p = Arc::new(PoolMetrics {
+            release: self.counter(names::RELEASE_TOTAL, &l),
+            lease_duration: self.histogram(names::LEASE_DURATION, &l),
+            acquire_hit: self.histogram(names::ACQUIRE_DURATION, &with("status", "hit")),
+            acquire_miss: self.histogram(names::ACQUIRE_DURATION, &with("status", "miss")),
+            available: self.gauge(names::POOL_AVAILABLE, &l),
+            active: self.gauge(names::POOL_ACTIVE, &l),
+            leased: self.gauge(names::POOL_LEASED, &l),
+            connections_active: self.gauge(names::CONNECTIONS_ACTIVE, &l),
+            bytes_tx: self.counter(names::BYTES_TOTAL, &with("direction", "tx")),
+            bytes_rx: self.counter(names::BYTES_TOTAL, &with("direction", "rx")),
+            sessions: self.gauge(names::SESSIONS_ACTIVE, &l),
+            acquire: DashMap::new(),
+        });
+        self.pools
+            .entry(Arc::from(pool))
+            .or_insert(p)
+            .value()
+            .clone()
+    }
+
     /// An acquire attempt (callback of the lease engine).
     pub fn on_acquire(&self, e: &AcquireEvent) {
-        let status = if e.lease.is_some() { "hit" } else { "miss" };
-        let pool = &*e.pool_name;
-        self.counter(
-            names::ACQUIRE_TOTAL,
-            &[
-                ("pool", pool),
-                ("consumer", &e.consumer_name),
-                ("selector", e.selector.as_str()),
-                ("status", status),
-            ],
-        )
-        .increment(1);
-        self.histogram(
-            names::ACQUIRE_DURATION,
-            &[("pool", pool), ("status", status)],
-        )
-        .record(e.duration.as_secs_f64());
-        self.pool_stats(&e.pool_stats);
+        let p = self.pool(&e.pool_name);
+        let hit = e.lease.is_some();
+        let key = (e.consumer_name.clone(), e.selector);
+        let counters = match p.acquire.get(&key) {
+            Some(c) => c,
+            None => {
+                let labels = |status| {
+                    [
+                        ("pool", &*e.pool_name),
+                        ("consumer", &*e.consumer_name),
+                        ("selector", e.selector.as_str()),
+                        ("status", status),
+                    ]
+                };
+                let c = [
+                    self.counter(names::ACQUIRE_TOTAL, &labels("hit")),
+                    self.counter(names::ACQUIRE_TOTAL, &labels("miss")),
+                ];
+                p.acquire.entry(key).or_insert(c).downgrade()
+            }
+        };
+        counters[usize::from(!hit)].increment(1);
+        drop(counters);
+        let h = if hit { &p.acquire_hit } else { &p.acquire_miss };
+        h.record(e.duration.as_secs_f64());
+        Self::set_pool_stats(&p, &e.pool_stats);
     }
 
     /// A release (callback of the lease engine).
     pub fn on_release(&self, e: &ReleaseEvent) {
-        let pool = &*e.pool_name;
-        self.counter(names::RELEASE_TOTAL, &[("pool", pool)])
-            .increment(1);
-        self.histogram(names::LEASE_DURATION, &[("pool", pool)])
-            .record(e.lease_duration.as_secs_f64());
-        self.pool_stats(&e.pool_stats);
+        let p = self.pool(&e.pool_name);
+        p.release.increment(1);
+        p.lease_duration.record(e.lease_duration.as_secs_f64());
+        Self::set_pool_stats(&p, &e.pool_stats);
     }
 
     /// The pool gauges.
     pub fn pool_stats(&self, s: &PoolStats) {
-        let pool = [("pool", &*s.pool_name)];
-        self.gauge(names::POOL_AVAILABLE, &pool)
-            .set(s.available as f64);
-        self.gauge(names::POOL_ACTIVE, &pool).set(s.active as f64);
-        self.gauge(names::POOL_LEASED, &pool).set(s.leased as f64);
+        Self::set_pool_stats(&self.pool(&s.pool_name), s);
+    }
+
+    fn set_pool_stats(p: &PoolMetrics, s: &PoolStats) {
+        p.available.set(s.available as f64);
+        p.active.set(s.active as f64);
+        p.leased.set(s.leased as f64);
     }
 
     /// A client connection took (+1) or gave back (-1) a lease.
     pub fn connection_active(&self, pool: &str, delta: f64) {
-        self.gauge(names::CONNECTIONS_ACTIVE, &[("pool", pool)])
-            .increment(delta);
+        self.pool(pool).connections_active.increment(delta);
     }
 
     /// A client connection ended. `kind`: connect, http or socks5; `outcome`: ok, idle,
     /// shutdown, error, or an error code.
-    pub fn connection_done(&self, kind: &str, outcome: &str) {
-        self.counter(
+    pub fn connection_done(&self, kind: &'static str, outcome: &'static str) {
+        if let Some(c) = self.connections.get(&(kind, outcome)) {
+            return c.increment(1);
+        }
+        let c = self.counter(
             names::CONNECTIONS_TOTAL,
             &[("kind", kind), ("outcome", outcome)],
-        )
-        .increment(1);
+        );
+        c.increment(1);
+        self.connections.insert((kind, outcome), c);
     }
 
     /// Bytes relayed for a pool.
     pub fn bytes(&self, pool: &str, tx: u64, rx: u64) {
-        self.counter(names::BYTES_TOTAL, &[("pool", pool), ("direction", "tx")])
-            .increment(tx);
-        self.counter(names::BYTES_TOTAL, &[("pool", pool), ("direction", "rx")])
-            .increment(rx);
+        let p = self.pool(pool);
+        p.bytes_tx.increment(tx);
+        p.bytes_rx.increment(rx);
     }
 
     /// An upstream failed to connect. `reason`: timeout, refused, io.
@@ -295,8 +363,7 @@ impl Metrics {
 
     /// A sticky session started (+1) or ended (-1).
     pub fn session(&self, pool: &str, delta: f64) {
-        self.gauge(names::SESSIONS_ACTIVE, &[("pool", pool)])
-            .increment(delta);
+        self.pool(pool).sessions.increment(delta);
     }
 
     /// A health probe's result (`active`, `slow`, `inactive`) and, if it succeeded, latency.

@@ -236,3 +236,27 @@ async fn curl_through_socks5() {
     );
     d.stop().await;
 }
+
+/// A client that sends greeting, credentials, request and its first payload bytes in one
+/// write (without waiting for any answer) gets every answer, and the payload reaches the
+/// target, in order.
+#[tokio::test]
+async fn socks5_pipelined_handshake_and_early_data() {
+    let origin = Origin::start().await;
+    let d = TestDaemon::start(CONFIG).await;
+    let mut all = vec![5, 1, 2];
+    all.extend_from_slice(&userpass("w", "pw"));
+    all.extend_from_slice(&request(1, 1, &[127, 0, 0, 1], origin.addr.port()));
+    all.extend_from_slice(b"GET /early HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n");
+    let mut s = TcpStream::connect(d.addr).await.unwrap();
+    s.write_all(&all).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    // Method choice, auth status, success reply, then the origin's answer.
+    assert_eq!(&out[..4], &[5, 2, 1, 0]);
+    assert_eq!(&out[4..6], &[5, 0]);
+    let body = String::from_utf8_lossy(&out[14..]);
+    assert!(body.ends_with("origin:/early"), "{body}");
+    d.wait_leased("p", 0).await;
+    d.stop().await;
+}

@@ -18,7 +18,7 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
     let started = Instant::now();
     Span::current().record("kind", "connect");
     let prepared = async {
-        let target = parse_authority(&head.target)?;
+        let target = parse_authority(head.target())?;
         let id = head.identify(&rt.auth)?;
         record_identity(&id, &target, None);
         let (held, upstream, early) = state

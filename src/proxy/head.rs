@@ -2,6 +2,7 @@
 //! back to whoever serves the rest of the connection.
 
 use std::io;
+use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,28 +15,41 @@ use crate::error::ProxyError;
 /// Most header lines accepted in one head.
 const MAX_HEADERS: usize = 128;
 
-/// A parsed request head.
+/// A parsed request head: the raw bytes and where each part lies in them (no copy per
+/// header).
 #[derive(Debug)]
 pub struct Head {
-    /// Method, e.g. `CONNECT`.
-    pub method: String,
-    /// Request target as sent.
-    pub target: String,
-    /// Headers in order, names lower-cased.
-    pub headers: Vec<(String, Vec<u8>)>,
     /// The raw bytes of the head (request line to blank line).
     pub raw: Bytes,
     /// Bytes the client sent after the head.
     pub rest: Bytes,
+    method: Range<usize>,
+    target: Range<usize>,
+    headers: Vec<(Range<usize>, Range<usize>)>,
 }
 
 impl Head {
-    /// The first value of a header (name in lower case).
+    /// Method, e.g. `CONNECT`.
+    pub fn method(&self) -> &str {
+        self.text(&self.method)
+    }
+
+    /// Request target as sent.
+    pub fn target(&self) -> &str {
+        self.text(&self.target)
+    }
+
+    /// The first value of a header (name matched case-insensitively).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_slice())
+            .find(|(k, _)| self.raw[k.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| &self.raw[v.clone()])
+    }
+
+    fn text(&self, r: &Range<usize>) -> &str {
+        // Checked as UTF-8 by the parser (method and target are ASCII tokens).
+        std::str::from_utf8(&self.raw[r.clone()]).unwrap_or_default()
     }
 }
 
@@ -50,13 +64,24 @@ pub enum HeadError {
     Io(io::Error),
 }
 
-/// Reads one request head from `io` (at most `max` bytes, within `timeout`).
-pub async fn read_head<R: AsyncRead + Unpin>(
+/// How a client opened its connection.
+#[derive(Debug)]
+pub enum Opening {
+    /// An HTTP request head.
+    Http(Head),
+    /// A SOCKS5 greeting (first byte 5; no HTTP method starts with it): the bytes read so far.
+    Socks5(Bytes),
+}
+
+/// Reads what a client opens with: a SOCKS5 greeting or one request head (at most `max`
+/// bytes, within `timeout`). No peek: the first read already carries the whole head of a
+/// typical request.
+pub async fn read_opening<R: AsyncRead + Unpin>(
     io: &mut R,
     max: usize,
     timeout: Duration,
-) -> Result<Head, HeadError> {
-    match tokio::time::timeout(timeout, read_head_inner(io, max)).await {
+) -> Result<Opening, HeadError> {
+    match tokio::time::timeout(timeout, read_opening_inner(io, max)).await {
         Ok(r) => r,
         Err(_) => Err(HeadError::Bad(ProxyError::BadRequest(
             "request head not received in time".into(),
@@ -64,7 +89,10 @@ pub async fn read_head<R: AsyncRead + Unpin>(
     }
 }
 
-async fn read_head_inner<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> Result<Head, HeadError> {
+async fn read_opening_inner<R: AsyncRead + Unpin>(
+    io: &mut R,
+    max: usize,
+) -> Result<Opening, HeadError> {
     let mut buf = BytesMut::with_capacity(4096.min(max));
     loop {
         if buf.len() >= max {
@@ -87,8 +115,11 @@ async fn read_head_inner<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> Result
                 ))
             });
         }
+        if buf[0] == 5 {
+            return Ok(Opening::Socks5(buf.freeze()));
+        }
         if let Some(head) = parse(&mut buf)? {
-            return Ok(head);
+            return Ok(Opening::Http(head));
         }
     }
 }
@@ -105,21 +136,29 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
             ))));
         }
     };
-    let method = req.method.unwrap_or_default().to_owned();
-    let target = req.path.unwrap_or_default().to_owned();
+    let base = buf.as_ptr() as usize;
+    // Every part the parser returns is a slice of `buf`.
+    let span = |part: Option<&[u8]>| {
+        part.map_or(0..0, |p| {
+            let start = p.as_ptr() as usize - base;
+            start..start + p.len()
+        })
+    };
+    let method = span(req.method.map(str::as_bytes));
+    let target = span(req.path.map(str::as_bytes));
     let headers = req
         .headers
         .iter()
-        .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+        .map(|h| (span(Some(h.name.as_bytes())), span(Some(h.value))))
         .collect();
     let raw = buf.split_to(len).freeze();
     let rest = std::mem::take(buf).freeze();
     Ok(Some(Head {
+        raw,
+        rest,
         method,
         target,
         headers,
-        raw,
-        rest,
     }))
 }
 

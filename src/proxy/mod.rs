@@ -36,7 +36,7 @@ use crate::model::LeaseId;
 use crate::model::{Proxy, ProxyId};
 use crate::retry::RetryPolicy;
 use crate::selector::Selector;
-use head::{Head, HeadError};
+use head::{Head, HeadError, Opening};
 use splice::Transferred;
 use upstream::{Policy, Target, UpstreamExtra};
 
@@ -253,6 +253,12 @@ pub enum DialMode {
 
 /// Accepts clients until `state.drain` is cancelled; each connection runs on the tracker.
 pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt for
+    // the daemon's life instead of one per connection.
+    let inherits_nodelay = cfg!(target_os = "linux")
+        && socket2::SockRef::from(&listener)
+            .set_tcp_nodelay(true)
+            .is_ok();
     let max = state.runtime.load().limits().max_connections;
     let permits = Arc::new(Semaphore::new(max));
     loop {
@@ -276,6 +282,9 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
             "conn", client = %peer, kind = Empty, consumer = Empty, pool = Empty,
             proxy = Empty, target = Empty
         );
+        if !inherits_nodelay {
+            let _ = stream.set_nodelay(true);
+        }
         state.tracker.spawn(
             async move {
                 handle(state2, stream).await;
@@ -288,44 +297,29 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
 
 /// Serves one client connection.
 async fn handle(state: Arc<ProxyState>, mut stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
     let rt = state.runtime.load_full();
     let limits = rt.limits();
-    let mut first = [0u8; 1];
-    let peeked = tokio::select! {
-        r = tokio::time::timeout(limits.head_timeout(), stream.peek(&mut first)) => r,
+    let opening = tokio::select! {
+        h = head::read_opening(&mut stream, limits.max_head_bytes, limits.head_timeout()) => h,
         () = state.drain.cancelled() => return,
     };
-    match peeked {
-        Ok(Ok(1)) if first[0] == 5 => return socks::handle(&state, &rt, stream).await,
-        Ok(Ok(1..)) => {}
-        Ok(_) => return, // closed or failed before a byte
-        Err(_) => {
-            let e = ProxyError::BadRequest("request head not received in time".into());
-            state.metrics.connection_done("http", e.code());
-            return reply_error(&mut stream, &e).await;
-        }
-    }
-    let head = tokio::select! {
-        h = head::read_head(&mut stream, limits.max_head_bytes, limits.head_timeout()) => h,
-        () = state.drain.cancelled() => return,
-    };
-    let head = match head {
-        Ok(head) => head,
+    let head = match opening {
+        Ok(Opening::Http(head)) => head,
+        Ok(Opening::Socks5(greeting)) => return socks::handle(&state, &rt, stream, greeting).await,
         Err(HeadError::Closed | HeadError::Io(_)) => return,
         Err(HeadError::Bad(e)) => {
             state.metrics.connection_done("http", e.code());
             return reply_error(&mut stream, &e).await;
         }
     };
-    if head.method.eq_ignore_ascii_case("CONNECT") {
+    if head.method().eq_ignore_ascii_case("CONNECT") {
         connect::handle(&state, &rt, stream, head).await;
-    } else if head.target.starts_with("http://") || head.target.starts_with("https://") {
+    } else if head.target().starts_with("http://") || head.target().starts_with("https://") {
         forward::serve(state, rt, stream, head).await;
     } else {
         let e = ProxyError::BadRequest(format!(
             "`{}` is not a proxy request (absolute URI or CONNECT)",
-            head.target
+            head.target()
         ));
         state.metrics.connection_done("http", e.code());
         reply_error(&mut stream, &e).await;
@@ -335,9 +329,9 @@ async fn handle(state: Arc<ProxyState>, mut stream: TcpStream) {
 /// Records a finished connection: metrics, and the summary event in its span.
 pub fn finish(
     state: &ProxyState,
-    kind: &str,
+    kind: &'static str,
     pool: Option<&str>,
-    outcome: &str,
+    outcome: &'static str,
     bytes: Transferred,
     started: Instant,
 ) {
@@ -392,10 +386,32 @@ impl Head {
 /// Records who and what a connection is about in its span.
 pub fn record_identity(id: &Identity, target: &Target, proxy: Option<&ProxyId>) {
     let span = Span::current();
+    if span.is_disabled() {
+        return;
+    }
     span.record("consumer", &*id.consumer);
     span.record("pool", &*id.pool);
     span.record("target", target.authority().as_str());
     if let Some(p) = proxy {
         span.record("proxy", p.as_str());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `serve` relies on this to skip a setsockopt per connection.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        socket2::SockRef::from(&listener)
+            .set_tcp_nodelay(true)
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (accepted, _) = accepted.unwrap();
+        assert!(accepted.nodelay().unwrap());
+        drop(client);
     }
 }

@@ -19,12 +19,14 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{Span, debug};
 
 use super::connect::outcome;
+use super::head::Rewind;
 use super::splice::Transferred;
 use super::upstream::Target;
 use super::{DialMode, ProxyState, Runtime, finish, record_identity};
@@ -72,12 +74,17 @@ impl From<std::io::Error> for Stop {
     }
 }
 
-/// Serves a SOCKS5 client; the first byte (5) has been peeked, not consumed.
-pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream) {
+/// Serves a SOCKS5 client whose first bytes (`greeting`, starting with 5) have been read.
+pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream, greeting: Bytes) {
     let started = Instant::now();
     Span::current().record("kind", "socks5");
     let limits = rt.limits();
-    let negotiated = tokio::time::timeout(limits.head_timeout(), negotiate(rt, &mut client)).await;
+    // Small reads of the handshake come from one buffer; what the client sent past its
+    // request (optimistic data) goes to the upstream first.
+    let mut io = BufReader::with_capacity(512, Rewind::new(greeting, &mut client));
+    let negotiated = tokio::time::timeout(limits.head_timeout(), negotiate(rt, &mut io)).await;
+    let early_client = Bytes::copy_from_slice(io.buffer());
+    drop(io);
     let (id, target) = match negotiated {
         Ok(Ok(v)) => v,
         Ok(Err(stop)) => return stopped(state, &mut client, stop, started).await,
@@ -99,7 +106,7 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
             return finish(state, "socks5", None, "client_closed", Transferred::default(), started);
         }
     };
-    let (held, upstream, early) = match dialed {
+    let (held, mut upstream, early) = match dialed {
         Ok(v) => v,
         Err(e) => {
             super::log_error(&e);
@@ -119,6 +126,7 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
         .await
         .is_err()
         || (!early.is_empty() && client.write_all(&early).await.is_err())
+        || (!early_client.is_empty() && upstream.write_all(&early_client).await.is_err())
     {
         return finish(
             state,
@@ -157,9 +165,9 @@ async fn stopped(state: &ProxyState, client: &mut TcpStream, stop: Stop, started
 }
 
 /// Greeting, authentication and the request; returns who asks and where to.
-async fn negotiate(
+async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     rt: &Runtime,
-    c: &mut TcpStream,
+    c: &mut S,
 ) -> Result<(crate::identity::Identity, Target), Stop> {
     let mut head = [0u8; 2];
     c.read_exact(&mut head).await?;
@@ -203,7 +211,9 @@ async fn negotiate(
     }
 }
 
-async fn read_credentials(c: &mut TcpStream) -> Result<(String, String), Stop> {
+async fn read_credentials<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut S,
+) -> Result<(String, String), Stop> {
     let mut ver_len = [0u8; 2];
     c.read_exact(&mut ver_len).await?;
     if ver_len[0] != 1 {
@@ -225,7 +235,7 @@ async fn read_credentials(c: &mut TcpStream) -> Result<(String, String), Stop> {
     }
 }
 
-async fn read_request(c: &mut TcpStream) -> Result<Target, Stop> {
+async fn read_request<S: AsyncRead + Unpin>(c: &mut S) -> Result<Target, Stop> {
     let mut req = [0u8; 4];
     c.read_exact(&mut req).await?;
     if req[0] != 5 {

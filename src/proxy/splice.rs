@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -64,6 +64,8 @@ struct Activity {
     rx: AtomicU64,
     last: AtomicU64,
     eof: Notify,
+    /// Directions that reached EOF (TCP path).
+    eofs: AtomicU8,
     start: Instant,
 }
 
@@ -74,6 +76,7 @@ impl Activity {
             rx: AtomicU64::new(0),
             last: AtomicU64::new(0),
             eof: Notify::new(),
+            eofs: AtomicU8::new(0),
             start: Instant::now(),
         }
     }
@@ -218,12 +221,12 @@ pub async fn splice_tcp(
     cancel: &CancellationToken,
 ) -> (SpliceEnd, Transferred) {
     let act = Activity::new();
-    let (cr, mut cw) = client.split();
-    let (ur, mut uw) = upstream.split();
+    let (mut cr, mut cw) = client.split();
+    let (mut ur, mut uw) = upstream.split();
     let copy = async {
         tokio::try_join!(
-            pump(&cr, &mut uw, &act.tx, &act),
-            pump(&ur, &mut cw, &act.rx, &act)
+            pump(&mut cr, &mut uw, &act.tx, &act),
+            pump(&mut ur, &mut cw, &act.rx, &act)
         )
         .map(|_| ())
     };
@@ -247,10 +250,13 @@ pub async fn splice_upstream(
     }
 }
 
-/// One direction: wait for data without a buffer, then copy with a pooled one until the
-/// socket would block; pass EOF on as a write shutdown.
+/// One direction: wait for data without a buffer, then copy with a pooled one while reads
+/// fill it; pass EOF on as a write shutdown.
+///
+/// Reads go through `poll_read`, which marks the socket not-ready after a short read, so a
+/// drained socket costs no extra `EAGAIN` read: the next wait goes straight to the poller.
 async fn pump(
-    src: &ReadHalf<'_>,
+    src: &mut ReadHalf<'_>,
     dst: &mut WriteHalf<'_>,
     bytes: &AtomicU64,
     act: &Activity,
@@ -259,25 +265,46 @@ async fn pump(
         src.readable().await?;
         let mut buf = take_buffer();
         let burst = loop {
-            match src.try_read(&mut buf) {
-                Ok(0) => {
+            match read_now(src, &mut buf).await {
+                Ok(None) => break Ok(()),
+                Ok(Some(0)) => {
                     give_back(buf);
                     act.eof.notify_one();
-                    return dst.shutdown().await;
+                    // The second EOF needs no shutdown: both sockets close right after, and
+                    // close sends the FIN.
+                    if act.eofs.fetch_add(1, Ordering::Relaxed) == 0 {
+                        return dst.shutdown().await;
+                    }
+                    return Ok(());
                 }
-                Ok(n) => {
+                Ok(Some(n)) => {
                     act.moved(bytes, n);
                     if let Err(e) = dst.write_all(&buf[..n]).await {
                         break Err(e);
                     }
+                    if n < buf.len() {
+                        break Ok(()); // Drained: wait for the poller again.
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
                 Err(e) => break Err(e),
             }
         };
         give_back(buf);
         burst?;
     }
+}
+
+/// Reads what is there now: `None` if nothing is (the socket is then marked not-ready).
+async fn read_now(src: &mut ReadHalf<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    std::future::poll_fn(|cx| {
+        let mut rb = ReadBuf::new(buf);
+        match Pin::new(&mut *src).poll_read(cx, &mut rb) {
+            Poll::Pending => Poll::Ready(Ok(None)),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(rb.filled().len()))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    })
+    .await
 }
 
 thread_local! {
