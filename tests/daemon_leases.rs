@@ -136,6 +136,33 @@ async fn keep_alive_requests_share_one_lease() {
     d.stop().await;
 }
 
+/// Every request of a keep-alive connection is authenticated: a wrong password after good
+/// requests is refused (and the lease kept for the connection), the right one works again.
+#[tokio::test]
+async fn keep_alive_requests_are_each_authenticated() {
+    let origin = Origin::start().await;
+    let d = TestDaemon::start(&pool_config(&["url = \"direct\"".into()], "", "")).await;
+    let target = origin.addr.to_string();
+    let mut c = TcpStream::connect(d.addr).await.unwrap();
+    let (head, _) = get_keep_alive(&mut c, &target, "/a", &auth()).await;
+    assert_eq!(status(&head), 200, "{head}");
+    let (head, _) = get_keep_alive(&mut c, &target, "/b", &basic("w", "wrong")).await;
+    assert_eq!(status(&head), 407, "{head}");
+    assert_eq!(header(&head, "x-pharox-error"), Some("auth_failed"));
+    let (head, body) = get_keep_alive(&mut c, &target, "/c", &auth()).await;
+    assert_eq!(status(&head), 200, "{head}");
+    assert_eq!(body, "origin:/c");
+    let seen = origin.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.len(),
+        2,
+        "the refused request never reached the origin: {seen:?}"
+    );
+    drop(c);
+    d.wait_leased("p", 0).await;
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn client_abort_during_the_upstream_handshake_releases_the_lease() {
     let stall = FakeProxy::start(Mode::Stall).await;

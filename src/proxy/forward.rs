@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HOST, HeaderMap, HeaderValue, PROXY_AUTHORIZATION};
+use hyper::header::{HOST, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHORIZATION};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, Uri};
@@ -45,7 +45,7 @@ type Body = BoxBody<Bytes, hyper::Error>;
 #[derive(Default)]
 struct ConnLease {
     /// The identity the lease was taken for: (consumer, pool, filter key).
-    key: Option<String>,
+    key: Option<Arc<str>>,
     held: Option<Held>,
     /// The open upstream connection and the target it is bound to (`None`: an HTTP proxy,
     /// which takes requests for any target).
@@ -54,6 +54,54 @@ struct ConnLease {
     pool: Option<Arc<str>>,
     /// The code of the last refused request, for metrics.
     last_error: Option<&'static str>,
+    /// Headers every response of this lease carries (`X-Pharox-Proxy-Id`, ...).
+    stamp: Vec<(HeaderName, HeaderValue)>,
+    /// `Proxy-Authorization` for the leased upstream, if it is an HTTP proxy with credentials.
+    upstream_auth: Option<HeaderValue>,
+    /// The last identity that authenticated on this connection, and what it came from.
+    known: Option<Known>,
+}
+
+/// An identity already authenticated on this connection: a request with the same
+/// `Proxy-Authorization` and `X-Pharox-*` headers has the same identity (the runtime is the
+/// connection's snapshot), so keep-alive requests skip decoding and the password check.
+struct Known {
+    auth: Option<HeaderValue>,
+    pharox: Vec<(HeaderName, HeaderValue)>,
+    id: Identity,
+    key: Arc<str>,
+}
+
+impl ConnLease {
+    /// Takes `held` for this connection: the response stamp and upstream credentials are
+    /// computed once per lease.
+    fn take(&mut self, held: Held, key: Arc<str>, pool: Arc<str>) {
+        self.stamp = stamp(&held);
+        self.upstream_auth = upstream::basic_auth(held.proxy()).and_then(|a| {
+            let mut v = HeaderValue::from_str(&a).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
+        self.held = Some(held);
+        self.key = Some(key);
+        self.pool = Some(pool);
+    }
+
+    /// Gives the lease (and the upstream connection) back, keeping the known identity.
+    fn clear(&mut self) {
+        let known = self.known.take();
+        *self = ConnLease::default();
+        self.known = known;
+    }
+}
+
+/// The `X-Pharox-*` headers of a request, in order.
+fn pharox_headers(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    headers
+        .iter()
+        .filter(|(k, _)| k.as_str().starts_with("x-pharox-"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Counts the bytes a client connection reads and writes.
@@ -199,6 +247,38 @@ async fn handle(
     })
 }
 
+/// The request's identity: the connection's known one if the request carries the same
+/// credentials and identity headers, else authenticated afresh (and remembered).
+fn known_identity(
+    rt: &Runtime,
+    conn: &mut ConnLease,
+    req: &Request<Incoming>,
+) -> Result<(Identity, Arc<str>), ProxyError> {
+    let auth = req.headers().get(PROXY_AUTHORIZATION);
+    let pharox = pharox_headers(req.headers());
+    if let Some(k) = &conn.known
+        && k.auth.as_ref() == auth
+        && k.pharox == pharox
+    {
+        return Ok((k.id.clone(), k.key.clone()));
+    }
+    let id = identify(rt, req)?;
+    let key: Arc<str> = Arc::from(format!(
+        "{}\n{}\n{:?}\n{:?}",
+        id.consumer,
+        id.pool,
+        id.filter.as_ref().map(|f| f.index_key()),
+        id.session
+    ));
+    conn.known = Some(Known {
+        auth: auth.cloned(),
+        pharox,
+        id: id.clone(),
+        key: key.clone(),
+    });
+    Ok((id, key))
+}
+
 fn identify(rt: &Runtime, req: &Request<Incoming>) -> Result<Identity, ProxyError> {
     let headers = req.headers();
     let lookup = |name: &str| headers.get(name).map(HeaderValue::as_bytes);
@@ -279,19 +359,11 @@ async fn forward(
         host,
         port: uri.port_u16().unwrap_or(80),
     };
-    let id = identify(rt, &req)?;
-    let key = format!(
-        "{}\n{}\n{:?}\n{:?}",
-        id.consumer,
-        id.pool,
-        id.filter.as_ref().map(|f| f.index_key()),
-        id.session
-    );
-
     let mut guard = conn.lock().await;
     let conn = &mut *guard;
-    if conn.key.as_deref() != Some(key.as_str()) {
-        *conn = ConnLease::default(); // releases a lease taken for another identity
+    let (id, key) = known_identity(rt, conn, &req)?;
+    if conn.key.as_deref() != Some(&*key) {
+        conn.clear(); // releases a lease taken for another identity
     }
     // A keep-alive upstream connection can close just as a request goes out. A request that
     // was never sent, or a bodiless idempotent one, is sent again once, on a fresh connection
@@ -316,7 +388,7 @@ async fn forward(
             .held
             .as_ref()
             .expect("a lease is held once a sender exists");
-        prepare_request(&mut req, &uri, &target, held)?;
+        prepare_request(&mut req, &uri, &target, held, conn.upstream_auth.as_ref())?;
         let (_, sender) = conn.sender.as_mut().expect("sender set above");
         let sent = match sender.ready().await {
             Ok(()) => sender.try_send_request(req).await,
@@ -353,20 +425,20 @@ async fn forward(
                 state.record_failure(&proxy, &pool.health);
                 failed.push(proxy);
             }
-            *conn = ConnLease::default();
+            conn.clear();
         }
     }
     let mut resp =
         resp.ok_or_else(|| ProxyError::UpstreamFailed("upstream connection closed".into()))?;
-    let held = conn
-        .held
-        .as_ref()
-        .expect("a lease is held once a response came");
     strip_hop_by_hop(resp.headers_mut());
     // Our side of the connection speaks HTTP/1.1 whatever the origin spoke (an HTTP/1.0
     // origin must not close the client's keep-alive connection and its lease).
     *resp.version_mut() = hyper::Version::HTTP_11;
-    Ok(success(resp.map(|b| b.boxed()), held))
+    let h = resp.headers_mut();
+    for (k, v) in &conn.stamp {
+        h.insert(k, v.clone());
+    }
+    Ok(resp.map(|b| b.boxed()))
 }
 
 /// The parts of a bodiless idempotent request, to send it again.
@@ -401,7 +473,7 @@ async fn ensure_sender(
     conn: &mut ConnLease,
     cancel: &CancellationToken,
     id: &Identity,
-    key: String,
+    key: Arc<str>,
     target: &Target,
     failed: &mut Vec<ProxyId>,
 ) -> Result<bool, ProxyError> {
@@ -426,7 +498,7 @@ async fn ensure_sender(
                     state.record_failure(&held.proxy().id, &pool.health);
                 }
                 failed.push(held.proxy().id.clone());
-                *conn = ConnLease::default();
+                conn.clear();
             }
         }
     }
@@ -445,9 +517,7 @@ async fn ensure_sender(
                     () = conn_cancel.cancelled() => {}
                 }
             });
-            conn.held = Some(held);
-            conn.key = Some(key);
-            conn.pool = Some(id.pool.clone());
+            conn.take(held, key, id.pool.clone());
             io
         }
     };
@@ -477,6 +547,7 @@ fn prepare_request(
     uri: &Uri,
     target: &Target,
     held: &Held,
+    upstream_auth: Option<&HeaderValue>,
 ) -> Result<(), ProxyError> {
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
@@ -493,11 +564,8 @@ fn prepare_request(
     *req.version_mut() = hyper::Version::HTTP_11;
     let proxy = held.proxy();
     if is_http_proxy(proxy.protocol) {
-        if let Some(auth) = upstream::basic_auth(proxy) {
-            let mut v = HeaderValue::from_str(&auth)
-                .map_err(|_| ProxyError::UpstreamFailed("bad upstream credentials".into()))?;
-            v.set_sensitive(true);
-            req.headers_mut().insert(PROXY_AUTHORIZATION, v);
+        if let Some(auth) = upstream_auth {
+            req.headers_mut().insert(PROXY_AUTHORIZATION, auth.clone());
         }
         *req.uri_mut() = uri.clone();
     } else {
@@ -513,18 +581,29 @@ fn is_http_proxy(p: ProxyProtocol) -> bool {
     matches!(p, ProxyProtocol::Http | ProxyProtocol::Https)
 }
 
+/// The headers that tell a client which upstream and lease served it.
+fn stamp(held: &Held) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::with_capacity(2);
+    let mut add = |k: &'static str, v: &str| {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            out.push((k, v));
+        }
+    };
+    add("x-pharox-proxy-id", held.proxy().id.as_str());
+    add("x-pharox-lease-id", &held.lease_id());
+    for (k, v) in held.session_headers() {
+        add(k, &v);
+    }
+    out
+}
+
 fn success(mut resp: Response<Body>, held: &Held) -> Response<Body> {
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(held.proxy().id.as_str()) {
-        h.insert("x-pharox-proxy-id", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&held.lease_id()) {
-        h.insert("x-pharox-lease-id", v);
-    }
-    for (k, v) in held.session_headers() {
-        if let Ok(v) = HeaderValue::from_str(&v) {
-            h.insert(k, v);
-        }
+    for (k, v) in stamp(held) {
+        h.insert(k, v);
     }
     resp
 }

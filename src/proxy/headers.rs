@@ -2,26 +2,33 @@
 //! and those named in `Connection` / `Proxy-Connection`), the client's proxy credentials and
 //! every `X-Pharox-*` header.
 
-use hyper::header::{HeaderMap, HeaderName};
+use hyper::header::{
+    CONNECTION, HeaderMap, HeaderName, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
+};
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy-specific ones.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy-specific ones (names parsed once, at
+/// compile time).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    PROXY_CONNECTION,
+    KEEP_ALIVE,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
 ];
 
 /// Removes hop-by-hop headers, including those listed in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = ["connection", "proxy-connection"]
+    let named: Vec<HeaderName> = [CONNECTION, PROXY_CONNECTION]
         .iter()
-        .flat_map(|h| headers.get_all(*h).iter())
+        .flat_map(|h| headers.get_all(h).iter())
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
@@ -29,8 +36,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
