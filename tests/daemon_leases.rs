@@ -163,6 +163,25 @@ async fn keep_alive_requests_are_each_authenticated() {
     d.stop().await;
 }
 
+/// A plain HTTP client that leaves while its request waits for the upstream's answer: the
+/// connection ends and its lease is released (the in-flight request is dropped with it).
+#[tokio::test]
+async fn client_leaving_mid_request_releases_the_lease() {
+    let stall = FakeProxy::start(Mode::Stall).await;
+    let cfg = pool_config(&[format!("url = \"http://{}\"", stall.addr)], "", "");
+    let d = TestDaemon::start(&cfg).await;
+    let mut c = TcpStream::connect(d.addr).await.unwrap();
+    let req = format!(
+        "GET http://example.test/slow HTTP/1.1\r\nHost: example.test\r\nProxy-Authorization: {}\r\n\r\n",
+        auth()
+    );
+    c.write_all(req.as_bytes()).await.unwrap();
+    d.wait_leased("p", 1).await;
+    drop(c);
+    d.wait_leased("p", 0).await;
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn client_abort_during_the_upstream_handshake_releases_the_lease() {
     let stall = FakeProxy::start(Mode::Stall).await;

@@ -180,37 +180,38 @@ pub async fn serve(state: Arc<ProxyState>, rt: Arc<Runtime>, stream: TcpStream, 
         }
     });
     let limits = rt.limits();
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.head_timeout())
-        .max_buf_size(limits.max_head_bytes.max(8192))
-        .preserve_header_case(true)
-        .title_case_headers(true)
-        .serve_connection(TokioIo::new(metered), service)
-        .with_upgrades();
-    tokio::pin!(conn);
-    let mut outcome = "ok";
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    debug!(error = %e, "client connection ended with an error");
-                    outcome = "error";
+    // The hyper connection owns the in-flight request's future, which holds `conn_lease`:
+    // it must be dropped (here, at the end of this block) before the lease is looked at, or a
+    // client leaving mid-request would leave this task waiting on its own lock.
+    let mut outcome = {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.head_timeout())
+            .max_buf_size(limits.max_head_bytes.max(8192))
+            .preserve_header_case(true)
+            .title_case_headers(true)
+            .serve_connection(TokioIo::new(metered), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        debug!(error = %e, "client connection ended with an error");
+                        break "error";
+                    }
+                    break "ok";
                 }
-                break;
-            }
-            () = state.drain.cancelled(), if !draining => {
-                // Finish the request in flight, then close.
-                draining = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            () = cancel.cancelled() => {
-                outcome = "closed_by_proxy";
-                break;
+                () = state.drain.cancelled(), if !draining => {
+                    // Finish the request in flight, then close.
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = cancel.cancelled() => break "closed_by_proxy",
             }
         }
-    }
+    };
     let mut lease = conn_lease.lock().await;
     let pool = lease.pool.clone();
     if outcome == "ok" && pool.is_none() {
