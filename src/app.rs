@@ -132,7 +132,7 @@ impl Runner {
                 open = state.tracker.len(),
                 "drain deadline reached; closing the remaining connections"
             );
-            state.cancel.cancel();
+            state.close_all();
             state.tracker.wait().await;
         }
         // Sessions hold leases between connections; with every connection gone, end them.

@@ -16,6 +16,7 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, 
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
+use rustc_hash::FxBuildHasher;
 
 use crate::events::{AcquireEvent, ReleaseEvent};
 use crate::model::PoolStats;
@@ -73,8 +74,8 @@ static METADATA: Metadata<'static> =
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    pools: DashMap<Arc<str>, Arc<PoolMetrics>>,
-    connections: DashMap<(&'static str, &'static str), Counter>,
+    pools: DashMap<Arc<str>, Arc<PoolMetrics>, FxBuildHasher>,
+    connections: DashMap<(&'static str, &'static str), Counter, FxBuildHasher>,
 }
 
 /// The series labelled by one pool only (plus fixed label values).
@@ -90,7 +91,8 @@ struct PoolMetrics {
     bytes_tx: Counter,
     bytes_rx: Counter,
     sessions: Gauge,
-    /// `pharox_acquire_total` by consumer and selector: `[hit, miss]`.
+    /// `pharox_acquire_total` by consumer and selector: `[hit, miss]`. Default (keyed)
+    /// hasher: without required auth, consumer names come from clients.
     acquire: DashMap<(Arc<str>, Selector), [Counter; 2]>,
 }
 
@@ -129,8 +131,8 @@ impl Metrics {
         let m = Self {
             recorder,
             handle,
-            pools: DashMap::new(),
-            connections: DashMap::new(),
+            pools: DashMap::default(),
+            connections: DashMap::default(),
         };
         m.describe_all();
         m

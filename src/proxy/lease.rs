@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::upstream::{self, DialError, Target, UpstreamIo};
@@ -206,7 +207,10 @@ impl ProxyState {
     }
 
     fn hold(self: &Arc<Self>, guard: LeaseGuard, lease: Duration) -> Arc<LeaseHold> {
-        let cancel = self.cancel.child_token();
+        // A token of its own, not a child of the daemon's: a child token takes the parent's
+        // lock on creation and drop, which every connection would contend on. `close_all`
+        // reaches it through the registry instead.
+        let cancel = CancellationToken::new();
         let holding = Holding {
             cancel: cancel.clone(),
             lease: (*guard).clone(),
@@ -214,6 +218,9 @@ impl ProxyState {
             renew_at: Instant::now() + lease / 2,
         };
         self.connections.insert(guard.id, holding);
+        if self.cancel.is_cancelled() {
+            cancel.cancel();
+        }
         Arc::new(LeaseHold {
             guard,
             state: self.clone(),

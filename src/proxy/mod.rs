@@ -96,7 +96,7 @@ pub struct ProxyState {
     /// Consecutive connect failures per upstream.
     pub failures: DashMap<ProxyId, u32>,
     /// Each held lease's connection, so an operator can close it.
-    connections: DashMap<LeaseId, Holding>,
+    connections: DashMap<LeaseId, Holding, rustc_hash::FxBuildHasher>,
     /// Cancelled when open connections must close (end of the shutdown drain).
     pub cancel: CancellationToken,
     /// Cancelled when shutdown starts: keep-alive connections finish their request and close.
@@ -119,7 +119,7 @@ impl ProxyState {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             failures: DashMap::new(),
-            connections: DashMap::new(),
+            connections: DashMap::default(),
             cancel: CancellationToken::new(),
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -142,6 +142,16 @@ impl ProxyState {
     pub fn end_sessions(&self) {
         for s in self.sessions.list() {
             self.rotate_session(s.key());
+        }
+    }
+
+    /// Closes every open connection (the end of the shutdown drain): the daemon-wide token,
+    /// then each held lease's own token. A lease held after the first step sees the daemon
+    /// token cancelled when it registers (`hold`), so none is missed.
+    pub fn close_all(&self) {
+        self.cancel.cancel();
+        for h in self.connections.iter() {
+            h.cancel.cancel();
         }
     }
 
