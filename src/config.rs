@@ -138,6 +138,9 @@ pub struct LimitsConfig {
     /// On shutdown, how long open connections may finish before they are closed, in
     /// seconds. Default 30.
     pub drain_timeout_secs: u64,
+    /// Move bulk tunnel traffic between plain TCP sockets with `splice(2)` (Linux), without
+    /// copying it through the daemon. Default true.
+    pub zero_copy: bool,
 }
 
 impl Default for LimitsConfig {
@@ -149,6 +152,7 @@ impl Default for LimitsConfig {
             connect_timeout_ms: 10_000,
             idle_timeout_secs: 300,
             drain_timeout_secs: 30,
+            zero_copy: true,
         }
     }
 }

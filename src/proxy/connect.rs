@@ -71,13 +71,8 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
         );
     }
     drop((early, head));
-    let (end, bytes) = super::splice::splice_upstream(
-        &mut client,
-        upstream,
-        rt.limits().idle_timeout(),
-        &held.cancel,
-    )
-    .await;
+    let (end, bytes) =
+        super::splice::splice_upstream(&mut client, upstream, rt.limits(), &held.cancel).await;
     drop(held);
     finish(
         state,

@@ -139,8 +139,7 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
     }
     drop(early);
     let (end, bytes) =
-        super::splice::splice_upstream(&mut client, upstream, limits.idle_timeout(), &held.cancel)
-            .await;
+        super::splice::splice_upstream(&mut client, upstream, limits, &held.cancel).await;
     drop(held);
     finish(
         state,
