@@ -145,3 +145,41 @@ impl Runner {
         info!("stopped");
     }
 }
+
+/// The tokio runtime for `config`: the single-threaded scheduler for one worker (no
+/// work-stealing machinery and no second thread to hand tasks to), the multi-threaded one
+/// with `config.workers()` workers otherwise.
+pub fn runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
+    match config.workers() {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::runtime::RuntimeFlavor;
+
+    use super::*;
+
+    #[test]
+    fn one_worker_runs_the_single_threaded_scheduler() {
+        let mut config = Config {
+            worker_threads: 1,
+            ..Config::default()
+        };
+        let rt = runtime(&config).unwrap();
+        assert_eq!(rt.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
+        config.worker_threads = 2;
+        let rt = runtime(&config).unwrap();
+        assert_eq!(rt.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        assert_eq!(rt.metrics().num_workers(), 2);
+        config.worker_threads = 0;
+        assert!(config.workers() >= 1);
+    }
+}

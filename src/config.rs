@@ -62,12 +62,29 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Sizes, counts and timeouts.
     pub limits: LimitsConfig,
+    /// Threads serving connections: 0 (default) = one per CPU this process may run on. With
+    /// one, the daemon runs tokio's single-threaded scheduler. Read at start only.
+    pub worker_threads: usize,
     /// Safety switches.
     pub security: SecurityConfig,
     /// Who may use the daemon.
     pub consumers: Vec<ConsumerConfig>,
     /// The pools of upstreams.
     pub pools: Vec<PoolConfig>,
+}
+
+/// Most `worker_threads` accepted.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
+impl Config {
+    /// The number of worker threads to run: `worker_threads`, or one per CPU available to
+    /// this process (its affinity mask included) when 0.
+    pub fn workers(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for Config {
@@ -78,6 +95,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
+            worker_threads: 0,
             security: SecurityConfig::default(),
             consumers: Vec::new(),
             pools: Vec::new(),
@@ -679,6 +697,11 @@ impl Config {
         }
         if l.max_head_bytes > 0 && l.max_head_bytes < 1024 {
             problems.push("limits.max_head_bytes: must be at least 1024".into());
+        }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            problems.push(format!(
+                "worker_threads: at most {MAX_WORKER_THREADS} (0 = one per CPU)"
+            ));
         }
         let pool_names = self.validate_pools(problems);
         self.validate_consumers(&pool_names, problems);

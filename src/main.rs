@@ -26,7 +26,7 @@ fn run() -> anyhow::Result<()> {
             }
             let path = config_path(config);
             let config = Config::load(&path)?;
-            tokio::runtime::Runtime::new()?.block_on(serve(config, path))
+            pharox::app::runtime(&config)?.block_on(serve(config, path))
         }
     }
 }

@@ -251,6 +251,12 @@ pub async fn apply(state: &ProxyState, config: Config) -> Result<ReloadReport, R
         ));
         config.admin.listen = current.config.admin.listen;
     }
+    if config.worker_threads != current.config.worker_threads {
+        report
+            .warnings
+            .push("worker_threads needs a restart; kept the running value".into());
+        config.worker_threads = current.config.worker_threads;
+    }
     if config.limits.max_connections != current.config.limits.max_connections {
         report
             .warnings

@@ -27,6 +27,7 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
         Ok::<_, crate::error::ProxyError>((id, held, upstream, early))
     };
     let result = tokio::select! {
+        biased;
         r = prepared => r,
         () = client_gone(&client) => {
             debug!("client left during the upstream handshake");

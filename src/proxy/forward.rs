@@ -196,6 +196,7 @@ pub async fn serve(state: Arc<ProxyState>, rt: Arc<Runtime>, stream: TcpStream, 
         let mut draining = false;
         loop {
             tokio::select! {
+                biased;
                 r = conn.as_mut() => {
                     if let Err(e) = r {
                         debug!(error = %e, "client connection ended with an error");

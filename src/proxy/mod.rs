@@ -272,11 +272,15 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
     let max = state.runtime.load().limits().max_connections;
     let permits = Arc::new(Semaphore::new(max));
     loop {
+        // Drain first: under a flood, accept would always be ready.
         let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("never closed"),
+            biased;
             () = state.drain.cancelled() => return,
+            p = permits.clone().acquire_owned() => p.expect("never closed"),
         };
         let (stream, peer) = tokio::select! {
+            biased;
+            () = state.drain.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -285,7 +289,6 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
                     continue;
                 }
             },
-            () = state.drain.cancelled() => return,
         };
         let state2 = state.clone();
         let span = info_span!(
@@ -310,6 +313,7 @@ async fn handle(state: Arc<ProxyState>, mut stream: TcpStream) {
     let rt = state.runtime.load_full();
     let limits = rt.limits();
     let opening = tokio::select! {
+        biased;
         h = head::read_opening(&mut stream, limits.max_head_bytes, limits.head_timeout()) => h,
         () = state.drain.cancelled() => return,
     };

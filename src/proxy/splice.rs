@@ -124,6 +124,7 @@ async fn supervise(
             }
         };
         tokio::select! {
+            biased;
             r = &mut copy => return if r.is_ok() { SpliceEnd::Closed } else { SpliceEnd::Error },
             () = cancel.cancelled() => return SpliceEnd::Shutdown,
             () = act.eof.notified(), if !half_closed => {
