@@ -142,6 +142,7 @@ fn set_param(p: &mut UsernameParams, key: &str, value: String) -> Result<(), Pro
 /// A configured consumer, as identity needs it.
 #[derive(Debug, Clone)]
 struct ConsumerEntry {
+    name: Arc<str>,
     password: Option<Secret>,
     pools: Vec<Arc<str>>,
     default_pool: Option<Arc<str>>,
@@ -187,6 +188,7 @@ impl Authenticator {
             .iter()
             .map(|c| {
                 let entry = ConsumerEntry {
+                    name: Arc::from(c.name.as_str()),
                     password: c.password.clone(),
                     pools: c.pools.iter().map(|p| pools[p].clone()).collect(),
                     default_pool: c.default_pool.as_ref().map(|p| pools[p].clone()),
@@ -209,11 +211,11 @@ impl Authenticator {
         authorization: Option<&[u8]>,
         header: HeaderLookup<'_>,
     ) -> Result<Identity, ProxyError> {
-        let credentials = authorization.map(decode_basic).transpose()?;
-        self.identify_credentials(
-            credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
-            header,
-        )
+        let mut buf = Decoded::new();
+        let credentials = authorization
+            .map(|a| decode_basic_into(a, &mut buf))
+            .transpose()?;
+        self.identify_credentials(credentials, header)
     }
 
     /// Whether credentials are required.
@@ -263,7 +265,7 @@ impl Authenticator {
                     None => !self.required,
                 };
                 if ok {
-                    Ok((Arc::from(name), Some(entry)))
+                    Ok((entry.name.clone(), Some(entry)))
                 } else {
                     Err(ProxyError::AuthFailed)
                 }
@@ -280,7 +282,7 @@ impl Authenticator {
         name: &str,
     ) -> Result<(Arc<str>, Option<&ConsumerEntry>), ProxyError> {
         match self.consumers.get(name) {
-            Some(entry) if entry.password.is_none() => Ok((Arc::from(name), Some(entry))),
+            Some(entry) if entry.password.is_none() => Ok((entry.name.clone(), Some(entry))),
             Some(_) => Err(ProxyError::AuthRequired),
             None if name == DEFAULT_CONSUMER_NAME => Ok((Arc::from(name), None)),
             None => Err(ProxyError::AuthFailed),
@@ -374,18 +376,32 @@ fn header_str<'a>(header: HeaderLookup<'a>, name: &str) -> Result<Option<&'a str
 
 /// Decodes `Basic base64(user:password)`.
 pub fn decode_basic(value: &[u8]) -> Result<(String, String), ProxyError> {
+    let mut buf = Decoded::new();
+    decode_basic_into(value, &mut buf).map(|(u, p)| (u.to_owned(), p.to_owned()))
+}
+
+/// Room for decoded credentials; typical ones fit without a heap allocation.
+type Decoded = smallvec::SmallVec<[u8; 256]>;
+
+/// [`decode_basic`] into `buf`, borrowing the user and password from it.
+fn decode_basic_into<'b>(
+    value: &[u8],
+    buf: &'b mut Decoded,
+) -> Result<(&'b str, &'b str), ProxyError> {
     let bad = || ProxyError::AuthFailed;
     let value = std::str::from_utf8(value).map_err(|_| bad())?.trim();
     let (scheme, token) = value.split_once(' ').ok_or_else(bad)?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return Err(bad());
     }
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(token.trim())
+    let token = token.trim();
+    buf.resize(base64::decoded_len_estimate(token.len()), 0);
+    let n = base64::engine::general_purpose::STANDARD
+        .decode_slice(token, buf)
         .map_err(|_| bad())?;
-    let text = String::from_utf8(raw).map_err(|_| bad())?;
-    let (user, pass) = text.split_once(':').ok_or_else(bad)?;
-    Ok((user.to_owned(), pass.to_owned()))
+    buf.truncate(n);
+    let text = std::str::from_utf8(buf).map_err(|_| bad())?;
+    text.split_once(':').ok_or_else(bad)
 }
 
 #[cfg(test)]
@@ -490,6 +506,14 @@ mod tests {
             decode_basic(format!("basic  {b64}").as_bytes()).unwrap().0,
             "worker-1-pool-eu"
         );
+        // Longer than the inline decode buffer.
+        let long = "x".repeat(1000);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("w:{long}"));
+        let (u, p) = decode_basic(format!("Basic {b64}").as_bytes()).unwrap();
+        assert_eq!((u.as_str(), p.as_str()), ("w", long.as_str()));
+        // Not UTF-8 once decoded.
+        let b64 = base64::engine::general_purpose::STANDARD.encode([b'w', b':', 0xff, 0xfe]);
+        assert!(decode_basic(format!("Basic {b64}").as_bytes()).is_err());
         for bad in ["Bearer x", "Basic !!!", "Basic", ""] {
             assert_eq!(
                 decode_basic(bad.as_bytes()).unwrap_err(),

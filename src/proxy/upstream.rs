@@ -283,10 +283,20 @@ async fn http_connect(
     target: &Target,
 ) -> Result<Bytes, DialError> {
     let authority = target.authority();
-    let mut req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
-    if let Some(auth) = basic_auth(proxy) {
-        req.push_str("Proxy-Authorization: ");
-        req.push_str(&auth);
+    let mut req = String::with_capacity(2 * authority.len() + 96);
+    for part in [
+        "CONNECT ",
+        &authority,
+        " HTTP/1.1\r\nHost: ",
+        &authority,
+        "\r\n",
+    ] {
+        req.push_str(part);
+    }
+    if let Some(c) = &proxy.credentials {
+        req.push_str("Proxy-Authorization: Basic ");
+        let raw = [c.username.as_bytes(), b":", c.password.expose().as_bytes()].concat();
+        base64::engine::general_purpose::STANDARD.encode_string(raw, &mut req);
         req.push_str("\r\n");
     }
     req.push_str("\r\n");
