@@ -334,7 +334,7 @@ enum Burst {
     Drained,
     /// The source reached EOF.
     Eof,
-    /// The kernel cannot splice these sockets: copy instead.
+    /// No pipe could be had, or the kernel cannot splice these sockets: copy instead.
     Unsupported,
 }
 
@@ -396,7 +396,10 @@ mod zero_copy {
         bytes: &AtomicU64,
         act: &Activity,
     ) -> io::Result<Burst> {
-        let pipe = take_pipe()?;
+        let Ok(pipe) = take_pipe() else {
+            // Out of descriptors (or pipe memory): this direction copies instead.
+            return Ok(Burst::Unsupported);
+        };
         let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
         loop {
             let into_pipe = src.try_io(Interest::READABLE, || {
