@@ -247,7 +247,14 @@ async fn socks5_pipelined_handshake_and_early_data() {
     let mut all = vec![5, 1, 2];
     all.extend_from_slice(&userpass("w", "pw"));
     all.extend_from_slice(&request(1, 1, &[127, 0, 0, 1], origin.addr.port()));
-    all.extend_from_slice(b"GET /early HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n");
+    // A request head far longer than the handshake's read buffer.
+    let padding = "p".repeat(6000);
+    all.extend_from_slice(
+        format!(
+            "GET /early HTTP/1.1\r\nHost: o\r\nX-Padding: {padding}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    );
     let mut s = TcpStream::connect(d.addr).await.unwrap();
     s.write_all(&all).await.unwrap();
     let mut out = Vec::new();

@@ -173,6 +173,11 @@ impl<T> Rewind<T> {
     pub fn new(prefix: Bytes, inner: T) -> Self {
         Self { prefix, inner }
     }
+
+    /// What is left of the prefix (not read yet).
+    pub fn into_prefix(self) -> Bytes {
+        self.prefix
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {

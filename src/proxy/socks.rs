@@ -83,8 +83,9 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
     // request (optimistic data) goes to the upstream first.
     let mut io = BufReader::with_capacity(512, Rewind::new(greeting, &mut client));
     let negotiated = tokio::time::timeout(limits.head_timeout(), negotiate(rt, &mut io)).await;
-    let early_client = Bytes::copy_from_slice(io.buffer());
-    drop(io);
+    // Unread: what the buffer holds, then what is left of the first read.
+    let mut early_client = io.buffer().to_vec();
+    early_client.extend_from_slice(&io.into_inner().into_prefix());
     let (id, target) = match negotiated {
         Ok(Ok(v)) => v,
         Ok(Err(stop)) => return stopped(state, &mut client, stop, started).await,
