@@ -10,20 +10,6 @@ use common::daemon::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-const CONFIG: &str = r#"
-[limits]
-zero_copy = ZERO_COPY
-[security]
-allow_private_targets = true
-[[consumers]]
-name = "w"
-password = "x"
-[[pools]]
-name = "p"
-[[pools.proxies]]
-url = "direct"
-"#;
-
 /// 8 MiB: far more than one 64 KiB buffer, so every direction turns bulk.
 const SIZE: usize = 8 << 20;
 
@@ -31,7 +17,7 @@ const SIZE: usize = 8 << 20;
 const BOUND: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn config(zero_copy: bool) -> String {
-    CONFIG.replace("ZERO_COPY", &zero_copy.to_string())
+    format!("[limits]\nzero_copy = {zero_copy}\n{DIRECT_POOL}")
 }
 
 /// Runs `case` with zero-copy on, then off.

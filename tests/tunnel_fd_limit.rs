@@ -8,18 +8,6 @@ use common::daemon::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-const CONFIG: &str = r#"
-[security]
-allow_private_targets = true
-[[consumers]]
-name = "w"
-password = "x"
-[[pools]]
-name = "p"
-[[pools.proxies]]
-url = "direct"
-"#;
-
 const SIZE: usize = 4 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,7 +20,7 @@ async fn bulk_tunnel_copies_when_no_pipe_can_be_opened() {
         go_rx.await.unwrap();
         s.write_all(&vec![9u8; SIZE]).await.unwrap();
     });
-    let d = TestDaemon::start(CONFIG).await;
+    let d = TestDaemon::start(DIRECT_POOL).await;
     let (mut s, head) = connect(d.addr, &target_addr.to_string(), Some(&basic("w", "x")), "").await;
     assert_eq!(status(&head), 200, "{head}");
     // Every socket of the transfer is open: fill the gaps in the descriptor table, then cap

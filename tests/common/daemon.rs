@@ -111,6 +111,20 @@ impl TestDaemon {
     }
 }
 
+/// One consumer `w` (password `x`) and one pool `p` with a single `direct` upstream that may
+/// reach loopback targets. Tables before it (`[limits]`, ...) go in front.
+pub const DIRECT_POOL: &str = r#"
+[security]
+allow_private_targets = true
+[[consumers]]
+name = "w"
+password = "x"
+[[pools]]
+name = "p"
+[[pools.proxies]]
+url = "direct"
+"#;
+
 /// `Proxy-Authorization: Basic ...` value.
 pub fn basic(user: &str, pass: &str) -> String {
     format!(
