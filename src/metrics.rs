@@ -318,10 +318,6 @@ impl Metrics {
     }
 
     /// The pool gauges.
-    pub fn pool_stats(&self, s: &PoolStats) {
-        Self::set_pool_stats(&self.pool(&s.pool_name), s);
-    }
-
     fn set_pool_stats(p: &PoolMetrics, s: &PoolStats) {
         p.available.set(s.available as f64);
         p.active.set(s.active as f64);

@@ -136,13 +136,14 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
             ))));
         }
     };
-    let base = buf.as_ptr() as usize;
-    // Every part the parser returns is a slice of `buf`.
+    let (base, end) = (buf.as_ptr() as usize, buf.len());
+    // Every part the parser returns is a slice of `buf`; anything else reads as empty.
     let span = |part: Option<&[u8]>| {
-        part.map_or(0..0, |p| {
-            let start = p.as_ptr() as usize - base;
-            start..start + p.len()
+        part.and_then(|p| {
+            let start = (p.as_ptr() as usize).checked_sub(base)?;
+            (start + p.len() <= end).then(|| start..start + p.len())
         })
+        .unwrap_or(0..0)
     };
     let method = span(req.method.map(str::as_bytes));
     let target = span(req.path.map(str::as_bytes));

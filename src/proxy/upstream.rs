@@ -17,7 +17,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
-use crate::model::{Proxy, ProxyProtocol};
+use crate::model::{Credentials, Proxy, ProxyProtocol};
 
 /// Largest CONNECT reply head accepted from an upstream.
 const MAX_REPLY_HEAD: usize = 16 * 1024;
@@ -199,7 +199,15 @@ pub async fn open_tunnel(
     policy: &Policy,
     timeout: Duration,
 ) -> Result<(UpstreamIo, Bytes), DialError> {
-    tokio::time::timeout(timeout, open_inner(proxy, extra, target, policy))
+    within(timeout, open_inner(proxy, extra, target, policy)).await
+}
+
+/// Runs a dial step within `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    step: impl Future<Output = Result<T, DialError>>,
+) -> Result<T, DialError> {
+    tokio::time::timeout(timeout, step)
         .await
         .map_err(|_| DialError::Timeout)?
 }
@@ -242,9 +250,7 @@ pub async fn open_forward(
 ) -> Result<(UpstreamIo, Bytes), DialError> {
     match proxy.protocol {
         ProxyProtocol::Http | ProxyProtocol::Https => {
-            let io = tokio::time::timeout(timeout, connect_proxy(proxy, extra))
-                .await
-                .map_err(|_| DialError::Timeout)??;
+            let io = within(timeout, connect_proxy(proxy, extra)).await?;
             Ok((io, Bytes::new()))
         }
         _ => open_tunnel(proxy, extra, target, policy, timeout).await,
@@ -268,12 +274,17 @@ pub async fn connect_proxy(proxy: &Proxy, extra: &UpstreamExtra) -> Result<Upstr
 /// `Proxy-Authorization` value for a proxy's credentials.
 pub fn basic_auth(proxy: &Proxy) -> Option<String> {
     proxy.credentials.as_ref().map(|c| {
-        let raw = format!("{}:{}", c.username, c.password.expose());
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(raw)
-        )
+        let mut value = String::new();
+        push_basic_auth(c, &mut value);
+        value
     })
+}
+
+/// Appends `Basic base64(user:password)` to `out`.
+fn push_basic_auth(c: &Credentials, out: &mut String) {
+    let raw = [c.username.as_bytes(), b":", c.password.expose().as_bytes()].concat();
+    out.push_str("Basic ");
+    base64::engine::general_purpose::STANDARD.encode_string(raw, out);
 }
 
 /// Sends CONNECT and reads the reply; any 2xx is success.
@@ -294,9 +305,8 @@ async fn http_connect(
         req.push_str(part);
     }
     if let Some(c) = &proxy.credentials {
-        req.push_str("Proxy-Authorization: Basic ");
-        let raw = [c.username.as_bytes(), b":", c.password.expose().as_bytes()].concat();
-        base64::engine::general_purpose::STANDARD.encode_string(raw, &mut req);
+        req.push_str("Proxy-Authorization: ");
+        push_basic_auth(c, &mut req);
         req.push_str("\r\n");
     }
     req.push_str("\r\n");
