@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::model::{LeaseId, ProxyId, ProxyInfo, ProxyStatus, unix_seconds, wall_clock};
+use crate::model::{LeaseId, ProxyId, ProxyInfo, ProxyStatus, unix_seconds};
 use crate::proxy::ProxyState;
 use crate::reload;
 use crate::storage::Storage;
@@ -88,8 +88,9 @@ pub async fn serve(
             },
             () = stop.cancelled() => return,
         };
-        let (admin, state, stop) = (admin.clone(), state.clone(), stop.clone());
-        tokio::spawn(async move {
+        let (admin, state2, stop) = (admin.clone(), state.clone(), stop.clone());
+        state.background.spawn(async move {
+            let state = state2;
             let service = service_fn(move |req| {
                 let (admin, state) = (admin.clone(), state.clone());
                 async move { Ok::<_, Infallible>(route(&admin, &state, req).await) }
@@ -168,11 +169,12 @@ async fn api(
         (Method::GET, ["pools", name]) => pool(state, &decode(name)).await,
         (Method::GET, ["leases"]) => leases(state).await,
         (Method::DELETE, ["leases", id]) => match id.parse::<LeaseId>() {
-            Ok(id) if state.close_lease(id).await => {
-                reply(StatusCode::OK, json!({"released": id.to_string()}))
-            }
-            Ok(id) => error(StatusCode::NOT_FOUND, format!("no live lease {id}")),
-            Err(_) => error(StatusCode::BAD_REQUEST, "a lease id is 16 hex digits"),
+            Ok(id) => match state.close_lease(id).await {
+                Ok(true) => reply(StatusCode::OK, json!({"released": id.to_string()})),
+                Ok(false) => error(StatusCode::NOT_FOUND, format!("no live lease {id}")),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+            },
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
         (Method::PUT, ["proxies", .., "status"]) if segments.len() >= 3 => {
             let id = decode(&segments[1..segments.len() - 1].join("/"));
@@ -266,8 +268,8 @@ async fn leases(state: &ProxyState) -> Resp {
                 .map(|l| {
                     json!({
                         "id": l.id, "proxy_id": l.proxy_id(), "pool": l.pool_name, "consumer": l.consumer_name,
-                        "acquired_at": unix_seconds(wall_clock(l.acquired_at)),
-                        "expires_at": unix_seconds(wall_clock(l.expires_at)),
+                        "acquired_at": unix_seconds(l.acquired_at),
+                        "expires_at": unix_seconds(l.expires_at),
                     })
                 })
                 .collect();
@@ -281,7 +283,7 @@ async fn sessions(state: &ProxyState) -> Resp {
     let mut items = Vec::new();
     for s in state.sessions.list() {
         let (open, idle) = s.usage();
-        let lease = s.lease.lock().await;
+        let lease = s.state.lock().await;
         let (consumer, pool, id) = s.key();
         items.push(json!({
             "consumer": consumer, "pool": pool, "id": id,

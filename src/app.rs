@@ -18,7 +18,7 @@ use crate::manager::ProxyManager;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ProxyState};
 use crate::reload::{self, ReloadError};
-use crate::storage::InMemoryStorage;
+use crate::storage::{AnyStorage, InMemoryStorage};
 use crate::systemd;
 
 /// A started daemon: its state and where it listens.
@@ -51,7 +51,7 @@ impl Daemon {
     ) -> Result<(Daemon, Runner), ReloadError> {
         let proxy_addr = proxy.local_addr().map_err(ReloadError::Listener)?;
         let admin_addr = admin_listener.local_addr().map_err(ReloadError::Listener)?;
-        let manager = ProxyManager::new(InMemoryStorage::new());
+        let manager = ProxyManager::new(AnyStorage::from(InMemoryStorage::new()));
         let runtime = reload::initial(&manager, config, vec![proxy_addr, admin_addr]).await?;
         let state = Arc::new(ProxyState::new(manager, runtime, Arc::new(Metrics::new())));
         let admin = Arc::new(AdminState::new(config_path));
@@ -77,35 +77,30 @@ impl Runner {
     /// Serves until `shutdown` resolves, then drains and stops.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let state = self.state;
+        let bg = &state.background;
         let sweeper = state.manager.spawn_sweeper(Duration::from_secs(1));
-        let upkeep = tokio::spawn({
+        bg.spawn(every(Duration::from_secs(5), state.stop.clone(), {
             let metrics = state.metrics.clone();
-            async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(5));
-                loop {
-                    tick.tick().await;
-                    metrics.upkeep();
-                }
+            move || {
+                metrics.upkeep();
+                async {}
             }
-        });
-        let renewer = tokio::spawn({
+        }));
+        bg.spawn(every(crate::proxy::held::RENEW_TICK, state.stop.clone(), {
             let state = state.clone();
-            async move {
-                let mut tick = tokio::time::interval(crate::proxy::RENEW_TICK);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
+            move || {
+                let state = state.clone();
+                async move {
                     state.renew_held().await;
                 }
             }
-        });
-        let admin_stop = tokio_util::sync::CancellationToken::new();
-        let checks = tokio::spawn(crate::health::run(state.clone(), state.drain.clone()));
-        let admin_task = tokio::spawn(admin::serve(
+        }));
+        let checks = bg.spawn(crate::health::run(state.clone(), state.drain.clone()));
+        let admin_task = bg.spawn(admin::serve(
             self.admin_listener,
             self.admin.clone(),
             state.clone(),
-            admin_stop.clone(),
+            state.stop.clone(),
         ));
         let proxy_task = tokio::spawn(proxy::serve(self.proxy, state.clone()));
         self.admin.ready.store(true, Ordering::Release);
@@ -137,13 +132,43 @@ impl Runner {
         }
         // Sessions hold leases between connections; with every connection gone, end them.
         state.end_sessions();
-        admin_stop.cancel();
-        let _ = admin_task.await;
-        upkeep.abort();
-        renewer.abort();
+        state.stop.cancel();
+        bg.close();
+        bg.wait().await;
+        drop(admin_task);
         drop(sweeper);
         info!("stopped");
     }
+}
+
+/// Runs `tick` every `period` until `stop` is cancelled (a missed tick is delayed, not
+/// bunched).
+async fn every<F, Fut>(period: Duration, stop: tokio_util::sync::CancellationToken, mut tick: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = interval.tick() => tick().await,
+        }
+    }
+}
+
+/// Binds a listener with an accept queue of `backlog` connections (`SO_REUSEADDR` on, so a
+/// restart does not wait for old sockets in TIME_WAIT).
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// The tokio runtime for `config`: the single-threaded scheduler for one worker (no

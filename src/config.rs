@@ -141,9 +141,15 @@ impl Default for AuthConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Open client connections at most; further clients wait in the accept queue.
-    /// Default 10 000.
+    /// Open client connections at most; further clients are answered at once with 503
+    /// `too_many_connections` (SOCKS5: no acceptable method). Default 10 000.
     pub max_connections: usize,
+    /// Length of the proxy listener's accept queue (connections the kernel holds before the
+    /// daemon accepts them). Default 1024.
+    pub listen_backlog: u32,
+    /// Sticky sessions one consumer may have at once; more are refused with 429
+    /// `session_limit`. Default 1000.
+    pub max_sessions_per_consumer: usize,
     /// Largest request head in bytes. Default 65 536.
     pub max_head_bytes: usize,
     /// Time to receive a whole request head, in ms. Default 10 000.
@@ -165,6 +171,8 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
+            listen_backlog: 1024,
+            max_sessions_per_consumer: 1000,
             max_head_bytes: 64 * 1024,
             head_timeout_ms: 10_000,
             connect_timeout_ms: 10_000,

@@ -7,10 +7,9 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokio::time::Instant;
 
 use crate::filter::Filter;
 use crate::model::{Lease, PoolStats};
@@ -30,9 +29,9 @@ pub struct AcquireEvent {
     /// The selector used.
     pub selector: Selector,
     /// When the attempt started.
-    pub started_at: Instant,
+    pub started_at: SystemTime,
     /// When it completed.
-    pub completed_at: Instant,
+    pub completed_at: SystemTime,
     /// `completed_at - started_at`.
     pub duration: Duration,
     /// The pool's figures right after the attempt.
@@ -47,7 +46,7 @@ pub struct ReleaseEvent {
     /// Its pool.
     pub pool_name: Arc<str>,
     /// When it was released.
-    pub released_at: Instant,
+    pub released_at: SystemTime,
     /// How long it was held.
     pub lease_duration: Duration,
     /// The pool's figures right after.

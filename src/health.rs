@@ -18,10 +18,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::config::{HealthCheckConfig, split_host_port};
-use crate::filter::Filter;
+use crate::config::HealthCheckConfig;
 use crate::model::{HealthCheck, Proxy, ProxyInfo, ProxyStatus};
-use crate::proxy::upstream::{self, Target, UpstreamIo};
+use crate::proxy::target::Target;
+use crate::proxy::upstream::{self, UpstreamIo};
 use crate::proxy::{ProxyState, Runtime};
 use crate::storage::{AcquireRequest, Storage};
 
@@ -107,11 +107,10 @@ async fn check_one(
     let timeout = Duration::from_millis(hc.timeout_ms);
     // Hold a slot only for the probe; skip an upstream whose slots are all in use.
     let _lease = if leasable {
-        let id = proxy.id.clone();
         let req = AcquireRequest::new(pool.clone())
             .consumer(PROBE_CONSUMER)
             .duration(timeout + Duration::from_secs(1))
-            .filter(Filter::new().predicate(move |p| p.id == id));
+            .only([proxy.id.clone()]);
         match state.manager.acquire_proxy(&req).await {
             Ok(Some(lease)) => Some(state.manager.guard(lease)),
             _ => return,
@@ -166,8 +165,7 @@ async fn check_one(
 
 /// Opens the tunnel (and fetches the URL) through `proxy`.
 async fn probe(rt: &Runtime, proxy: &Proxy, hc: &HealthCheckConfig) -> Result<(), String> {
-    let (host, port) = split_host_port(&hc.target).ok_or("bad target")?;
-    let target = Target { host, port };
+    let target = Target::parse_authority(&hc.target).map_err(|e| e.to_string())?;
     let extra = rt.extras.get(&proxy.id).cloned().unwrap_or_default();
     let timeout = Duration::from_millis(hc.timeout_ms);
     let (mut io, early) = upstream::open_tunnel(proxy, &extra, &target, &rt.policy, timeout)

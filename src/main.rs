@@ -56,11 +56,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
-    let proxy = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let proxy = pharox::app::bind(config.listen, config.limits.listen_backlog)
         .with_context(|| format!("listen {}", config.listen))?;
-    let admin = tokio::net::TcpListener::bind(config.admin.listen)
-        .await
+    let admin = pharox::app::bind(config.admin.listen, 128)
         .with_context(|| format!("admin.listen {}", config.admin.listen))?;
     let (daemon, runner) =
         pharox::app::Daemon::start(config, Some(path.clone()), proxy, admin).await?;

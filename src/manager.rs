@@ -15,7 +15,7 @@ use tokio::task::AbortHandle;
 use crate::events::{AcquireEvent, Callbacks, ReleaseEvent};
 use crate::model::{Lease, LeaseId, default_consumer};
 use crate::retry::{Clock, RetryPolicy, Sleeper, TokioClock, TokioSleeper};
-use crate::storage::{AcquireRequest, InMemoryStorage, LeaseError, Released, Storage};
+use crate::storage::{AcquireRequest, InMemoryStorage, LeaseError, Released, Renewal, Storage};
 
 /// The lease engine. Cheap to clone: clones share storage, clock and callbacks.
 pub struct ProxyManager<S: Storage = InMemoryStorage> {
@@ -99,7 +99,7 @@ impl<S: Storage> ProxyManager<S> {
                 selector: req.selector,
                 started_at,
                 completed_at,
-                duration: completed_at.saturating_duration_since(started_at),
+                duration: completed_at.duration_since(started_at).unwrap_or_default(),
                 pool_stats: acquired.stats,
             });
         }
@@ -174,17 +174,35 @@ impl<S: Storage> ProxyManager<S> {
         Ok(self.fire_released(released.as_slice()) > 0)
     }
 
-    /// Extends a live lease to `duration` from now. `None` if it is no longer live.
+    /// Extends a live lease to `duration` from now. `None` if it is no longer live (expired,
+    /// or released by someone else): whoever holds it has lost it.
     pub async fn renew(
         &self,
         lease: &Lease,
         duration: Duration,
     ) -> Result<Option<Lease>, LeaseError> {
-        if duration.is_zero() {
-            return Err(LeaseError::InvalidDuration);
-        }
-        let expires_at = self.inner.clock.now() + duration;
-        self.inner.storage.renew(lease, expires_at).await
+        let renewal = Renewal {
+            id: lease.id,
+            pool: lease.pool_name.clone(),
+            duration,
+        };
+        let renewed = self.renew_many(std::slice::from_ref(&renewal)).await?;
+        Ok(renewed.first().map(|&(_, expires_at)| Lease {
+            expires_at,
+            ..lease.clone()
+        }))
+    }
+
+    /// Extends many live leases in one batch; returns those renewed with their new expiry
+    /// (the others are lost). Every duration is checked before anything changes.
+    pub async fn renew_many(
+        &self,
+        renewals: &[Renewal],
+    ) -> Result<Vec<(LeaseId, std::time::SystemTime)>, LeaseError> {
+        self.inner
+            .storage
+            .renew(renewals, self.inner.clock.now())
+            .await
     }
 
     /// Releases every expired lease now; returns how many.
@@ -247,7 +265,10 @@ impl<S: Storage> ProxyManager<S> {
                     lease: r.lease.clone(),
                     pool_name: r.lease.pool_name.clone(),
                     released_at: r.released_at,
-                    lease_duration: r.released_at.saturating_duration_since(r.lease.acquired_at),
+                    lease_duration: r
+                        .released_at
+                        .duration_since(r.lease.acquired_at)
+                        .unwrap_or_default(),
                     pool_stats: r.stats.clone(),
                 });
             }

@@ -54,6 +54,8 @@ pub mod names {
     pub const HEALTH_CHECKS: &str = "pharox_health_checks_total";
     /// Latency measured by health probes.
     pub const PROXY_LATENCY: &str = "pharox_proxy_latency_seconds";
+    /// Held leases lost (not renewed): their connections were closed.
+    pub const LEASES_LOST: &str = "pharox_leases_lost_total";
 }
 
 /// Buckets for acquire latency (seconds).
@@ -216,6 +218,11 @@ impl Metrics {
             Some(Unit::Seconds),
             "Upstream latency measured by health probes.".into(),
         );
+        r.describe_counter(
+            LEASES_LOST.into(),
+            Some(Unit::Count),
+            "Held leases the storage did not renew (expired, released elsewhere); their connections were closed.".into(),
+        );
     }
 
     fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
@@ -322,6 +329,12 @@ impl Metrics {
         p.available.set(s.available as f64);
         p.active.set(s.active as f64);
         p.leased.set(s.leased as f64);
+    }
+
+    /// A held lease was lost; its connections were closed.
+    pub fn lease_lost(&self, pool: &str) {
+        self.counter(names::LEASES_LOST, &[("pool", pool)])
+            .increment(1);
     }
 
     /// A client connection took (+1) or gave back (-1) a lease.

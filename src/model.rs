@@ -7,12 +7,11 @@
 use std::borrow::Borrow;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
 use serde::{Serialize, Serializer};
-use tokio::time::Instant;
+use uuid::Uuid;
 
 /// Name of the consumer used when a caller does not name one. It always exists.
 pub const DEFAULT_CONSUMER_NAME: &str = "default";
@@ -109,47 +108,62 @@ impl Serialize for ProxyId {
     }
 }
 
-/// Identifier of a lease: 64 bits, shown as 16 hex digits. Unique within a process; the
-/// sequence starts at a random point so that ids from two runs rarely meet.
+/// Identifier of a lease: a UUID (random, version 4), shown in its 36-character hyphenated
+/// form. The same ids name leases in every backend, so a PostgreSQL row, a pharox-sdk client
+/// and the daemon's admin API agree on them.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LeaseId(u64);
+pub struct LeaseId(Uuid);
 
 impl LeaseId {
-    /// The next id of this process.
-    pub fn next() -> Self {
-        static NEXT: LazyLock<AtomicU64> =
-            LazyLock::new(|| AtomicU64::new(fastrand::u64(1 << 32..1 << 62)));
-        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    /// A fresh random id.
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
     }
 
-    /// The raw value.
-    pub fn get(self) -> u64 {
+    /// The UUID.
+    pub fn as_uuid(&self) -> Uuid {
         self.0
     }
 
-    /// Builds an id from its raw value (for storage backends and tests).
-    pub fn from_raw(raw: u64) -> Self {
-        Self(raw)
+    /// An id from its UUID (storage backends, tests).
+    pub fn from_uuid(id: Uuid) -> Self {
+        Self(id)
+    }
+}
+
+impl Default for LeaseId {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
 impl fmt::Debug for LeaseId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LeaseId({:016x})", self.0)
+        write!(f, "LeaseId({})", self.0)
     }
 }
 
 impl fmt::Display for LeaseId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
+        fmt::Display::fmt(&self.0.hyphenated(), f)
     }
 }
 
-impl FromStr for LeaseId {
-    type Err = std::num::ParseIntError;
+/// A lease id that is neither 36-character hyphenated nor 32-hex-digit UUID text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a lease id is a UUID (36 characters with dashes, or 32 hex digits)")]
+pub struct BadLeaseId;
 
+impl FromStr for LeaseId {
+    type Err = BadLeaseId;
+
+    /// Accepts the hyphenated form (`8-4-4-4-12` hex digits) and the simple form (32 hex
+    /// digits), nothing else (no braces, no `urn:uuid:`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        u64::from_str_radix(s, 16).map(Self)
+        if s.len() != 36 && s.len() != 32 {
+            return Err(BadLeaseId);
+        }
+        Uuid::try_parse(s).map(Self).map_err(|_| BadLeaseId)
     }
 }
 
@@ -334,6 +348,9 @@ pub struct Proxy {
     pub longitude: Option<f64>,
     /// Last measured latency; `lowest_latency` puts unmeasured proxies last.
     pub latency: Option<Duration>,
+    /// Resting after consecutive connect failures until then (status `inactive`); the
+    /// storage puts it back to `active` at that time.
+    pub rest_until: Option<SystemTime>,
 }
 
 impl Proxy {
@@ -363,6 +380,7 @@ impl Proxy {
             latitude: None,
             longitude: None,
             latency: None,
+            rest_until: None,
         }
     }
 
@@ -469,12 +487,13 @@ pub struct Lease {
     pub pool_name: Arc<str>,
     /// Who holds it.
     pub consumer_name: Arc<str>,
-    /// When it was acquired (monotonic; serialised as Unix seconds).
+    /// When it was acquired (wall clock of the storage; serialised as Unix seconds).
     #[serde(serialize_with = "ser_unix_seconds")]
-    pub acquired_at: Instant,
-    /// When it expires unless renewed (monotonic; serialised as Unix seconds).
+    pub acquired_at: SystemTime,
+    /// When it expires unless renewed (wall clock of the storage; serialised as Unix
+    /// seconds).
     #[serde(serialize_with = "ser_unix_seconds")]
-    pub expires_at: Instant,
+    pub expires_at: SystemTime,
     /// Status at the time of this snapshot.
     pub status: LeaseStatus,
     /// The leased proxy: its id (serialised as `proxy_id`) and connection details.
@@ -493,27 +512,14 @@ fn ser_proxy_id<S: Serializer>(p: &Arc<Proxy>, s: S) -> Result<S::Ok, S::Error> 
     p.id.serialize(s)
 }
 
-/// The wall-clock time of a monotonic instant, for display (an anchor taken once per
-/// process maps one onto the other; the monotonic clock is what expiry uses).
-pub fn wall_clock(at: Instant) -> SystemTime {
-    static ANCHOR: LazyLock<(Instant, SystemTime)> =
-        LazyLock::new(|| (Instant::now(), SystemTime::now()));
-    let (mono, wall) = *ANCHOR;
-    if at >= mono {
-        wall + (at - mono)
-    } else {
-        wall - (mono - at)
-    }
-}
-
 /// Seconds since the Unix epoch of a wall-clock time (0 before the epoch).
 pub fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-fn ser_unix_seconds<S: Serializer>(t: &Instant, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(unix_seconds(wall_clock(*t)))
+fn ser_unix_seconds<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(unix_seconds(*t))
 }
 
 /// Counters of one pool at one moment.

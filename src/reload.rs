@@ -15,9 +15,10 @@ use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError, parse_upstream_url, proxy_id};
 use crate::identity::Authenticator;
-use crate::manager::ProxyManager;
 use crate::model::{Credentials, Pool, Proxy, ProxyId, ProxyProtocol};
-use crate::proxy::upstream::{Policy, UpstreamExtra, tls_connector};
+use crate::proxy::held::Manager;
+use crate::proxy::target::Policy;
+use crate::proxy::upstream::{UpstreamExtra, tls_connector};
 use crate::proxy::{PoolRuntime, ProxyState, Runtime};
 use crate::storage::{LeaseError, Storage};
 
@@ -150,7 +151,7 @@ fn runtime(
 
 /// Brings the engine's inventory in line with `proxies` (grouped by their pools).
 async fn sync_inventory(
-    manager: &ProxyManager,
+    manager: &Manager,
     config: &Config,
     proxies: Vec<Proxy>,
     report: &mut ReloadReport,
@@ -223,7 +224,7 @@ fn same_record(a: &Proxy, b: &Proxy) -> bool {
 
 /// Fills a fresh engine from `config` and returns the first runtime.
 pub async fn initial(
-    manager: &ProxyManager,
+    manager: &Manager,
     config: Config,
     own: Vec<SocketAddr>,
 ) -> Result<Runtime, ReloadError> {

@@ -7,7 +7,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -102,10 +103,12 @@ impl RetryPolicy {
 /// A boxed future that sleeps.
 pub type SleepFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Source of "now" for lease times. The default reads tokio's clock, which tests can pause.
+/// Source of "now" for lease times: wall-clock time, as stored in leases. The default reads
+/// tokio's clock (which tests can pause) from a wall-clock anchor taken once per process, so it
+/// never steps backwards when the system clock is set.
 pub trait Clock: Send + Sync + 'static {
-    /// The current instant.
-    fn now(&self) -> Instant;
+    /// The current time.
+    fn now(&self) -> SystemTime;
 }
 
 /// How the retry loop sleeps between attempts. Tests inject one that records the delays.
@@ -114,13 +117,27 @@ pub trait Sleeper: Send + Sync + 'static {
     fn sleep(&self, d: Duration) -> SleepFuture;
 }
 
-/// The tokio clock (`tokio::time::Instant::now`).
+/// The tokio clock (`tokio::time::Instant::now`), read as wall-clock time.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TokioClock;
 
 impl Clock for TokioClock {
-    fn now(&self) -> Instant {
-        Instant::now()
+    fn now(&self) -> SystemTime {
+        wall_now()
+    }
+}
+
+/// Now on the wall clock, advanced by tokio's monotonic clock from an anchor taken once per
+/// process (paused tokio time in tests moves it too).
+pub fn wall_now() -> SystemTime {
+    static ANCHOR: LazyLock<(Instant, SystemTime)> =
+        LazyLock::new(|| (Instant::now(), SystemTime::now()));
+    let (mono, wall) = *ANCHOR;
+    let now = Instant::now();
+    if now >= mono {
+        wall + (now - mono)
+    } else {
+        wall - (mono - now)
     }
 }
 

@@ -297,7 +297,7 @@ async fn an_oversized_head_is_refused() {
 }
 
 #[tokio::test]
-async fn the_connection_cap_holds_further_clients_back() {
+async fn past_the_connection_cap_clients_are_refused_at_once() {
     let origin = Origin::start().await;
     let cfg = pool_config(
         &["url = \"direct\"".into()],
@@ -308,19 +308,31 @@ async fn the_connection_cap_holds_further_clients_back() {
     let target = origin.addr.to_string();
     let (first, head) = connect(d.addr, &target, Some(&auth()), "").await;
     assert_eq!(status(&head), 200);
-    let second = tokio::spawn({
-        let (addr, target) = (d.addr, target.clone());
-        async move { connect(addr, &target, Some(&auth()), "").await.1 }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !second.is_finished(),
-        "the second client waits while the first holds the only slot"
+    // HTTP: an immediate 503 with its code and Retry-After, not a wait in the backlog.
+    let (_, head) = connect(d.addr, &target, Some(&auth()), "").await;
+    assert_eq!(status(&head), 503, "{head}");
+    assert_eq!(
+        header(&head, "x-pharox-error"),
+        Some("too_many_connections")
     );
+    assert_eq!(header(&head, "retry-after"), Some("1"));
+    // SOCKS5: "no acceptable method", then close.
+    let mut s = TcpStream::connect(d.addr).await.unwrap();
+    s.write_all(&[5, 1, 2]).await.unwrap();
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, [5, 0xff]);
     drop(first);
-    let head = second.await.unwrap();
-    assert_eq!(status(&head), 200, "{head}");
-    d.stop().await;
+    // Once the first client is gone, its slot is free again.
+    for _ in 0..200 {
+        let (_, head) = connect(d.addr, &target, Some(&auth()), "").await;
+        if status(&head) == 200 {
+            return d.stop().await;
+        }
+        assert_eq!(status(&head), 503, "{head}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the slot was never freed");
 }
 
 #[tokio::test]

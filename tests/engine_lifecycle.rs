@@ -46,7 +46,10 @@ async fn events_carry_the_documented_payloads() {
     assert_eq!(hit.lease.as_ref().map(|l| l.id), Some(lease.id));
     assert_eq!((&*hit.pool_name, &*hit.consumer_name), ("p", "worker-1"));
     assert_eq!(hit.selector, Selector::LeastUsed);
-    assert_eq!(hit.duration, hit.completed_at - hit.started_at);
+    assert_eq!(
+        hit.duration,
+        hit.completed_at.duration_since(hit.started_at).unwrap()
+    );
     assert_eq!((hit.pool_stats.leased, hit.pool_stats.available), (1, 0));
     let miss = &acq[1];
     assert!(miss.lease.is_none());

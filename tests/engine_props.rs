@@ -9,7 +9,6 @@ use pharox::{
     ProxyStatus, Selector, Storage,
 };
 use proptest::prelude::*;
-use tokio::time::Instant;
 
 #[derive(Clone, Debug)]
 struct Spec {
@@ -235,7 +234,7 @@ async fn run(specs: Vec<Spec>, ops: Vec<Op>) {
         s.upsert_proxy(p.clone()).await.unwrap();
         model.items.push((p, 0, false));
     }
-    let now = Instant::now();
+    let now = SystemTime::now();
     let mut held: Vec<Lease> = Vec::new();
     for op in ops {
         match op {

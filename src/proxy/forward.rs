@@ -26,15 +26,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug};
 
-use super::connect::outcome;
 use super::head::{Head, Rewind};
 use super::headers::{strip_hop_by_hop, strip_identity};
+use super::held::LeaseUse;
 use super::splice::Transferred;
 use super::splice::splice;
-use super::upstream::{self, Target};
-use super::{
-    DialMode, Held, ProxyState, Runtime, finish, log_error, parse_authority, record_identity,
-};
+use super::target::{Host, Target};
+use super::tunnel::outcome;
+use super::upstream;
+use super::{DialMode, ProxyState, Runtime, finish, log_error, record_identity};
 use crate::error::ProxyError;
 use crate::identity::Identity;
 use crate::model::{ProxyId, ProxyProtocol};
@@ -46,7 +46,7 @@ type Body = BoxBody<Bytes, hyper::Error>;
 struct ConnLease {
     /// The identity the lease was taken for: (consumer, pool, filter key).
     key: Option<Arc<str>>,
-    held: Option<Held>,
+    held: Option<LeaseUse>,
     /// The open upstream connection and the target it is bound to (`None`: an HTTP proxy,
     /// which takes requests for any target).
     sender: Option<(Option<Target>, SendRequest<Body>)>,
@@ -75,7 +75,7 @@ struct Known {
 impl ConnLease {
     /// Takes `held` for this connection: the response stamp and upstream credentials are
     /// computed once per lease.
-    fn take(&mut self, held: Held, key: Arc<str>, pool: Arc<str>) {
+    fn take(&mut self, held: LeaseUse, key: Arc<str>, pool: Arc<str>) {
         self.stamp = stamp(&held);
         self.upstream_auth = upstream::basic_auth(held.proxy()).and_then(|a| {
             let mut v = HeaderValue::from_str(&a).ok()?;
@@ -161,7 +161,7 @@ pub async fn serve(state: Arc<ProxyState>, rt: Arc<Runtime>, stream: TcpStream, 
     };
     let conn_lease = Arc::new(Mutex::new(ConnLease::default()));
     // Cancelled at hard shutdown, or when an operator closes this connection's lease.
-    let cancel = state.cancel.child_token();
+    let cancel = CancellationToken::new();
     let service = service_fn({
         let (state, rt, conn_lease, cancel) = (
             state.clone(),
@@ -303,7 +303,7 @@ async fn tunnel(
         .authority()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let target = parse_authority(&authority)?;
+    let target = Target::parse_authority(&authority)?;
     let id = identify(rt, &req)?;
     let (held, mut upstream, early) = state
         .lease_and_dial(rt, &id, &target, DialMode::Tunnel, &[])
@@ -322,7 +322,7 @@ async fn tunnel(
                         .await
                         .ok()?;
                 }
-                Some(splice(&mut client, &mut upstream, idle, &held.cancel).await)
+                Some(splice(&mut client, &mut upstream, idle, held.cancelled()).await)
             }
             .await;
             drop(held);
@@ -357,10 +357,7 @@ async fn forward(
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
-    let target = Target {
-        host,
-        port: uri.port_u16().unwrap_or(80),
-    };
+    let target = Target::new(Host::parse(&host)?, uri.port_u16().unwrap_or(80))?;
     let mut guard = conn.lock().await;
     let conn = &mut *guard;
     let (id, key) = known_identity(rt, conn, &req)?;
@@ -395,9 +392,7 @@ async fn forward(
         let sent = match sender.ready().await {
             Ok(()) => sender.try_send_request(req).await,
             Err(e) => {
-                return Err(ProxyError::UpstreamFailed(format!(
-                    "upstream connection: {e}"
-                )));
+                return Err(ProxyError::upstream(format!("upstream connection: {e}")));
             }
         };
         let mut e = match sent {
@@ -411,7 +406,7 @@ async fn forward(
             (Some(unsent), _) if attempt < 2 => unsent,
             (None, Some(parts)) if attempt < 2 => rebuild(parts),
             _ => {
-                return Err(ProxyError::UpstreamFailed(format!(
+                return Err(ProxyError::upstream(format!(
                     "upstream request: {}",
                     e.error()
                 )));
@@ -424,14 +419,13 @@ async fn forward(
             if let (Some(proxy), Some(pool)) = (proxy, rt.pools.get(&id.pool)) {
                 tracing::warn!(%proxy, error = %e.error(), "upstream closed a new connection");
                 state.metrics.upstream_failure(&id.pool, "refused");
-                state.record_failure(&proxy, &pool.health);
+                state.record_failure(&proxy, &pool.health).await;
                 failed.push(proxy);
             }
             conn.clear();
         }
     }
-    let mut resp =
-        resp.ok_or_else(|| ProxyError::UpstreamFailed("upstream connection closed".into()))?;
+    let mut resp = resp.ok_or_else(|| ProxyError::upstream("upstream connection closed"))?;
     strip_hop_by_hop(resp.headers_mut());
     // Our side of the connection speaks HTTP/1.1 whatever the origin spoke (an HTTP/1.0
     // origin must not close the client's keep-alive connection and its lease).
@@ -492,12 +486,14 @@ async fn ensure_sender(
         let timeout = rt.limits().connect_timeout();
         match upstream::open_forward(held.proxy(), &extra, target, &rt.policy, timeout).await {
             Ok((io, _)) => reused = Some(io),
-            Err(upstream::DialError::Denied(m)) => return Err(ProxyError::DestinationDenied(m)),
+            Err(upstream::DialError::Denied(d)) => {
+                return Err(ProxyError::DestinationDenied(d.to_string()));
+            }
             Err(e) => {
                 tracing::warn!(proxy = %held.proxy().id, error = %e, "upstream of a keep-alive connection failed");
                 state.metrics.upstream_failure(&id.pool, e.reason());
                 if let Some(pool) = rt.pools.get(&id.pool) {
-                    state.record_failure(&held.proxy().id, &pool.health);
+                    state.record_failure(&held.proxy().id, &pool.health).await;
                 }
                 failed.push(held.proxy().id.clone());
                 conn.clear();
@@ -512,7 +508,7 @@ async fn ensure_sender(
                 .await?;
             record_identity(id, target, Some(&held.proxy().id));
             // An operator closing this lease closes the whole client connection.
-            let (lease_cancel, conn_cancel) = (held.cancel.clone(), cancel.clone());
+            let (lease_cancel, conn_cancel) = (held.cancelled().clone(), cancel.clone());
             tokio::spawn(async move {
                 tokio::select! {
                     () = lease_cancel.cancelled() => conn_cancel.cancel(),
@@ -528,7 +524,7 @@ async fn ensure_sender(
         .title_case_headers(true)
         .handshake(TokioIo::new(io))
         .await
-        .map_err(|e| ProxyError::UpstreamFailed(format!("HTTP handshake: {e}")))?;
+        .map_err(|e| ProxyError::upstream(format!("HTTP handshake: {e}")))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(error = %e, "upstream HTTP connection ended");
@@ -548,7 +544,7 @@ fn prepare_request(
     req: &mut Request<Body>,
     uri: &Uri,
     target: &Target,
-    held: &Held,
+    held: &LeaseUse,
     upstream_auth: Option<&HeaderValue>,
 ) -> Result<(), ProxyError> {
     let headers = req.headers_mut();
@@ -584,25 +580,19 @@ fn is_http_proxy(p: ProxyProtocol) -> bool {
 }
 
 /// The headers that tell a client which upstream and lease served it.
-fn stamp(held: &Held) -> Vec<(HeaderName, HeaderValue)> {
-    let mut out = Vec::with_capacity(2);
-    let mut add = |k: &'static str, v: &str| {
-        if let (Ok(k), Ok(v)) = (
-            HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_str(v),
-        ) {
-            out.push((k, v));
-        }
-    };
-    add("x-pharox-proxy-id", held.proxy().id.as_str());
-    add("x-pharox-lease-id", &held.lease_id());
-    for (k, v) in held.session_headers() {
-        add(k, &v);
-    }
-    out
+fn stamp(held: &LeaseUse) -> Vec<(HeaderName, HeaderValue)> {
+    held.stamp()
+        .into_iter()
+        .filter_map(|(k, v)| {
+            Some((
+                HeaderName::from_bytes(k.as_bytes()).ok()?,
+                HeaderValue::from_str(&v).ok()?,
+            ))
+        })
+        .collect()
 }
 
-fn success(mut resp: Response<Body>, held: &Held) -> Response<Body> {
+fn success(mut resp: Response<Body>, held: &LeaseUse) -> Response<Body> {
     let h = resp.headers_mut();
     for (k, v) in stamp(held) {
         h.insert(k, v);

@@ -6,23 +6,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::upstream::{self, DialError, Target, UpstreamIo};
-use super::{DialMode, Held, Holding, LeaseHold, PoolRuntime, ProxyState, Runtime, session};
+use super::held::{HeldLease, LeaseUse};
+use super::session::{Session, SessionUse};
+use super::target::Target;
+use super::upstream::{self, DialError, UpstreamIo};
+use super::{DialMode, PoolRuntime, ProxyState, Runtime};
 use crate::config::PassiveHealthConfig;
 use crate::error::ProxyError;
 use crate::identity::Identity;
-use crate::manager::LeaseGuard;
-use crate::model::{Proxy, ProxyId, ProxyStatus};
-use crate::retry::RetryPolicy;
+use crate::model::{Lease, Proxy, ProxyId, ProxyStatus};
+use crate::retry::{RetryPolicy, wall_now};
 use crate::storage::{AcquireRequest, LeaseError, Storage};
+
+/// A session lookup that keeps finding an ended session gives up after this many tries.
+const SESSION_TRIES: usize = 3;
 
 impl ProxyState {
     /// Leases an upstream of the identity's pool (or uses its sticky session's) and connects
-    /// through it, trying other upstreams (never the same twice) when one fails.
+    /// through it, trying other upstreams (never the same twice, never one in `exclude`) when
+    /// one fails.
     pub async fn lease_and_dial(
         self: &Arc<Self>,
         rt: &Runtime,
@@ -30,7 +34,7 @@ impl ProxyState {
         target: &Target,
         mode: DialMode,
         exclude: &[ProxyId],
-    ) -> Result<(Held, UpstreamIo, Bytes), ProxyError> {
+    ) -> Result<(LeaseUse, UpstreamIo, Bytes), ProxyError> {
         rt.policy
             .check_literal(target)
             .map_err(|e| ProxyError::DestinationDenied(e.to_string()))?;
@@ -39,53 +43,83 @@ impl ProxyState {
             .get(&id.pool)
             .ok_or_else(|| ProxyError::UnknownPool(id.pool.to_string()))?;
         let Some(session_id) = &id.session else {
-            let (hold, io, rest) = self
+            let (held, io, rest) = self
                 .dial_with_failover(rt, id, pool, target, mode, None, None, exclude)
                 .await?;
-            return Ok((Held::new(hold, None), io, rest));
+            return Ok((LeaseUse::new(held, self.metrics.clone(), None), io, rest));
         };
         let ttl = id.ttl.map_or(pool.session_ttl, |t| {
             Duration::from_secs(t).min(pool.session_max_ttl)
         });
         let key = (id.consumer.clone(), id.pool.clone(), session_id.clone());
-        let metrics = self.metrics.clone();
-        let session = self.sessions.get_or_create(
-            key,
-            ttl,
-            self.cancel.clone(),
-            move |s| metrics.session(&s.key().1, -1.0),
-            |s| self.metrics.session(&s.key().1, 1.0),
-        );
+        let max = rt.limits().max_sessions_per_consumer;
+        for _ in 0..SESSION_TRIES {
+            let session = self.sessions.get_or_create(key.clone(), ttl, max)?;
+            if let Some(done) = self
+                .dial_in_session(rt, id, pool, target, mode, exclude, &session)
+                .await
+            {
+                return done;
+            }
+        }
+        Err(ProxyError::BadRequest(
+            "the sticky session was ended repeatedly while connecting; retry".into(),
+        ))
+    }
+
+    /// Dials through `session`'s lease (or a new one for it). `None` if the session ended
+    /// while this connection waited for it.
+    #[allow(clippy::too_many_arguments)]
+    async fn dial_in_session(
+        self: &Arc<Self>,
+        rt: &Runtime,
+        id: &Identity,
+        pool: &PoolRuntime,
+        target: &Target,
+        mode: DialMode,
+        exclude: &[ProxyId],
+        session: &Arc<Session>,
+    ) -> Option<Result<(LeaseUse, UpstreamIo, Bytes), ProxyError>> {
         // One connection of a session at a time past this point, so that a new session never
         // takes two leases.
-        let mut lease = session.lease.lock().await;
-        let mut current = lease.current.clone();
+        let mut state = session.state.lock().await;
+        if session.is_ended() {
+            return None;
+        }
+        let mut current = state.current.clone();
         if let Some(h) = &current
-            && (h.cancel.is_cancelled() || !self.still_leasable(h.proxy(), pool.lease_slow).await)
+            && (h.cancelled().is_cancelled()
+                || !self.still_leasable(h.proxy(), pool.lease_slow).await)
         {
             current = None;
         }
-        let before = lease.current.as_ref().map(|h| h.proxy().id.clone());
-        let avoid = lease.avoid.clone();
+        let before = state.current.as_ref().map(|h| h.proxy().id.clone());
+        let avoid = state.avoid.clone();
         let result = self
             .dial_with_failover(rt, id, pool, target, mode, current, avoid, exclude)
             .await;
-        let (hold, io, rest) = match result {
+        let (held, io, rest) = match result {
             Ok(ok) => ok,
             Err(e) => {
-                lease.current = None;
-                return Err(e);
+                state.current = None;
+                drop(state);
+                self.sessions.abandon(session);
+                return Some(Err(e));
             }
         };
-        let moved_from = before.filter(|b| *b != hold.proxy().id);
-        lease.current = Some(hold.clone());
-        lease.avoid = None;
-        drop(lease);
-        Ok((
-            Held::new(hold, Some(session::SessionUse::new(session, moved_from))),
-            io,
-            rest,
-        ))
+        let moved_from = before.filter(|b| *b != held.proxy().id);
+        state.current = Some(held.clone());
+        state.avoid = None;
+        drop(state);
+        self.sessions.start(
+            session,
+            &self.background,
+            self.stop.clone(),
+            self.metrics.clone(),
+        );
+        let session_use = SessionUse::new(session.clone(), moved_from);
+        let lease_use = LeaseUse::new(held, self.metrics.clone(), Some(session_use));
+        Some(Ok((lease_use, io, rest)))
     }
 
     /// Is the upstream still active (not banned, not resting, not removed)?
@@ -111,14 +145,14 @@ impl ProxyState {
         pool: &PoolRuntime,
         target: &Target,
         mode: DialMode,
-        mut first: Option<Arc<LeaseHold>>,
+        mut first: Option<Arc<HeldLease>>,
         avoid: Option<ProxyId>,
         exclude: &[ProxyId],
-    ) -> Result<(Arc<LeaseHold>, UpstreamIo, Bytes), ProxyError> {
+    ) -> Result<(Arc<HeldLease>, UpstreamIo, Bytes), ProxyError> {
         let mut tried: Vec<ProxyId> = exclude.to_vec();
         let mut errors: Vec<(ProxyId, DialError)> = Vec::new();
         for attempt in 0..=pool.failover {
-            let hold = match first.take() {
+            let held = match first.take() {
                 Some(h) => h,
                 None => {
                     let policy = if attempt == 0 {
@@ -126,70 +160,80 @@ impl ProxyState {
                     } else {
                         RetryPolicy::once()
                     };
-                    let mut lease = None;
-                    if let Some(a) = &avoid {
-                        let mut skip = tried.clone();
-                        skip.push(a.clone());
-                        lease = self.acquire(id, pool, &skip, &RetryPolicy::once()).await?;
-                    }
-                    if lease.is_none() {
-                        lease = self.acquire(id, pool, &tried, &policy).await?;
-                    }
-                    let Some(lease) = lease else {
-                        if errors.is_empty() {
-                            let retry_after = pool
-                                .retry
-                                .max_backoff
-                                .unwrap_or(pool.retry.backoff)
-                                .as_secs()
-                                .max(1);
-                            return Err(ProxyError::PoolExhausted {
-                                pool: id.pool.to_string(),
-                                retry_after,
-                            });
+                    match self
+                        .lease_avoiding(id, pool, &tried, avoid.as_ref(), &policy)
+                        .await?
+                    {
+                        Some(lease) => {
+                            Arc::new(self.registry.hold(self.manager.guard(lease), pool.lease))
                         }
-                        break;
-                    };
-                    self.hold(self.manager.guard(lease), pool.lease)
+                        None if errors.is_empty() => return Err(exhausted(id, pool)),
+                        None => break,
+                    }
                 }
             };
-            let proxy = hold.proxy().clone();
-            let extra = rt.extras.get(&proxy.id).cloned().unwrap_or_default();
-            let timeout = rt.limits().connect_timeout();
-            let dialed = match mode {
-                DialMode::Tunnel => {
-                    upstream::open_tunnel(&proxy, &extra, target, &rt.policy, timeout).await
-                }
-                DialMode::Forward => {
-                    upstream::open_forward(&proxy, &extra, target, &rt.policy, timeout).await
-                }
-            };
-            match dialed {
+            let proxy = held.proxy().clone();
+            match self.dial(rt, &proxy, target, mode).await {
                 Ok((io, rest)) => {
                     self.failures.remove(&proxy.id);
-                    return Ok((hold, io, rest));
+                    return Ok((held, io, rest));
                 }
-                Err(DialError::Denied(m)) => return Err(ProxyError::DestinationDenied(m)),
+                Err(e @ (DialError::Denied(_) | DialError::Local(_))) => {
+                    let detail = format!("{}: {e}", proxy.id);
+                    return Err(e.into_proxy_error(detail, false));
+                }
                 Err(e) => {
                     warn!(proxy = %proxy.id, pool = %id.pool, error = %e, "upstream failed");
                     self.metrics.upstream_failure(&id.pool, e.reason());
-                    self.record_failure(&proxy.id, &pool.health);
+                    if e.is_upstream_fault(proxy.protocol) {
+                        self.record_failure(&proxy.id, &pool.health).await;
+                    }
                     tried.push(proxy.id.clone());
                     errors.push((proxy.id.clone(), e));
                 }
             }
         }
-        let all_timeouts = errors.iter().all(|(_, e)| matches!(e, DialError::Timeout));
-        let detail = errors
-            .iter()
-            .map(|(p, e)| format!("{p}: {e}"))
-            .collect::<Vec<_>>()
-            .join("; ");
-        Err(if all_timeouts {
-            ProxyError::UpstreamTimeout(detail)
-        } else {
-            ProxyError::UpstreamFailed(detail)
-        })
+        Err(failed(errors))
+    }
+
+    /// Opens the connection `mode` needs through `proxy`.
+    pub(crate) async fn dial(
+        &self,
+        rt: &Runtime,
+        proxy: &Proxy,
+        target: &Target,
+        mode: DialMode,
+    ) -> Result<(UpstreamIo, Bytes), DialError> {
+        let extra = rt.extras.get(&proxy.id).cloned().unwrap_or_default();
+        let timeout = rt.limits().connect_timeout();
+        match mode {
+            DialMode::Tunnel => {
+                upstream::open_tunnel(proxy, &extra, target, &rt.policy, timeout).await
+            }
+            DialMode::Forward => {
+                upstream::open_forward(proxy, &extra, target, &rt.policy, timeout).await
+            }
+        }
+    }
+
+    /// A lease avoiding `avoid` if another upstream is free at once, else any lease the
+    /// policy can wait for (never one in `tried`).
+    async fn lease_avoiding(
+        &self,
+        id: &Identity,
+        pool: &PoolRuntime,
+        tried: &[ProxyId],
+        avoid: Option<&ProxyId>,
+        policy: &RetryPolicy,
+    ) -> Result<Option<Lease>, ProxyError> {
+        if let Some(a) = avoid {
+            let mut skip = tried.to_vec();
+            skip.push(a.clone());
+            if let Some(lease) = self.acquire(id, pool, &skip, &RetryPolicy::once()).await? {
+                return Ok(Some(lease));
+            }
+        }
+        self.acquire(id, pool, tried, policy).await
     }
 
     async fn acquire(
@@ -198,7 +242,7 @@ impl ProxyState {
         pool: &PoolRuntime,
         skip: &[ProxyId],
         policy: &RetryPolicy,
-    ) -> Result<Option<crate::model::Lease>, ProxyError> {
+    ) -> Result<Option<Lease>, ProxyError> {
         let req = request(id, pool, skip);
         self.manager
             .acquire_proxy_with_retry(&req, policy)
@@ -206,87 +250,56 @@ impl ProxyState {
             .map_err(lease_error)
     }
 
-    fn hold(self: &Arc<Self>, guard: LeaseGuard, lease: Duration) -> Arc<LeaseHold> {
-        // A token of its own, not a child of the daemon's: a child token takes the parent's
-        // lock on creation and drop, which every connection would contend on. `close_all`
-        // reaches it through the registry instead.
-        let cancel = CancellationToken::new();
-        let holding = Holding {
-            cancel: cancel.clone(),
-            lease: (*guard).clone(),
-            duration: lease,
-            renew_at: Instant::now() + lease / 2,
-        };
-        self.connections.insert(guard.id, holding);
-        if self.cancel.is_cancelled() {
-            cancel.cancel();
-        }
-        Arc::new(LeaseHold {
-            guard,
-            state: self.clone(),
-            cancel,
-        })
-    }
-
-    /// Renews every held lease that is past half its life. One task does this for all
-    /// leases (`RENEW_TICK`), so a tunnel costs no timer of its own.
-    pub async fn renew_held(&self) {
-        let now = Instant::now();
-        let due: Vec<(crate::model::Lease, Duration)> = self
-            .connections
-            .iter()
-            .filter(|e| e.renew_at <= now)
-            .map(|e| (e.lease.clone(), e.duration))
-            .collect();
-        for (lease, duration) in due {
-            match self.manager.renew(&lease, duration).await {
-                Ok(Some(_)) => {
-                    if let Some(mut e) = self.connections.get_mut(&lease.id) {
-                        e.renew_at = Instant::now() + duration / 2;
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => warn!(lease = %lease.id, error = %e, "renewal failed"),
-            }
-        }
-    }
-
-    /// Counts a connect failure; at the pool's threshold the upstream rests for the cooldown.
-    pub(crate) fn record_failure(self: &Arc<Self>, id: &ProxyId, health: &PassiveHealthConfig) {
+    /// Counts a connect failure; at the pool's threshold the upstream rests for the cooldown
+    /// (a deadline kept in the storage: no timer here, and a crash strands nothing).
+    pub(crate) async fn record_failure(&self, id: &ProxyId, health: &PassiveHealthConfig) {
         let count = {
             let mut n = self.failures.entry(id.clone()).or_insert(0);
             *n += 1;
             *n
         };
-        if count != health.max_failures {
+        if count < health.max_failures {
             return;
         }
-        let (state, id) = (self.clone(), id.clone());
+        self.failures.remove(id);
         let cooldown = Duration::from_secs(health.cooldown_seconds);
-        tokio::spawn(async move {
-            let storage = state.manager.storage();
-            if storage
-                .set_proxy_status(&id, ProxyStatus::Inactive)
-                .await
-                .ok()
-                != Some(ProxyStatus::Active)
-            {
-                state.failures.remove(&id);
-                return; // Not ours to rest (banned, removed, already resting).
+        let Some(until) = wall_now().checked_add(cooldown) else {
+            return;
+        };
+        match self.manager.storage().rest(id, until).await {
+            Ok(true) => {
+                warn!(proxy = %id, ?cooldown, "upstream put in cooldown after consecutive failures")
             }
-            warn!(proxy = %id, ?cooldown, "upstream put in cooldown after consecutive failures");
-            tokio::select! {
-                () = tokio::time::sleep(cooldown) => {}
-                () = state.cancel.cancelled() => return,
-            }
-            state.failures.remove(&id);
-            if let Ok(Some(info)) = storage.get_proxy(&id).await
-                && info.proxy.status == ProxyStatus::Inactive
-            {
-                let _ = storage.set_proxy_status(&id, ProxyStatus::Active).await;
-                debug!(proxy = %id, "upstream back from cooldown");
-            }
-        });
+            Ok(false) => debug!(proxy = %id, "upstream not active; no cooldown"),
+            Err(e) => warn!(proxy = %id, error = %e, "could not store the upstream's cooldown"),
+        }
+    }
+}
+
+fn exhausted(id: &Identity, pool: &PoolRuntime) -> ProxyError {
+    let retry_after = pool
+        .retry
+        .max_backoff
+        .unwrap_or(pool.retry.backoff)
+        .as_secs()
+        .max(1);
+    ProxyError::PoolExhausted {
+        pool: id.pool.to_string(),
+        retry_after,
+    }
+}
+
+/// The answer when every upstream tried failed.
+fn failed(errors: Vec<(ProxyId, DialError)>) -> ProxyError {
+    let all_timeouts = errors.iter().all(|(_, e)| matches!(e, DialError::Timeout));
+    let detail = errors
+        .iter()
+        .map(|(p, e)| format!("{p}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    match errors.into_iter().last() {
+        Some((_, e)) => e.into_proxy_error(detail, all_timeouts),
+        None => ProxyError::upstream("no upstream could be tried"),
     }
 }
 
@@ -294,23 +307,18 @@ fn request(id: &Identity, pool: &PoolRuntime, tried: &[ProxyId]) -> AcquireReque
     let mut req = AcquireRequest::new(id.pool.clone())
         .consumer(id.consumer.clone())
         .selector(pool.selector)
-        .duration(pool.lease);
-    req.filter = if tried.is_empty() {
-        id.filter.clone()
-    } else {
-        // Never the same upstream twice: the identity's filter plus an exclusion.
-        let tried = tried.to_vec();
-        let mut f = id.filter.as_deref().cloned().unwrap_or_default();
-        f = f.predicate(move |p| !tried.contains(&p.id));
-        Some(Arc::new(f))
-    };
+        .duration(pool.lease)
+        .exclude(tried.iter().cloned());
+    req.filter = id.filter.clone();
     req
 }
 
-fn lease_error(e: LeaseError) -> ProxyError {
+/// The answer for a lease engine error.
+pub(crate) fn lease_error(e: LeaseError) -> ProxyError {
     match e {
         LeaseError::UnknownPool(p) => ProxyError::UnknownPool(p),
         LeaseError::InvalidFilter(f) => ProxyError::BadUsername(f.to_string()),
-        other => ProxyError::UpstreamFailed(format!("lease engine: {other}")),
+        LeaseError::Backend(e) => ProxyError::StorageUnavailable(e.to_string()),
+        other => ProxyError::BadRequest(format!("lease engine: {other}")),
     }
 }

@@ -7,10 +7,13 @@ pub mod connect;
 pub mod forward;
 pub mod head;
 pub mod headers;
+pub mod held;
 mod lease;
 pub mod session;
 pub mod socks;
 pub mod splice;
+pub mod target;
+mod tunnel;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -30,15 +33,16 @@ use tracing::{Instrument, Span, debug, info, info_span, warn};
 use crate::config::{Config, LimitsConfig, PassiveHealthConfig};
 use crate::error::ProxyError;
 use crate::identity::{Authenticator, Identity};
-use crate::manager::{LeaseGuard, ProxyManager};
 use crate::metrics::Metrics;
-use crate::model::LeaseId;
-use crate::model::{Proxy, ProxyId};
+use crate::model::{LeaseId, ProxyId};
 use crate::retry::RetryPolicy;
 use crate::selector::Selector;
+use crate::storage::Storage;
 use head::{Head, HeadError, Opening};
+use held::{Manager, Registry};
 use splice::Transferred;
-use upstream::{Policy, Target, UpstreamExtra};
+use target::{Policy, Target};
+use upstream::UpstreamExtra;
 
 /// A pool's daemon settings.
 #[derive(Debug, Clone)]
@@ -88,28 +92,33 @@ impl Runtime {
 /// Everything connections share, for the daemon's whole life.
 pub struct ProxyState {
     /// The lease engine.
-    pub manager: ProxyManager,
+    pub manager: Manager,
     /// The current configuration-derived settings.
     pub runtime: ArcSwap<Runtime>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Consecutive connect failures per upstream.
     pub failures: DashMap<ProxyId, u32>,
-    /// Each held lease's connection, so an operator can close it.
-    connections: DashMap<LeaseId, Holding, rustc_hash::FxBuildHasher>,
-    /// Cancelled when open connections must close (end of the shutdown drain).
-    pub cancel: CancellationToken,
+    /// Every lease held for connections: renewal, and closing a lease's connections.
+    pub registry: Arc<Registry>,
     /// Cancelled when shutdown starts: keep-alive connections finish their request and close.
     pub drain: CancellationToken,
     /// Every connection task and every tunnel, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Background tasks (session reapers, admin connections, health probes): they end when
+    /// `stop` is cancelled, after the connections.
+    pub background: TaskTracker,
+    /// Cancelled at the very end of shutdown, for background tasks.
+    pub stop: CancellationToken,
     /// Live sticky sessions.
-    pub sessions: session::Sessions,
+    pub sessions: Arc<session::Sessions>,
+    /// Serialises reloads (SIGHUP and the API).
+    pub reload_lock: tokio::sync::Mutex<()>,
 }
 
 impl ProxyState {
     /// Assembles the state around a first runtime, wiring the engine's events to metrics.
-    pub fn new(manager: ProxyManager, runtime: Runtime, metrics: Arc<Metrics>) -> Self {
+    pub fn new(manager: Manager, runtime: Runtime, metrics: Arc<Metrics>) -> Self {
         let m = metrics.clone();
         manager.on_acquire(move |e| m.on_acquire(e));
         let m = metrics.clone();
@@ -119,135 +128,49 @@ impl ProxyState {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             failures: DashMap::new(),
-            connections: DashMap::default(),
-            cancel: CancellationToken::new(),
+            registry: Arc::default(),
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            sessions: session::Sessions::default(),
+            background: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            sessions: Arc::default(),
+            reload_lock: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Ends a sticky session (its next connection takes a new lease). False if unknown.
     pub fn rotate_session(&self, key: &session::SessionKey) -> bool {
-        match self.sessions.rotate(key) {
-            Some(s) => {
-                self.metrics.session(&s.key().1, -1.0);
-                true
-            }
-            None => false,
-        }
+        self.sessions.rotate(key, &self.metrics)
     }
 
     /// Ends every sticky session, releasing leases held between connections (shutdown).
     pub fn end_sessions(&self) {
-        for s in self.sessions.list() {
-            self.rotate_session(s.key());
-        }
+        self.sessions.clear(&self.metrics);
     }
 
-    /// Closes every open connection (the end of the shutdown drain): the daemon-wide token,
-    /// then each held lease's own token. A lease held after the first step sees the daemon
-    /// token cancelled when it registers (`hold`), so none is missed.
+    /// Closes every open connection (the end of the shutdown drain).
     pub fn close_all(&self) {
-        self.cancel.cancel();
-        for h in self.connections.iter() {
-            h.cancel.cancel();
+        self.registry.close_all();
+    }
+
+    /// Closes the connections holding lease `id` and releases the lease. False if it was
+    /// not live.
+    pub async fn close_lease(&self, id: LeaseId) -> Result<bool, crate::storage::LeaseError> {
+        self.registry.close(id);
+        self.manager.release_by_id(id).await
+    }
+
+    /// Renews the held leases that are due (one batch); closes the connections of lost ones.
+    pub async fn renew_held(&self) -> usize {
+        self.registry.renew_due(&self.manager, &self.metrics).await
+    }
+
+    /// Live leases in `pool` (0 for an unknown pool).
+    pub async fn leased(&self, pool: &str) -> u64 {
+        match self.manager.storage().pool_stats(pool).await {
+            Ok(Some(s)) => s.total_leases,
+            _ => 0,
         }
-    }
-
-    /// Closes the connection holding lease `id` and releases the lease. False if not live.
-    pub async fn close_lease(&self, id: LeaseId) -> bool {
-        if let Some((_, holding)) = self.connections.remove(&id) {
-            holding.cancel.cancel();
-        }
-        self.manager.release_by_id(id).await.unwrap_or(false)
-    }
-}
-
-/// How often held leases are checked for renewal.
-pub const RENEW_TICK: Duration = Duration::from_millis(250);
-
-/// A lease and what comes with it: renewal while it is held (by `renew_held`), and the token
-/// that closes every connection using it. Released exactly once, when the last holder (a
-/// connection, or a sticky session between connections) drops it.
-pub struct LeaseHold {
-    guard: LeaseGuard,
-    state: Arc<ProxyState>,
-    /// Cancelled when an operator closes this lease (or at hard shutdown).
-    pub cancel: CancellationToken,
-}
-
-/// A held lease as the registry knows it: how to close its connections and when to renew it.
-struct Holding {
-    cancel: CancellationToken,
-    lease: crate::model::Lease,
-    duration: Duration,
-    renew_at: Instant,
-}
-
-impl Drop for LeaseHold {
-    fn drop(&mut self) {
-        self.state.connections.remove(&self.guard.id);
-    }
-}
-
-impl LeaseHold {
-    /// The leased upstream.
-    pub fn proxy(&self) -> &Arc<Proxy> {
-        &self.guard.proxy
-    }
-}
-
-/// One client connection's use of a lease.
-pub struct Held {
-    hold: Arc<LeaseHold>,
-    /// Cancelled when the connection must close (operator, hard shutdown).
-    pub cancel: CancellationToken,
-    /// The sticky session this connection belongs to, if any.
-    pub session: Option<session::SessionUse>,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.hold
-            .state
-            .metrics
-            .connection_active(&self.hold.guard.pool_name, -1.0);
-    }
-}
-
-impl Held {
-    fn new(hold: Arc<LeaseHold>, session: Option<session::SessionUse>) -> Self {
-        hold.state
-            .metrics
-            .connection_active(&hold.guard.pool_name, 1.0);
-        Held {
-            cancel: hold.cancel.clone(),
-            hold,
-            session,
-        }
-    }
-
-    /// The leased upstream.
-    pub fn proxy(&self) -> &Arc<Proxy> {
-        self.hold.proxy()
-    }
-
-    /// The lease id, as sent in `X-Pharox-Lease-Id`.
-    pub fn lease_id(&self) -> String {
-        self.hold.guard.id.to_string()
-    }
-
-    /// Extra response headers: the session and, if it just moved, the upstream it left.
-    pub fn session_headers(&self) -> Vec<(&'static str, String)> {
-        let Some(s) = &self.session else {
-            return Vec::new();
-        };
-        let mut h = vec![("X-Pharox-Session", s.id().to_owned())];
-        if let Some(from) = &s.moved_from {
-            h.push(("X-Pharox-Session-Moved-From", from.to_string()));
-        }
-        h
     }
 }
 
@@ -261,7 +184,17 @@ pub enum DialMode {
     Forward,
 }
 
+/// Connections past `limits.max_connections` that are answered at once (an error reply);
+/// beyond these, further ones are closed without a word.
+const MAX_REFUSING: usize = 256;
+
+/// How long a refused connection may take to send its first bytes before it is answered.
+const REFUSE_READ: Duration = Duration::from_millis(500);
+
 /// Accepts clients until `state.drain` is cancelled; each connection runs on the tracker.
+/// A client past `limits.max_connections` is answered at once (HTTP 503
+/// `too_many_connections` with `Retry-After`, or a SOCKS5 refusal) instead of waiting in the
+/// listen backlog.
 pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
     // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt for
     // the daemon's life instead of one per connection.
@@ -271,13 +204,9 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
             .is_ok();
     let max = state.runtime.load().limits().max_connections;
     let permits = Arc::new(Semaphore::new(max));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     loop {
         // Drain first: under a flood, accept would always be ready.
-        let permit = tokio::select! {
-            biased;
-            () = state.drain.cancelled() => return,
-            p = permits.clone().acquire_owned() => p.expect("never closed"),
-        };
         let (stream, peer) = tokio::select! {
             biased;
             () = state.drain.cancelled() => return,
@@ -290,14 +219,24 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
                 }
             },
         };
+        if !inherits_nodelay {
+            let _ = stream.set_nodelay(true);
+        }
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if let Ok(slot) = refusing.clone().try_acquire_owned() {
+                let state2 = state.clone();
+                state.tracker.spawn(async move {
+                    refuse(&state2, stream).await;
+                    drop(slot);
+                });
+            }
+            continue;
+        };
         let state2 = state.clone();
         let span = info_span!(
             "conn", client = %peer, kind = Empty, consumer = Empty, pool = Empty,
             proxy = Empty, target = Empty
         );
-        if !inherits_nodelay {
-            let _ = stream.set_nodelay(true);
-        }
         state.tracker.spawn(
             async move {
                 handle(state2, stream).await;
@@ -306,6 +245,27 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
             .instrument(span),
         );
     }
+}
+
+/// Answers a connection past the connection limit: a SOCKS5 client gets "no acceptable
+/// method" (the only refusal SOCKS5 has before authentication), anyone else HTTP 503.
+async fn refuse(state: &ProxyState, mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut first = [0u8; 4096];
+    let n = tokio::time::timeout(REFUSE_READ, stream.read(&mut first))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    let e = ProxyError::TooManyConnections;
+    if n > 0 && first[0] == 5 {
+        state.metrics.connection_done("socks5", e.code());
+        let _ = stream.write_all(&[5, 0xff]).await;
+    } else {
+        state.metrics.connection_done("http", e.code());
+        let _ = stream.write_all(e.to_http().as_bytes()).await;
+    }
+    let _ = stream.shutdown().await;
 }
 
 /// Serves one client connection.
@@ -333,7 +293,7 @@ async fn handle(state: Arc<ProxyState>, mut stream: TcpStream) {
     } else {
         let e = ProxyError::BadRequest(format!(
             "`{}` is not a proxy request (absolute URI or CONNECT)",
-            head.target()
+            head.target().chars().take(64).collect::<String>()
         ));
         state.metrics.connection_done("http", e.code());
         reply_error(&mut stream, &e).await;
@@ -378,14 +338,6 @@ pub fn log_error(e: &ProxyError) {
     } else {
         warn!(code = e.code(), error = %e, "request failed");
     }
-}
-
-/// Parses a CONNECT target `host:port`.
-pub fn parse_authority(s: &str) -> Result<Target, ProxyError> {
-    crate::config::split_host_port(s)
-        .map(|(host, port)| Target { host, port })
-        .filter(|t| t.port != 0)
-        .ok_or_else(|| ProxyError::BadRequest(format!("`{s}` is not host:port")))
 }
 
 impl Head {

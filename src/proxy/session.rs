@@ -8,39 +8,54 @@
 //! connections it has. If the upstream fails or is banned, the session moves to another one.
 //! Connections of one session open one at a time (their upstream handshakes are serialised so
 //! that a new session never takes two leases); established tunnels run in parallel.
+//!
+//! A session exists for good only once its first lease succeeded: a session whose first
+//! connection fails is forgotten at once (no entry, no task left behind). A consumer has at
+//! most `limits.max_sessions_per_consumer` sessions, pending ones included; past that, new
+//! session ids are refused with 429 `session_limit`. Each live session has one reaper task, on
+//! the daemon's background tracker, that ends it at its TTL or at shutdown.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::Notify;
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::LeaseHold;
+use super::held::HeldLease;
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
 use crate::model::ProxyId;
 
 /// (consumer, pool, session id).
 pub type SessionKey = (Arc<str>, Arc<str>, String);
 
-/// A live sticky session.
+/// A sticky session.
 pub struct Session {
     key: SessionKey,
     ttl: Duration,
-    /// The session's lease (`None` before the first connection or after its upstream
-    /// failed), and an upstream to avoid when taking the next one. Locked across a
-    /// connection's upstream handshake.
-    pub lease: tokio::sync::Mutex<SessionLease>,
+    /// The session's lease and the upstream to avoid next. Locked across a connection's
+    /// upstream handshake.
+    pub state: tokio::sync::Mutex<SessionState>,
     usage: Mutex<Usage>,
     wake: Notify,
-    reaper: Mutex<Option<AbortHandle>>,
+    /// Cancelled when the session ends (TTL, rotation, shutdown).
+    end: CancellationToken,
+    /// The first lease succeeded: the session is live (counted, with a reaper).
+    started: AtomicBool,
+    /// Ended (forgotten by the map): a connection that finds it so starts over.
+    ended: AtomicBool,
 }
 
-/// The lease side of a session.
+/// What a session's connections share.
 #[derive(Default)]
-pub struct SessionLease {
-    /// The lease the session's connections use.
-    pub current: Option<Arc<LeaseHold>>,
+pub struct SessionState {
+    /// The lease the session's connections use (`None` before the first connection or after
+    /// its upstream failed).
+    pub current: Option<Arc<HeldLease>>,
     /// An upstream the next lease should not be on (after an operator's rotation).
     pub avoid: Option<ProxyId>,
 }
@@ -64,6 +79,16 @@ impl Session {
     /// The idle TTL.
     pub fn ttl(&self) -> Duration {
         self.ttl
+    }
+
+    /// True once the session ended; a connection holding it must look it up again.
+    pub fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// True once its first lease succeeded.
+    pub fn is_started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
     }
 
     /// Open connections and time since the last one closed (zero while one is open).
@@ -113,104 +138,134 @@ impl Drop for SessionUse {
     }
 }
 
-type Map = Arc<DashMap<SessionKey, Arc<Session>>>;
+type Map = DashMap<SessionKey, Arc<Session>>;
 
-/// Every live session of a daemon.
+/// Every sticky session of a daemon.
 #[derive(Default)]
 pub struct Sessions {
     map: Map,
+    /// Sessions per consumer, pending ones included.
+    per_consumer: DashMap<Arc<str>, usize>,
     /// Upstreams to avoid for keys whose session an operator rotated.
     avoid: DashMap<SessionKey, ProxyId>,
 }
 
 impl Sessions {
-    /// The session for `key`, created (with its reaper) if needed. `on_end` runs once when
-    /// the session ends (metrics).
+    /// The session for `key`, created (pending: no lease, no task yet) if needed, unless
+    /// the consumer already has `max` sessions.
     pub fn get_or_create(
         &self,
         key: SessionKey,
         ttl: Duration,
-        stop: tokio_util::sync::CancellationToken,
-        on_end: impl FnOnce(&Session) + Send + 'static,
-        on_start: impl FnOnce(&Session),
-    ) -> Arc<Session> {
+        max: usize,
+    ) -> Result<Arc<Session>, ProxyError> {
         if let Some(s) = self.map.get(&key) {
-            return s.clone();
+            return Ok(s.clone());
         }
-        let mut created = None;
-        let session = self
-            .map
-            .entry(key.clone())
-            .or_insert_with(|| {
-                let lease = SessionLease {
+        let mut count = self.per_consumer.entry(key.0.clone()).or_insert(0);
+        if *count >= max {
+            return Err(ProxyError::SessionLimit(max));
+        }
+        let created = self.map.entry(key.clone()).or_insert_with(|| {
+            *count += 1;
+            Arc::new(Session {
+                state: tokio::sync::Mutex::new(SessionState {
                     current: None,
                     avoid: self.avoid.remove(&key).map(|(_, p)| p),
-                };
-                let s = Arc::new(Session {
-                    key: key.clone(),
-                    ttl,
-                    lease: tokio::sync::Mutex::new(lease),
-                    usage: Mutex::new(Usage {
-                        open: 0,
-                        last_used: Instant::now(),
-                    }),
-                    wake: Notify::new(),
-                    reaper: Mutex::new(None),
-                });
-                created = Some(s.clone());
-                s
+                }),
+                key,
+                ttl,
+                usage: Mutex::new(Usage {
+                    open: 0,
+                    last_used: Instant::now(),
+                }),
+                wake: Notify::new(),
+                end: CancellationToken::new(),
+                started: AtomicBool::new(false),
+                ended: AtomicBool::new(false),
             })
-            .clone();
-        if let Some(s) = created {
-            on_start(&s);
-            let task = tokio::spawn(reap(s.clone(), self.map.clone(), stop, on_end));
-            *s.reaper.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
-        }
-        session
+        });
+        Ok(created.clone())
     }
 
-    /// Every live session.
+    /// Marks a session live after its first lease: counts it and starts its reaper on
+    /// `tracker` (it ends at the TTL, at `stop`, or when the session is rotated).
+    pub fn start(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) {
+        if session.is_ended() || session.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        metrics.session(&session.key.1, 1.0);
+        let (sessions, session) = (self.clone(), session.clone());
+        tracker.spawn(async move {
+            reap(&session, &stop).await;
+            sessions.end(&session, Some(&metrics));
+            // Drop the session's hold on its lease: with no connection open, that releases it.
+            session.state.lock().await.current = None;
+        });
+    }
+
+    /// Forgets a session whose first lease failed (it never started).
+    pub fn abandon(&self, session: &Arc<Session>) {
+        if !session.is_started() {
+            self.end(session, None);
+        }
+    }
+
+    /// Removes a session from the map and the counts, once.
+    fn end(&self, session: &Arc<Session>, metrics: Option<&Metrics>) {
+        if session.ended.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.map
+            .remove_if(&session.key, |_, s| Arc::ptr_eq(s, session));
+        if let Some(mut n) = self.per_consumer.get_mut(&session.key.0) {
+            *n = n.saturating_sub(1);
+        }
+        self.per_consumer.remove_if(&session.key.0, |_, n| *n == 0);
+        if let (Some(m), true) = (metrics, session.is_started()) {
+            m.session(&session.key.1, -1.0);
+        }
+        session.end.cancel();
+    }
+
+    /// Every session, live or pending.
     pub fn list(&self) -> Vec<Arc<Session>> {
         self.map.iter().map(|e| e.value().clone()).collect()
     }
 
     /// Ends a session now: the next connection with its key gets a new lease, on another
-    /// upstream if one is free. Open connections keep their lease until they close.
-    pub fn rotate(&self, key: &SessionKey) -> Option<Arc<Session>> {
-        let (_, session) = self.map.remove(key)?;
-        if let Ok(lease) = session.lease.try_lock()
-            && let Some(current) = &lease.current
+    /// upstream if one is free. Open connections keep their lease until they close. False
+    /// if there is no such session.
+    pub fn rotate(&self, key: &SessionKey, metrics: &Metrics) -> bool {
+        let Some(session) = self.map.get(key).map(|e| e.value().clone()) else {
+            return false;
+        };
+        if let Ok(state) = session.state.try_lock()
+            && let Some(current) = &state.current
         {
             self.avoid.insert(key.clone(), current.proxy().id.clone());
         }
-        if let Some(task) = session
-            .reaper
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            task.abort();
-        }
-        Some(session)
+        self.end(&session, Some(metrics));
+        true
     }
 
-    /// Ends every session (shutdown).
-    pub fn clear(&self) {
-        let keys: Vec<SessionKey> = self.map.iter().map(|e| e.key().clone()).collect();
-        for key in keys {
-            self.rotate(&key);
+    /// Ends every session (shutdown); their reapers then release the leases.
+    pub fn clear(&self, metrics: &Metrics) {
+        for s in self.list() {
+            self.end(&s, Some(metrics));
         }
         self.avoid.clear();
     }
 }
 
-/// Waits for the session to be idle for its TTL, then ends it.
-async fn reap(
-    session: Arc<Session>,
-    map: Map,
-    stop: tokio_util::sync::CancellationToken,
-    on_end: impl FnOnce(&Session),
-) {
+/// Waits for the session to be idle for its TTL, or to be ended.
+async fn reap(session: &Session, stop: &CancellationToken) {
     loop {
         let (open, last) = {
             let u = session.usage.lock().unwrap_or_else(|e| e.into_inner());
@@ -225,17 +280,14 @@ async fn reap(
         };
         tokio::select! {
             () = session.wake.notified() => continue,
-            () = stop.cancelled() => break,
+            () = stop.cancelled() => return,
+            () = session.end.cancelled() => return,
             () = idle_deadline => {
                 let u = session.usage.lock().unwrap_or_else(|e| e.into_inner());
                 if u.open == 0 && u.last_used == last {
-                    break;
+                    return;
                 }
             }
         }
     }
-    map.remove_if(&session.key, |_, s| Arc::ptr_eq(s, &session));
-    on_end(&session);
-    // Drop the session's hold on its lease: with no connection open, that releases it.
-    session.lease.lock().await.current = None;
 }

@@ -2,21 +2,23 @@
 //! by its first byte (5). The username carries the same grammar as the HTTP one, and leasing,
 //! failover, limits and metrics (`kind="socks5"`) are shared with CONNECT.
 //!
-//! Error mapping (reply field of the SOCKS5 answer):
+//! Error mapping (reply field of the SOCKS5 answer; the mapping itself is
+//! `ProxyError::socks_reply`):
 //!
 //! | situation | answer |
 //! |---|---|
+//! | past `limits.max_connections` | method `0xFF`, close |
 //! | auth required but the client offers no username/password method | method `0xFF` |
 //! | credentials missing, wrong, or a bad username | RFC 1929 status `0x01`, close |
-//! | pool exhausted, unknown or forbidden pool, destination denied | `0x02` not allowed by ruleset |
+//! | pool exhausted, unknown or forbidden pool, destination denied, session limit | `0x02` not allowed by ruleset |
 //! | every upstream refused or failed | `0x05` connection refused |
 //! | an upstream could not reach the host | `0x04` host unreachable |
 //! | upstream timed out | `0x06` TTL expired |
 //! | BIND, UDP ASSOCIATE, any other command | `0x07` command not supported |
 //! | unknown address type | `0x08` address type not supported |
-//! | malformed request | `0x01` general failure |
+//! | malformed request (a domain that is not an IP literal or LDH name, port 0), storage unavailable, out of local resources | `0x01` general failure |
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,40 +27,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{Span, debug};
 
-use super::connect::outcome;
 use super::head::Rewind;
 use super::splice::Transferred;
-use super::upstream::Target;
+use super::target::{Host, Target, canonical};
+use super::tunnel::{self, Open, Reply};
 use super::{DialMode, ProxyState, Runtime, finish, record_identity};
-use crate::error::ProxyError;
-
-/// Reply codes (RFC 1928 §6).
-mod rep {
-    pub const OK: u8 = 0x00;
-    pub const GENERAL: u8 = 0x01;
-    pub const NOT_ALLOWED: u8 = 0x02;
-    pub const HOST_UNREACHABLE: u8 = 0x04;
-    pub const REFUSED: u8 = 0x05;
-    pub const TTL_EXPIRED: u8 = 0x06;
-    pub const COMMAND: u8 = 0x07;
-    pub const ADDRESS: u8 = 0x08;
-}
-
-/// The SOCKS5 reply code for a proxy error.
-pub fn reply_code(e: &ProxyError) -> u8 {
-    match e {
-        ProxyError::PoolExhausted { .. }
-        | ProxyError::PoolForbidden(_)
-        | ProxyError::UnknownPool(_)
-        | ProxyError::DestinationDenied(_) => rep::NOT_ALLOWED,
-        ProxyError::UpstreamTimeout(_) => rep::TTL_EXPIRED,
-        ProxyError::UpstreamFailed(m) if m.contains("unreachable") || m.contains("resolve") => {
-            rep::HOST_UNREACHABLE
-        }
-        ProxyError::UpstreamFailed(_) => rep::REFUSED,
-        _ => rep::GENERAL,
-    }
-}
+use crate::error::{ProxyError, socks_reply as rep};
 
 /// Why the handshake stopped before a tunnel.
 enum Stop {
@@ -108,49 +82,29 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
             return finish(state, "socks5", None, "client_closed", Transferred::default(), started);
         }
     };
-    let (held, mut upstream, early) = match dialed {
+    let (lease, upstream, upstream_early) = match dialed {
         Ok(v) => v,
         Err(e) => {
             super::log_error(&e);
             return stopped(
                 state,
                 &mut client,
-                Stop::Reply(reply_code(&e), e.code()),
+                Stop::Reply(e.socks_reply(), e.code()),
                 started,
             )
             .await;
         }
     };
-    Span::current().record("proxy", held.proxy().id.as_str());
-    // Bound address: unspecified (clients do not need it for CONNECT).
-    if client
-        .write_all(&[5, rep::OK, 0, 1, 0, 0, 0, 0, 0, 0])
-        .await
-        .is_err()
-        || (!early.is_empty() && client.write_all(&early).await.is_err())
-        || (!early_client.is_empty() && upstream.write_all(&early_client).await.is_err())
-    {
-        return finish(
-            state,
-            "socks5",
-            Some(&id.pool),
-            "client_closed",
-            Transferred::default(),
-            started,
-        );
-    }
-    drop(early);
-    let (end, bytes) =
-        super::splice::splice_upstream(&mut client, upstream, limits, &held.cancel).await;
-    drop(held);
-    finish(
-        state,
-        "socks5",
-        Some(&id.pool),
-        outcome(end),
-        bytes,
+    let open = Open {
+        client,
+        client_early: Bytes::from(early_client),
+        lease,
+        upstream,
+        upstream_early,
+        pool: id.pool,
         started,
-    );
+    };
+    tunnel::run(state, rt, Reply::Socks5, open).await;
 }
 
 async fn stopped(state: &ProxyState, client: &mut TcpStream, stop: Stop, started: Instant) {
@@ -207,7 +161,7 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(id) => Ok((id, target)),
         Err(e) => {
             super::log_error(&e);
-            Err(Stop::Reply(reply_code(&e), e.code()))
+            Err(Stop::Reply(e.socks_reply(), e.code()))
         }
     }
 }
@@ -246,21 +200,26 @@ async fn read_request<S: AsyncRead + Unpin>(c: &mut S) -> Result<Target, Stop> {
         1 => {
             let mut a = [0u8; 4];
             c.read_exact(&mut a).await?;
-            Ipv4Addr::from(a).to_string()
+            Host::Ip(IpAddr::V4(Ipv4Addr::from(a)))
         }
         4 => {
             let mut a = [0u8; 16];
             c.read_exact(&mut a).await?;
-            Ipv6Addr::from(a).to_string()
+            Host::Ip(canonical(IpAddr::V6(Ipv6Addr::from(a))))
         }
         3 => {
             let mut len = [0u8; 1];
             c.read_exact(&mut len).await?;
             let mut name = vec![0u8; len[0] as usize];
             c.read_exact(&mut name).await?;
-            match String::from_utf8(name) {
-                Ok(n) if !n.is_empty() => n,
-                _ => return Err(Stop::Reply(rep::GENERAL, "bad_request")),
+            // Only an IP literal or an LDH name: nothing that could go into a head raw.
+            let parsed = std::str::from_utf8(&name)
+                .ok()
+                .map(Host::parse)
+                .and_then(Result::ok);
+            match parsed {
+                Some(h) => h,
+                None => return Err(Stop::Reply(rep::GENERAL, "bad_request")),
             }
         }
         _ => return Err(Stop::Reply(rep::ADDRESS, "bad_request")),
@@ -270,9 +229,6 @@ async fn read_request<S: AsyncRead + Unpin>(c: &mut S) -> Result<Target, Stop> {
     if req[1] != 1 {
         return Err(Stop::Reply(rep::COMMAND, "bad_request"));
     }
-    let port = u16::from_be_bytes(port);
-    if port == 0 {
-        return Err(Stop::Reply(rep::GENERAL, "bad_request"));
-    }
-    Ok(Target { host, port })
+    Target::new(host, u16::from_be_bytes(port))
+        .map_err(|_| Stop::Reply(rep::GENERAL, "bad_request"))
 }

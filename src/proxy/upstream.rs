@@ -17,30 +17,12 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
+use super::target::{Denied, Host, Policy, Target};
+use crate::error::{ProxyError, UpstreamFault};
 use crate::model::{Credentials, Proxy, ProxyProtocol};
 
 /// Largest CONNECT reply head accepted from an upstream.
 const MAX_REPLY_HEAD: usize = 16 * 1024;
-
-/// Where a client wants to go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// Host name or IP literal (no brackets).
-    pub host: String,
-    /// Port.
-    pub port: u16,
-}
-
-impl Target {
-    /// `host:port`, bracketing IPv6 literals.
-    pub fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
-}
 
 /// Per-upstream settings that the lease engine's model does not carry.
 #[derive(Clone, Default)]
@@ -51,31 +33,106 @@ pub struct UpstreamExtra {
     pub tls: Option<TlsConnector>,
 }
 
-/// Why an upstream could not give a connection to the target.
+/// Why an upstream could not give a connection to the target. Typed until the one place
+/// that answers the client ([`DialError::into_proxy_error`]).
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
     /// The connect timeout passed.
     #[error("timed out")]
     Timeout,
-    /// Connection refused, reset, TLS failure...
+    /// The TCP connection to the upstream (or, for `direct`, the target) failed.
+    #[error("connect: {0}")]
+    Connect(io::Error),
+    /// The connection broke during the handshake.
     #[error("{0}")]
-    Io(#[from] io::Error),
-    /// The upstream answered but refused the target.
+    Io(io::Error),
+    /// The TLS handshake with an `https` proxy failed.
+    #[error("TLS: {0}")]
+    Tls(io::Error),
+    /// The upstream answered CONNECT with a non-2xx status.
+    #[error("CONNECT answered {0}")]
+    Rejected(u16),
+    /// The upstream refused our credentials for it (407, SOCKS5 auth failure).
+    #[error("rejected our credentials")]
+    AuthRejected,
+    /// The upstream could not reach the target, or the target's name does not resolve.
     #[error("{0}")]
-    Refused(String),
+    Unreachable(String),
+    /// The upstream answered something that is not its protocol.
+    #[error("{0}")]
+    Protocol(String),
     /// The destination is forbidden by policy (not the upstream's fault).
     #[error("{0}")]
-    Denied(String),
+    Denied(#[from] Denied),
+    /// This host ran out of a resource (descriptors, buffers, local ports): not the
+    /// upstream's fault.
+    #[error("{0}")]
+    Local(io::Error),
+}
+
+/// Errors that mean this host ran out of something, not that the peer failed.
+fn is_local(e: &io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL (no local port or bind address).
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12 | 99))
+}
+
+impl From<io::Error> for DialError {
+    fn from(e: io::Error) -> Self {
+        if is_local(&e) {
+            DialError::Local(e)
+        } else {
+            DialError::Io(e)
+        }
+    }
 }
 
 impl DialError {
+    fn connect(e: io::Error) -> Self {
+        if is_local(&e) {
+            DialError::Local(e)
+        } else {
+            DialError::Connect(e)
+        }
+    }
+
     /// Bounded metric label.
     pub fn reason(&self) -> &'static str {
         match self {
             DialError::Timeout => "timeout",
+            DialError::Connect(_) => "connect",
             DialError::Io(_) => "io",
-            DialError::Refused(_) => "refused",
+            DialError::Tls(_) => "tls",
+            DialError::Rejected(_) => "refused",
+            DialError::AuthRejected => "auth",
+            DialError::Unreachable(_) => "unreachable",
+            DialError::Protocol(_) => "protocol",
             DialError::Denied(_) => "denied",
+            DialError::Local(_) => "local",
+        }
+    }
+
+    /// True when the upstream proxy is to blame (counted against its health, and another
+    /// upstream is tried). Policy refusals and local shortages are not its fault; nor, for a
+    /// `direct` upstream, is a target that refuses or cannot be reached.
+    pub fn is_upstream_fault(&self, protocol: ProxyProtocol) -> bool {
+        match self {
+            DialError::Denied(_) | DialError::Local(_) => false,
+            _ => protocol != ProxyProtocol::Direct,
+        }
+    }
+
+    /// The answer for a client when every upstream tried failed like this (`all_timeouts`:
+    /// every one of them timed out). `detail` names the upstreams and their errors.
+    pub fn into_proxy_error(self, detail: String, all_timeouts: bool) -> ProxyError {
+        match self {
+            DialError::Denied(d) => ProxyError::DestinationDenied(d.to_string()),
+            DialError::Local(e) => ProxyError::ResourceExhausted(e.to_string()),
+            _ if all_timeouts => ProxyError::UpstreamTimeout(detail),
+            DialError::Unreachable(_) => ProxyError::UpstreamFailed {
+                fault: UpstreamFault::Unreachable,
+                detail,
+            },
+            _ => ProxyError::upstream(detail),
         }
     }
 }
@@ -128,67 +185,6 @@ impl AsyncWrite for UpstreamIo {
     }
 }
 
-/// What the destination policy needs to know.
-#[derive(Debug, Clone)]
-pub struct Policy {
-    /// Let `direct` reach loopback and link-local addresses.
-    pub allow_private: bool,
-    /// The daemon's own listeners (tunnels to them would loop).
-    pub own: Vec<SocketAddr>,
-}
-
-impl Policy {
-    /// Refuses a resolved address that is one of our listeners, or (for `direct`) private.
-    pub fn check(&self, addr: SocketAddr, direct: bool) -> Result<(), DialError> {
-        if self.is_own(addr) {
-            return Err(DialError::Denied(format!(
-                "{addr} is this proxy's own listener"
-            )));
-        }
-        if direct && !self.allow_private && is_private(addr.ip()) {
-            return Err(DialError::Denied(format!(
-                "{} is a loopback or link-local address",
-                addr.ip()
-            )));
-        }
-        Ok(())
-    }
-
-    fn is_own(&self, addr: SocketAddr) -> bool {
-        self.own.iter().any(|own| {
-            own.port() == addr.port()
-                && (own.ip() == addr.ip()
-                    || (own.ip().is_unspecified()
-                        && (addr.ip().is_loopback() || addr.ip() == own.ip())))
-        })
-    }
-
-    /// Checks an IP-literal target before anything is leased.
-    pub fn check_literal(&self, target: &Target) -> Result<(), DialError> {
-        match target.host.parse::<IpAddr>() {
-            Ok(ip) if self.is_own(SocketAddr::new(ip, target.port)) => Err(DialError::Denied(
-                format!("{} is this proxy's own listener", target.authority()),
-            )),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// Loopback, link-local, or unspecified.
-pub fn is_private(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
-        IpAddr::V6(v6) => {
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (v6.segments()[0] & 0xffc0) == 0xfe80
-                || v6
-                    .to_ipv4_mapped()
-                    .is_some_and(|v4| is_private(IpAddr::V4(v4)))
-        }
-    }
-}
-
 /// Opens a byte stream to `target` through `proxy`, within `timeout`. For HTTP proxies the
 /// CONNECT handshake is complete when this returns; bytes the proxy sent after its reply come
 /// back too.
@@ -229,7 +225,9 @@ async fn open_inner(
             Ok((io, rest))
         }
         ProxyProtocol::Socks5 | ProxyProtocol::Socks5h => {
-            let tcp = TcpStream::connect((proxy.host.as_str(), proxy.port)).await?;
+            let tcp = TcpStream::connect((proxy.host.as_str(), proxy.port))
+                .await
+                .map_err(DialError::connect)?;
             tcp.set_nodelay(true)?;
             Ok((
                 UpstreamIo::Tcp(socks5_connect(tcp, proxy, target).await?),
@@ -259,13 +257,22 @@ pub async fn open_forward(
 
 /// TCP (and TLS for `https`) to the proxy itself.
 pub async fn connect_proxy(proxy: &Proxy, extra: &UpstreamExtra) -> Result<UpstreamIo, DialError> {
-    let tcp = TcpStream::connect((proxy.host.as_str(), proxy.port)).await?;
+    let tcp = TcpStream::connect((proxy.host.as_str(), proxy.port))
+        .await
+        .map_err(DialError::connect)?;
     tcp.set_nodelay(true)?;
     match (&extra.tls, proxy.protocol) {
         (Some(tls), ProxyProtocol::Https) => {
             let name = ServerName::try_from(proxy.host.clone())
-                .map_err(|e| DialError::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-            Ok(UpstreamIo::Tls(Box::new(tls.connect(name, tcp).await?)))
+                .map_err(|e| DialError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+            let tls = tls.connect(name, tcp).await.map_err(|e| {
+                if is_local(&e) {
+                    DialError::Local(e)
+                } else {
+                    DialError::Tls(e)
+                }
+            })?;
+            Ok(UpstreamIo::Tls(Box::new(tls)))
         }
         _ => Ok(UpstreamIo::Tcp(tcp)),
     }
@@ -314,23 +321,25 @@ async fn http_connect(
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         if io.read_buf(&mut buf).await? == 0 {
-            return Err(DialError::Refused("closed before answering CONNECT".into()));
+            return Err(DialError::Protocol(
+                "closed before answering CONNECT".into(),
+            ));
         }
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut resp = httparse::Response::new(&mut headers);
         match resp.parse(&buf) {
             Ok(httparse::Status::Complete(len)) => {
-                let code = resp.code.unwrap_or(0);
-                if !(200..300).contains(&code) {
-                    return Err(DialError::Refused(format!("CONNECT answered {code}")));
-                }
-                return Ok(buf.split_off(len).freeze());
+                return match resp.code.unwrap_or(0) {
+                    200..=299 => Ok(buf.split_off(len).freeze()),
+                    407 => Err(DialError::AuthRejected),
+                    code => Err(DialError::Rejected(code)),
+                };
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_REPLY_HEAD => {}
             Ok(httparse::Status::Partial) => {
-                return Err(DialError::Refused("CONNECT reply too large".into()));
+                return Err(DialError::Protocol("CONNECT reply too large".into()));
             }
-            Err(e) => return Err(DialError::Refused(format!("malformed CONNECT reply: {e}"))),
+            Err(e) => return Err(DialError::Protocol(format!("malformed CONNECT reply: {e}"))),
         }
     }
 }
@@ -340,16 +349,17 @@ async fn socks5_connect(
     proxy: &Proxy,
     target: &Target,
 ) -> Result<TcpStream, DialError> {
-    match (proxy.protocol, target.host.parse::<IpAddr>()) {
-        (_, Ok(ip)) => socks5_handshake(tcp, proxy, SocketAddr::new(ip, target.port)).await,
-        (ProxyProtocol::Socks5h, Err(_)) => {
-            socks5_handshake(tcp, proxy, (target.host.as_str(), target.port)).await
+    match (proxy.protocol, &target.host) {
+        (_, Host::Ip(ip)) => socks5_handshake(tcp, proxy, SocketAddr::new(*ip, target.port)).await,
+        (ProxyProtocol::Socks5h, Host::Name(name)) => {
+            socks5_handshake(tcp, proxy, (name.as_str(), target.port)).await
         }
-        (_, Err(_)) => {
-            let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
+        (_, Host::Name(name)) => {
+            let addr = resolve(name, target.port)
                 .await?
+                .into_iter()
                 .next()
-                .ok_or_else(|| DialError::Refused(format!("{} does not resolve", target.host)))?;
+                .ok_or_else(|| DialError::Unreachable(format!("{name} does not resolve")))?;
             socks5_handshake(tcp, proxy, addr).await
         }
     }
@@ -373,41 +383,66 @@ async fn socks5_handshake<'a>(
         }
         None => Socks5Stream::connect_with_socket(tcp, addr).await,
     };
-    stream.map(Socks5Stream::into_inner).map_err(|e| match e {
-        tokio_socks::Error::Io(io) => DialError::Io(io),
-        other => DialError::Refused(format!("SOCKS5: {other}")),
+    stream.map(Socks5Stream::into_inner).map_err(|e| {
+        use tokio_socks::Error as E;
+        match e {
+            E::Io(io) => DialError::from(io),
+            E::PasswordAuthFailure(_) | E::NoAcceptableAuthMethods => DialError::AuthRejected,
+            E::HostUnreachable | E::NetworkUnreachable | E::TtlExpired => {
+                DialError::Unreachable(format!("SOCKS5: {e}"))
+            }
+            E::ConnectionRefused => DialError::Rejected(502),
+            other => DialError::Protocol(format!("SOCKS5: {other}")),
+        }
     })
 }
 
-/// Connects from this host, checking every resolved address against the policy.
+/// Resolves a name (a failure to resolve is the target's fault, not a local one).
+async fn resolve(name: &str, port: u16) -> Result<Vec<SocketAddr>, DialError> {
+    match tokio::net::lookup_host((name, port)).await {
+        Ok(addrs) => Ok(addrs.collect()),
+        Err(e) if is_local(&e) => Err(DialError::Local(e)),
+        Err(e) => Err(DialError::Unreachable(format!(
+            "{name} does not resolve: {e}"
+        ))),
+    }
+}
+
+/// Connects from this host, judging every address dialled (after resolution) and the
+/// connection made against the policy.
 async fn connect_direct(
     target: &Target,
     bind: Option<IpAddr>,
     policy: &Policy,
 ) -> Result<TcpStream, DialError> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
-        .await?
-        .collect();
-    let mut last = DialError::Refused(format!("{} does not resolve", target.host));
+    let addrs = match &target.host {
+        Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
+        Host::Name(name) => resolve(name, target.port).await?,
+    };
+    let mut last = DialError::Unreachable(format!("{} does not resolve", target.host));
     for addr in addrs {
         policy.check(addr, true)?;
         if bind.is_some_and(|b| b.is_ipv4() != addr.is_ipv4()) {
             continue;
         }
         let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
+            TcpSocket::new_v4()
         } else {
-            TcpSocket::new_v6()?
-        };
+            TcpSocket::new_v6()
+        }
+        .map_err(DialError::connect)?;
         if let Some(ip) = bind {
-            socket.bind(SocketAddr::new(ip, 0))?;
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(DialError::connect)?;
         }
         match socket.connect(addr).await {
             Ok(s) => {
+                policy.check_connected(s.local_addr()?, s.peer_addr()?, true)?;
                 s.set_nodelay(true)?;
                 return Ok(s);
             }
-            Err(e) => last = DialError::Io(e),
+            Err(e) => last = DialError::connect(e),
         }
     }
     Err(last)

@@ -6,13 +6,15 @@
 //! acquire atomic. See `pool.rs` for the per-pool indexes that keep a choice O(log n).
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use dashmap::DashMap;
 use rustc_hash::FxBuildHasher;
-use tokio::time::Instant;
 
 use super::pool::{Freed, Pick, PoolState};
-use super::{AcquireRequest, Acquired, CapacitySignal, LeaseError, Released, Storage};
+use super::{
+    AcquireRequest, Acquired, CapacitySignal, LeaseError, Released, Renewal, Storage, expiry,
+};
 use crate::model::{
     Consumer, DEFAULT_CONSUMER_NAME, HealthCheck, Lease, LeaseId, LeaseStatus, Pool, PoolStats,
     Proxy, ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus, default_consumer,
@@ -90,7 +92,7 @@ impl InMemoryStorage {
     }
 
     /// Releases one live lease of `entry`.
-    fn release_in(&self, entry: &Arc<PoolEntry>, id: LeaseId, now: Instant) -> Option<Released> {
+    fn release_in(&self, entry: &Arc<PoolEntry>, id: LeaseId, now: SystemTime) -> Option<Released> {
         let freed = {
             let mut state = entry.lock();
             let freed = state.release(id, LeaseStatus::Released);
@@ -109,7 +111,7 @@ impl InMemoryStorage {
     }
 }
 
-fn released(freed: Freed, now: Instant) -> Released {
+fn released(freed: Freed, now: SystemTime) -> Released {
     Released {
         lease: freed.lease,
         released_at: now,
@@ -151,10 +153,8 @@ fn validate_proxy(p: &Proxy) -> Result<(), LeaseError> {
 }
 
 impl Storage for InMemoryStorage {
-    async fn acquire(&self, req: &AcquireRequest, now: Instant) -> Result<Acquired, LeaseError> {
-        if req.duration.is_zero() {
-            return Err(LeaseError::InvalidDuration);
-        }
+    async fn acquire(&self, req: &AcquireRequest, now: SystemTime) -> Result<Acquired, LeaseError> {
+        let expires_at = expiry(now, req.duration)?;
         let entry = self
             .pool(&req.pool)
             .ok_or_else(|| LeaseError::UnknownPool(req.pool.to_string()))?;
@@ -168,21 +168,23 @@ impl Storage for InMemoryStorage {
         let pick = Pick {
             selector: req.selector,
             filter: req.filter.as_deref(),
+            exclude: &req.exclude,
+            only: req.only.as_deref(),
             consumer: &consumer,
-            duration: req.duration,
             now,
+            expires_at,
         };
         let mut expired = Vec::new();
-        let (lease, stats) = {
+        let (lease, stats, rested) = {
             let mut state = entry.lock();
             if state.removed {
                 return Err(LeaseError::UnknownPool(req.pool.to_string()));
             }
-            state.sweep(now, &mut expired);
+            let rested = state.sweep(now, &mut expired);
             let lease = state.acquire(&pick);
-            (lease, state.stats())
+            (lease, state.stats(), rested)
         };
-        if !expired.is_empty() {
+        if !expired.is_empty() || rested {
             entry.signal.notify();
         }
         let expired = expired.into_iter().map(|f| released(f, now)).collect();
@@ -193,7 +195,11 @@ impl Storage for InMemoryStorage {
         })
     }
 
-    async fn release(&self, lease: &Lease, now: Instant) -> Result<Option<Released>, LeaseError> {
+    async fn release(
+        &self,
+        lease: &Lease,
+        now: SystemTime,
+    ) -> Result<Option<Released>, LeaseError> {
         Ok(self
             .pool(&lease.pool_name)
             .and_then(|entry| self.release_in(&entry, lease.id, now)))
@@ -202,7 +208,7 @@ impl Storage for InMemoryStorage {
     async fn release_by_id(
         &self,
         id: LeaseId,
-        now: Instant,
+        now: SystemTime,
     ) -> Result<Option<Released>, LeaseError> {
         let entry = self
             .all_pools()
@@ -211,22 +217,38 @@ impl Storage for InMemoryStorage {
         Ok(entry.and_then(|entry| self.release_in(&entry, id, now)))
     }
 
-    async fn renew(&self, lease: &Lease, expires_at: Instant) -> Result<Option<Lease>, LeaseError> {
-        Ok(self
-            .pool(&lease.pool_name)
-            .and_then(|e| e.lock().renew(lease.id, expires_at)))
+    async fn renew(
+        &self,
+        renewals: &[Renewal],
+        now: SystemTime,
+    ) -> Result<Vec<(LeaseId, SystemTime)>, LeaseError> {
+        // Every duration is checked before any lease changes.
+        let due = renewals
+            .iter()
+            .map(|r| Ok((r, expiry(now, r.duration)?)))
+            .collect::<Result<Vec<_>, LeaseError>>()?;
+        let mut renewed = Vec::with_capacity(due.len());
+        for (r, expires_at) in due {
+            if let Some(entry) = self.pool(&r.pool)
+                && entry.lock().renew(r.id, now, expires_at)
+            {
+                renewed.push((r.id, expires_at));
+            }
+        }
+        Ok(renewed)
     }
 
-    async fn cleanup_expired(&self, now: Instant) -> Result<Vec<Released>, LeaseError> {
+    async fn cleanup_expired(&self, now: SystemTime) -> Result<Vec<Released>, LeaseError> {
         let mut out = Vec::new();
         for entry in self.all_pools() {
             let mut freed = Vec::new();
-            {
+            let rested = {
                 let mut state = entry.lock();
-                state.sweep(now, &mut freed);
+                let rested = state.sweep(now, &mut freed);
                 self.forget_if_gone(&entry, &state);
-            }
-            if !freed.is_empty() {
+                rested
+            };
+            if !freed.is_empty() || rested {
                 entry.signal.notify();
             }
             out.extend(freed.into_iter().map(|f| released(f, now)));
@@ -339,6 +361,13 @@ impl Storage for InMemoryStorage {
             entry.signal.notify();
         }
         Ok(old)
+    }
+
+    async fn rest(&self, id: &ProxyId, until: SystemTime) -> Result<bool, LeaseError> {
+        let Some(entry) = self.pool_of(id) else {
+            return Ok(false);
+        };
+        Ok(entry.lock().rest(id, until))
     }
 
     async fn get_proxy(&self, id: &ProxyId) -> Result<Option<ProxyInfo>, LeaseError> {

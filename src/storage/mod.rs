@@ -6,6 +6,7 @@
 //! an error. Release is idempotent. The trait is async so that a database backend fits; the
 //! in-memory backend ([`InMemoryStorage`]) completes every call without waiting.
 
+mod any;
 mod index;
 mod memory;
 mod pool;
@@ -13,10 +14,9 @@ mod pool;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 use crate::filter::{Filter, FilterError};
 use crate::model::{
@@ -24,6 +24,7 @@ use crate::model::{
 };
 use crate::selector::Selector;
 
+pub use any::AnyStorage;
 pub use memory::InMemoryStorage;
 
 /// Default lease duration when a request does not set one: 300 s.
@@ -38,9 +39,13 @@ pub enum LeaseError {
     /// The proxy does not exist.
     #[error("unknown proxy `{0}`")]
     UnknownProxy(ProxyId),
-    /// A lease duration of zero.
-    #[error("lease duration must be positive")]
+    /// A lease duration of zero, or one so long that its expiry is not representable.
+    #[error("lease duration must be positive and at most {} s", MAX_LEASE_DURATION.as_secs())]
     InvalidDuration,
+    /// The request uses something this backend cannot do (a predicate filter on a database
+    /// backend).
+    #[error("not supported by this storage backend: {0}")]
+    Unsupported(&'static str),
     /// The filter is malformed.
     #[error("invalid filter: {0}")]
     InvalidFilter(#[from] FilterError),
@@ -55,9 +60,22 @@ pub enum LeaseError {
     /// The retry policy is malformed.
     #[error("invalid retry policy: {0}")]
     InvalidRetry(String),
-    /// A backend failure (database down, ...).
+    /// A backend failure (database down, slow, or refusing): nothing was changed that the
+    /// caller can rely on.
     #[error("storage backend: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Longest lease (and renewal) a request may ask for: 30 days. Longer ones are refused with
+/// [`LeaseError::InvalidDuration`] before anything changes.
+pub const MAX_LEASE_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Checks a lease duration and returns `now + d`.
+pub fn expiry(now: SystemTime, d: Duration) -> Result<SystemTime, LeaseError> {
+    if d.is_zero() || d > MAX_LEASE_DURATION {
+        return Err(LeaseError::InvalidDuration);
+    }
+    now.checked_add(d).ok_or(LeaseError::InvalidDuration)
 }
 
 /// What to lease: pool, consumer, duration, selector and filter.
@@ -73,6 +91,10 @@ pub struct AcquireRequest {
     pub selector: Selector,
     /// Which proxies are eligible at all. Default: all.
     pub filter: Option<Arc<Filter>>,
+    /// Proxies never to lease (failover: the ones that already failed this request).
+    pub exclude: Vec<ProxyId>,
+    /// When set, only these proxies may be leased (probes, a lease on one given proxy).
+    pub only: Option<Vec<ProxyId>>,
 }
 
 impl AcquireRequest {
@@ -84,6 +106,8 @@ impl AcquireRequest {
             duration: DEFAULT_LEASE_DURATION,
             selector: Selector::default(),
             filter: None,
+            exclude: Vec::new(),
+            only: None,
         }
     }
 
@@ -110,6 +134,23 @@ impl AcquireRequest {
         self.filter = Some(Arc::new(f));
         self
     }
+
+    /// Never leases these proxies.
+    pub fn exclude(mut self, ids: impl IntoIterator<Item = ProxyId>) -> Self {
+        self.exclude = ids.into_iter().collect();
+        self
+    }
+
+    /// Leases only among these proxies.
+    pub fn only(mut self, ids: impl IntoIterator<Item = ProxyId>) -> Self {
+        self.only = Some(ids.into_iter().collect());
+        self
+    }
+
+    /// True when `id` may be leased as far as `exclude` and `only` go.
+    pub fn allows(&self, id: &ProxyId) -> bool {
+        !self.exclude.contains(id) && self.only.as_ref().is_none_or(|only| only.contains(id))
+    }
 }
 
 /// Result of [`Storage::acquire`].
@@ -129,9 +170,20 @@ pub struct Released {
     /// The lease, with status `released` or `expired`.
     pub lease: Lease,
     /// When it was released.
-    pub released_at: Instant,
+    pub released_at: SystemTime,
     /// The pool's figures right after.
     pub stats: PoolStats,
+}
+
+/// One lease to renew: its id, its pool, and how long it should live from now.
+#[derive(Debug, Clone)]
+pub struct Renewal {
+    /// The lease.
+    pub id: LeaseId,
+    /// Its pool.
+    pub pool: Arc<str>,
+    /// The new lifetime, from now.
+    pub duration: Duration,
 }
 
 /// Wakes acquirers waiting for capacity in one pool.
@@ -184,11 +236,13 @@ impl Drop for CapacityWait {
 /// The storage contract. All methods are async so that a database backend fits.
 pub trait Storage: Send + Sync + 'static {
     /// Cleans up expired leases of the pool, then finds an eligible proxy and leases it, in
-    /// one atomic step. `now` is the lease's start.
+    /// one atomic step. `now` is the caller's clock; a backend with a clock of its own (a
+    /// database) judges time by that one instead. The duration is checked
+    /// ([`expiry`]) before anything changes.
     fn acquire(
         &self,
         req: &AcquireRequest,
-        now: Instant,
+        now: SystemTime,
     ) -> impl Future<Output = Result<Acquired, LeaseError>> + Send;
 
     /// Releases a live lease. Idempotent: `None` when the lease was not live (already
@@ -196,27 +250,29 @@ pub trait Storage: Send + Sync + 'static {
     fn release(
         &self,
         lease: &Lease,
-        now: Instant,
+        now: SystemTime,
     ) -> impl Future<Output = Result<Option<Released>, LeaseError>> + Send;
 
     /// Releases a live lease known only by id (operators). `None` if it is not live.
     fn release_by_id(
         &self,
         id: LeaseId,
-        now: Instant,
+        now: SystemTime,
     ) -> impl Future<Output = Result<Option<Released>, LeaseError>> + Send;
 
-    /// Sets a live lease's expiry to `expires_at`. `None` if the lease is not live.
+    /// Extends live leases, each to its duration from now, in one batch. Returns the leases
+    /// that were renewed with their new expiry; an id missing from the answer is not live any
+    /// more (expired, released by an operator): its holder has lost it.
     fn renew(
         &self,
-        lease: &Lease,
-        expires_at: Instant,
-    ) -> impl Future<Output = Result<Option<Lease>, LeaseError>> + Send;
+        renewals: &[Renewal],
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Vec<(LeaseId, SystemTime)>, LeaseError>> + Send;
 
     /// Releases every lease with `expires_at <= now`, in every pool.
     fn cleanup_expired(
         &self,
-        now: Instant,
+        now: SystemTime,
     ) -> impl Future<Output = Result<Vec<Released>, LeaseError>> + Send;
 
     /// A pool's figures, `None` for an unknown pool (a removed pool reports its draining
@@ -250,6 +306,16 @@ pub trait Storage: Send + Sync + 'static {
         id: &ProxyId,
         check: HealthCheck,
     ) -> impl Future<Output = Result<ProxyStatus, LeaseError>> + Send;
+
+    /// Takes an `active` (or `slow`) proxy out of rotation until `until` (passive health): it
+    /// is `inactive` meanwhile and `active` again from then on, judged by the storage's clock.
+    /// False, and nothing changes, if the proxy is not active or slow (banned, inactive,
+    /// unknown).
+    fn rest(
+        &self,
+        id: &ProxyId,
+        until: SystemTime,
+    ) -> impl Future<Output = Result<bool, LeaseError>> + Send;
 
     /// Sets a proxy's status; returns the previous one.
     fn set_proxy_status(

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use smallvec::SmallVec;
-use tokio::time::Instant;
 
 use super::index::{Index, Snap, UNRANKED, View, selector_slot, uses_rank};
 use crate::filter::{Filter, IndexKey};
@@ -144,17 +143,21 @@ enum RrLast {
 struct LiveLease {
     slot: u32,
     consumer: Arc<str>,
-    acquired_at: Instant,
-    expires_at: Instant,
+    acquired_at: SystemTime,
+    expires_at: SystemTime,
 }
 
 /// What an acquire asks of a pool.
 pub(crate) struct Pick<'a> {
     pub selector: Selector,
     pub filter: Option<&'a Filter>,
+    /// Proxies never to choose.
+    pub exclude: &'a [ProxyId],
+    /// When set, the only proxies to choose from.
+    pub only: Option<&'a [ProxyId]>,
     pub consumer: &'a Arc<str>,
-    pub duration: std::time::Duration,
-    pub now: Instant,
+    pub now: SystemTime,
+    pub expires_at: SystemTime,
 }
 
 /// A lease given back, with the pool's figures right after.
@@ -181,8 +184,10 @@ pub(crate) struct PoolState {
     rr_from: u32,
     /// A proxy was added since ranks were last computed.
     ranks_dirty: bool,
-    /// No lease expires before this instant (a lower bound; `None`: no lease).
-    next_expiry: Option<Instant>,
+    /// No lease expires before this time (a lower bound; `None`: no lease).
+    next_expiry: Option<SystemTime>,
+    /// No rest ends before this time (`None`: no proxy rests).
+    next_rest_end: Option<SystemTime>,
     counters: Counters,
     /// Whether `slow` proxies are leased too.
     lease_slow: bool,
@@ -208,6 +213,7 @@ impl PoolState {
             rr_from: 0,
             ranks_dirty: false,
             next_expiry: None,
+            next_rest_end: None,
             counters: Counters::default(),
             lease_slow: false,
         }
@@ -381,24 +387,81 @@ impl PoolState {
         self.rebuild_indexes(|_| true);
     }
 
-    /// Sets a proxy's status (and, for a health check, `checked_at` and latency). Returns
-    /// the previous status, or `None` for an unknown id.
+    /// Sets a proxy's status (and, for a health check, `checked_at` and latency); ends any
+    /// rest. Returns the previous status, or `None` for an unknown id.
     pub fn apply_check(&mut self, id: &ProxyId, check: &HealthCheck) -> Option<ProxyStatus> {
         let &i = self.by_id.get(id)?;
         let old = self.slots[i as usize].as_ref()?.proxy.status;
-        let lease_slow = self.lease_slow;
-        self.update_slot(i, |s| {
-            let mut p = (*s.proxy).clone();
+        self.change_record(i, |p| {
             p.status = check.status;
+            p.rest_until = None;
             if let Some(at) = check.checked_at {
                 p.checked_at = at;
             }
             if check.latency.is_some() {
                 p.latency = check.latency;
             }
-            s.set_proxy(Arc::new(p), lease_slow);
         });
         Some(old)
+    }
+
+    /// Rests an active or slow proxy until `until`; false if it is neither.
+    pub fn rest(&mut self, id: &ProxyId, until: std::time::SystemTime) -> bool {
+        let Some(&i) = self.by_id.get(id) else {
+            return false;
+        };
+        let status = self.slots[i as usize].as_ref().map(|s| s.proxy.status);
+        if !matches!(status, Some(ProxyStatus::Active | ProxyStatus::Slow)) {
+            return false;
+        }
+        self.change_record(i, |p| {
+            p.status = ProxyStatus::Inactive;
+            p.rest_until = Some(until);
+        });
+        self.next_rest_end = Some(self.next_rest_end.map_or(until, |t| t.min(until)));
+        true
+    }
+
+    /// Ends the rests due at `now`; true if any proxy came back.
+    fn end_rests(&mut self, now: SystemTime) -> bool {
+        if self.next_rest_end.is_none_or(|t| t > now) {
+            return false;
+        }
+        let due: Vec<u32> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let s = s.as_ref()?;
+                s.proxy
+                    .rest_until
+                    .is_some_and(|t| t <= now)
+                    .then_some(i as u32)
+            })
+            .collect();
+        for &i in &due {
+            self.change_record(i, |p| {
+                p.status = ProxyStatus::Active;
+                p.rest_until = None;
+            });
+        }
+        self.next_rest_end = self
+            .slots
+            .iter()
+            .flatten()
+            .filter_map(|s| s.proxy.rest_until)
+            .min();
+        !due.is_empty()
+    }
+
+    /// Replaces a slot's record with a changed copy; indexes and counters follow.
+    fn change_record(&mut self, i: u32, change: impl FnOnce(&mut Proxy)) {
+        let lease_slow = self.lease_slow;
+        self.update_slot(i, |s| {
+            let mut p = (*s.proxy).clone();
+            change(&mut p);
+            s.set_proxy(Arc::new(p), lease_slow);
+        });
     }
 
     pub fn proxy(&self, id: &ProxyId) -> Option<ProxyInfo> {
@@ -412,21 +475,24 @@ impl PoolState {
 
     /// Finds an eligible proxy and leases it, in one step.
     pub fn acquire(&mut self, pick: &Pick<'_>) -> Option<Lease> {
-        let i = self.choose(pick.selector, pick.filter)?;
+        let i = match pick.only {
+            Some(only) => self.choose_among(pick, only),
+            None => self.choose(pick.selector, pick.filter, pick.exclude),
+        }?;
         if pick.selector == Selector::RoundRobin {
             let slot = self.slots[i as usize].as_ref()?;
             self.rr_last = RrLast::Slot(i);
             self.rr_from = slot.rank.saturating_add(1);
         }
         self.update_slot(i, |s| s.leases += 1);
-        let expires_at = pick.now + pick.duration;
+        let expires_at = pick.expires_at;
         let live = LiveLease {
             slot: i,
             consumer: pick.consumer.clone(),
             acquired_at: pick.now,
             expires_at,
         };
-        let lease = self.lease_of(LeaseId::next(), &live, LeaseStatus::Active);
+        let lease = self.lease_of(LeaseId::new(), &live, LeaseStatus::Active);
         self.next_expiry = Some(self.next_expiry.map_or(expires_at, |e| e.min(expires_at)));
         self.leases.insert(lease.id, live);
         Some(lease)
@@ -450,8 +516,46 @@ impl PoolState {
         }
     }
 
+    /// The slot the selector prefers among the eligible proxies of `only` that match the
+    /// filter and are not excluded: a scan of the listed ids, for small sets.
+    fn choose_among(&mut self, pick: &Pick<'_>, only: &[ProxyId]) -> Option<u32> {
+        if self.ranks_dirty && uses_rank(pick.selector) {
+            self.rebuild_ranks();
+        }
+        let candidates = only.iter().filter_map(|id| {
+            let &i = self.by_id.get(id)?;
+            let slot = self.slots[i as usize].as_ref()?;
+            let ok = slot.eligible()
+                && !pick.exclude.contains(id)
+                && pick.filter.is_none_or(|f| f.matches(&slot.proxy));
+            ok.then_some((i, slot))
+        });
+        let rr_from = self.rr_from;
+        match pick.selector {
+            Selector::FirstAvailable => candidates.min_by_key(|(i, _)| *i).map(|(i, _)| i),
+            Selector::RoundRobin => candidates
+                .min_by_key(|(i, s)| (s.rank < rr_from, s.rank, *i))
+                .map(|(i, _)| i),
+            Selector::LeastUsed => candidates
+                .min_by_key(|(i, s)| (s.leases, s.checked_at, s.rank, *i))
+                .map(|(i, _)| i),
+            Selector::LowestLatency => candidates
+                .min_by_key(|(i, s)| (s.latency_us, s.leases, s.rank, *i))
+                .map(|(i, _)| i),
+            Selector::Random => {
+                let all: SmallVec<[u32; 8]> = candidates.map(|(i, _)| i).collect();
+                (!all.is_empty()).then(|| all[fastrand::usize(..all.len())])
+            }
+        }
+    }
+
     /// The slot the selector prefers among eligible proxies matching the filter.
-    fn choose(&mut self, selector: Selector, filter: Option<&Filter>) -> Option<u32> {
+    fn choose(
+        &mut self,
+        selector: Selector,
+        filter: Option<&Filter>,
+        exclude: &[ProxyId],
+    ) -> Option<u32> {
         if self.ranks_dirty && uses_rank(selector) {
             self.rebuild_ranks();
         }
@@ -472,14 +576,14 @@ impl PoolState {
         } else {
             0
         };
-        match residual {
-            None => index.first(self.rr_from, start),
-            Some(f) => index.candidates(self.rr_from, start).find(|&s| {
-                self.slots[s as usize]
-                    .as_ref()
-                    .is_some_and(|slot| f.matches(&slot.proxy))
-            }),
+        if residual.is_none() && exclude.is_empty() {
+            return index.first(self.rr_from, start);
         }
+        index.candidates(self.rr_from, start).find(|&s| {
+            self.slots[s as usize].as_ref().is_some_and(|slot| {
+                !exclude.contains(&slot.proxy.id) && residual.is_none_or(|f| f.matches(&slot.proxy))
+            })
+        })
     }
 
     /// Numbers the live slots in id order, re-derives the round-robin position, and
@@ -571,12 +675,15 @@ impl PoolState {
         })
     }
 
-    /// Moves a live lease's expiry. `None` if it is not live.
-    pub fn renew(&mut self, id: LeaseId, expires_at: Instant) -> Option<Lease> {
-        let live = self.leases.get_mut(&id)?;
+    /// Moves a live lease's expiry; false if it is not live (or already past its expiry at
+    /// `now`: it is lost, and the next sweep releases it).
+    pub fn renew(&mut self, id: LeaseId, now: SystemTime, expires_at: SystemTime) -> bool {
+        let Some(live) = self.leases.get_mut(&id).filter(|l| l.expires_at > now) else {
+            return false;
+        };
         live.expires_at = expires_at;
         self.next_expiry = Some(self.next_expiry.map_or(expires_at, |e| e.min(expires_at)));
-        self.lease(id)
+        true
     }
 
     pub fn lease(&self, id: LeaseId) -> Option<Lease> {
@@ -592,14 +699,16 @@ impl PoolState {
     }
 
     /// Is any lease possibly due at `now`? (Cheap check before a sweep.)
-    pub fn expiry_due(&self, now: Instant) -> bool {
+    pub fn expiry_due(&self, now: SystemTime) -> bool {
         self.next_expiry.is_some_and(|e| e <= now)
     }
 
-    /// Releases every lease whose `expires_at <= now`; appends them to `out`.
-    pub fn sweep(&mut self, now: Instant, out: &mut Vec<Freed>) {
+    /// Releases every lease whose `expires_at <= now` (appending them to `out`) and ends the
+    /// rests due. True if a rest ended (the pool may have gained capacity).
+    pub fn sweep(&mut self, now: SystemTime, out: &mut Vec<Freed>) -> bool {
+        let rested = self.end_rests(now);
         if !self.expiry_due(now) {
-            return;
+            return rested;
         }
         let due: Vec<LeaseId> = self
             .leases
@@ -611,6 +720,7 @@ impl PoolState {
             out.extend(self.release(id, LeaseStatus::Expired));
         }
         self.next_expiry = self.leases.values().map(|l| l.expires_at).min();
+        rested
     }
 
     /// True when the pool is removed and nothing holds it any more.
