@@ -232,15 +232,19 @@ fn proxy_json(state: &ProxyState, info: &ProxyInfo) -> Value {
         (Some(c), proto) => format!("{proto}://{}:***@{}", c.username, p.authority()),
         (None, proto) => format!("{proto}://{}", p.authority()),
     };
-    json!({
+    let mut v = json!({
         "id": p.id, "url": url, "protocol": p.protocol, "status": p.status,
         "current_leases": info.current_leases, "max_concurrency": p.max_concurrency,
         "draining": info.draining,
         "consecutive_failures": state.failures.get(&p.id).map(|f| *f).unwrap_or(0),
         "latency_ms": p.latency.map(|l| l.as_secs_f64() * 1000.0),
         "checked_at": unix_seconds(p.checked_at),
-        "country": p.country, "city": p.city, "source": p.source, "isp": p.isp, "asn": p.asn,
-    })
+        "rest_until": p.rest_until.map(unix_seconds),
+    });
+    if let (Value::Object(o), Ok(Value::Object(meta))) = (&mut v, serde_json::to_value(&p.meta)) {
+        o.extend(meta);
+    }
+    v
 }
 
 async fn pool(state: &ProxyState, name: &str) -> Resp {

@@ -13,10 +13,15 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 
-use crate::identity::USERNAME_KEYS;
-use crate::model::{ProxyProtocol, Secret};
+use crate::model::{ProxyMeta, ProxyProtocol, Secret};
 use crate::retry::RetryPolicy;
 use crate::selector::Selector;
+
+/// Keys of the username grammar (`identity.rs`); a consumer name may not contain one as a
+/// whole segment.
+pub const USERNAME_KEYS: &[&str] = &[
+    "pool", "country", "city", "source", "isp", "asn", "session", "ttl",
+];
 
 /// Default config path, relative to the working directory.
 pub const DEFAULT_PATH: &str = "config/pharox.toml";
@@ -75,6 +80,21 @@ pub struct Config {
 
 /// Most `worker_threads` accepted.
 pub const MAX_WORKER_THREADS: usize = 1024;
+
+/// An hour in milliseconds: the bound of every timeout given in ms.
+const HOUR_MS: u64 = 3_600_000;
+/// A week in seconds.
+const WEEK_SECS: u64 = 7 * 24 * 3600;
+/// 30 days in seconds: the longest lease or session.
+const MAX_LEASE_SECS: u64 = crate::storage::MAX_LEASE_DURATION.as_secs();
+
+/// Reports `key` when `v` is over `max` (durations so large that adding them to a time would
+/// overflow are refused here, not found out later).
+fn bounded(problems: &mut Vec<String>, key: &str, v: u64, max: u64) {
+    if v > max {
+        problems.push(format!("{key}: at most {max}"));
+    }
+}
 
 impl Config {
     /// The number of worker threads to run: `worker_threads`, or one per CPU available to
@@ -156,6 +176,9 @@ pub struct LimitsConfig {
     pub head_timeout_ms: u64,
     /// Time to connect to an upstream and finish its handshake, in ms. Default 10 000.
     pub connect_timeout_ms: u64,
+    /// Plain HTTP: time for an upstream to start answering a request (its response head),
+    /// in ms; then 504 `upstream_timeout`. Default 30 000.
+    pub response_timeout_ms: u64,
     /// A tunnel with no byte in either direction for this long is closed, in seconds
     /// (0 = never). Default 300.
     pub idle_timeout_secs: u64,
@@ -176,6 +199,7 @@ impl Default for LimitsConfig {
             max_head_bytes: 64 * 1024,
             head_timeout_ms: 10_000,
             connect_timeout_ms: 10_000,
+            response_timeout_ms: 30_000,
             idle_timeout_secs: 300,
             drain_timeout_secs: 30,
             zero_copy: true,
@@ -192,6 +216,11 @@ impl LimitsConfig {
     /// `connect_timeout_ms` as a duration.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// `response_timeout_ms` as a duration.
+    pub fn response_timeout(&self) -> Duration {
+        Duration::from_millis(self.response_timeout_ms)
     }
 
     /// `drain_timeout_secs` as a duration.
@@ -399,8 +428,10 @@ fn default_check_concurrency() -> usize {
 }
 
 /// `[[pools.proxies]]`, or one line of a `proxies_file`.
+///
+/// (serde cannot deny unknown fields next to a flattened struct, so unknown keys are
+/// collected in `unknown` and reported by validation, with their key path.)
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// `scheme://[user:pass@]host:port`, scheme one of http, https, socks5, socks5h; or
     /// `direct` / `direct://`.
@@ -409,24 +440,16 @@ pub struct ProxyConfig {
     pub id: Option<String>,
     /// Simultaneous leases at most (omit: unlimited).
     pub max_concurrency: Option<u32>,
-    /// Country code.
-    pub country: Option<String>,
-    /// City.
-    pub city: Option<String>,
-    /// Source (provider).
-    pub source: Option<String>,
-    /// ISP.
-    pub isp: Option<String>,
-    /// Autonomous system number.
-    pub asn: Option<u32>,
-    /// Latitude.
-    pub latitude: Option<f64>,
-    /// Longitude.
-    pub longitude: Option<f64>,
     /// `direct` only: local address to connect from.
     pub bind: Option<IpAddr>,
     /// `https` only: PEM file with extra CA certificates for the proxy's certificate.
     pub ca_file: Option<PathBuf>,
+    /// country, city, source, isp, asn, latitude, longitude.
+    #[serde(flatten)]
+    pub meta: ProxyMeta,
+    /// Keys that are none of the above (an error).
+    #[serde(flatten)]
+    pub unknown: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
 }
 
 /// An upstream URL, parsed.
@@ -548,13 +571,13 @@ pub fn parse_proxy_line(line: &str) -> Result<Option<ProxyConfig>, String> {
         match k {
             "id" => p.id = Some(v.to_owned()),
             "max_concurrency" => p.max_concurrency = Some(v.parse().map_err(|_| num("a count"))?),
-            "country" => p.country = Some(v.to_owned()),
-            "city" => p.city = Some(v.to_owned()),
-            "source" => p.source = Some(v.to_owned()),
-            "isp" => p.isp = Some(v.to_owned()),
-            "asn" => p.asn = Some(v.parse().map_err(|_| num("a number"))?),
-            "latitude" => p.latitude = Some(v.parse().map_err(|_| num("a number"))?),
-            "longitude" => p.longitude = Some(v.parse().map_err(|_| num("a number"))?),
+            "country" => p.meta.country = Some(v.to_owned()),
+            "city" => p.meta.city = Some(v.to_owned()),
+            "source" => p.meta.source = Some(v.to_owned()),
+            "isp" => p.meta.isp = Some(v.to_owned()),
+            "asn" => p.meta.asn = Some(v.parse().map_err(|_| num("a number"))?),
+            "latitude" => p.meta.latitude = Some(v.parse().map_err(|_| num("a number"))?),
+            "longitude" => p.meta.longitude = Some(v.parse().map_err(|_| num("a number"))?),
             "bind" => p.bind = Some(v.parse().map_err(|_| num("an IP address"))?),
             "ca_file" => p.ca_file = Some(PathBuf::from(v)),
             _ => return Err(format!("unknown key `{k}`")),
@@ -698,10 +721,30 @@ impl Config {
             ("limits.max_head_bytes", l.max_head_bytes as u64),
             ("limits.head_timeout_ms", l.head_timeout_ms),
             ("limits.connect_timeout_ms", l.connect_timeout_ms),
+            ("limits.listen_backlog", u64::from(l.listen_backlog)),
+            (
+                "limits.max_sessions_per_consumer",
+                l.max_sessions_per_consumer as u64,
+            ),
         ] {
             if v == 0 {
                 problems.push(format!("{key}: must be positive"));
             }
+        }
+        for (key, v, max) in [
+            ("limits.head_timeout_ms", l.head_timeout_ms, HOUR_MS),
+            ("limits.connect_timeout_ms", l.connect_timeout_ms, HOUR_MS),
+            ("limits.response_timeout_ms", l.response_timeout_ms, HOUR_MS),
+            ("limits.idle_timeout_secs", l.idle_timeout_secs, WEEK_SECS),
+            (
+                "limits.drain_timeout_secs",
+                l.drain_timeout_secs,
+                HOUR_MS / 1000,
+            ),
+            ("limits.max_head_bytes", l.max_head_bytes as u64, 1 << 20),
+            ("limits.listen_backlog", u64::from(l.listen_backlog), 65_535),
+        ] {
+            bounded(problems, key, v, max);
         }
         if l.max_head_bytes > 0 && l.max_head_bytes < 1024 {
             problems.push("limits.max_head_bytes: must be at least 1024".into());
@@ -732,6 +775,41 @@ impl Config {
             }
             if pool.lease_seconds == 0 {
                 problems.push(format!("{key}.lease_seconds: must be positive"));
+            }
+            let r = &pool.retry;
+            for (field, v, max) in [
+                ("lease_seconds", pool.lease_seconds, MAX_LEASE_SECS),
+                (
+                    "session_ttl_seconds",
+                    pool.session_ttl_seconds,
+                    MAX_LEASE_SECS,
+                ),
+                (
+                    "session_max_ttl_seconds",
+                    pool.session_max_ttl_seconds,
+                    MAX_LEASE_SECS,
+                ),
+                ("failover_attempts", u64::from(pool.failover_attempts), 100),
+                ("retry.max_attempts", u64::from(r.max_attempts), 1000),
+                ("retry.backoff_ms", r.backoff_ms, HOUR_MS),
+                ("retry.max_backoff_ms", r.max_backoff_ms, HOUR_MS),
+                (
+                    "health.cooldown_seconds",
+                    pool.health.cooldown_seconds,
+                    WEEK_SECS,
+                ),
+            ] {
+                bounded(problems, &format!("{key}.{field}"), v, max);
+            }
+            if let Some(hc) = &pool.health_check {
+                for (field, v, max) in [
+                    ("interval_secs", hc.interval_secs, WEEK_SECS),
+                    ("timeout_ms", hc.timeout_ms, HOUR_MS),
+                    ("slow_threshold_ms", hc.slow_threshold_ms, HOUR_MS),
+                    ("concurrency", hc.concurrency as u64, 1024),
+                ] {
+                    bounded(problems, &format!("{key}.health_check.{field}"), v, max);
+                }
             }
             if pool.session_ttl_seconds == 0 || pool.session_max_ttl_seconds == 0 {
                 problems.push(format!("{key}.session_ttl_seconds: must be positive"));
@@ -844,25 +922,24 @@ impl Config {
 }
 
 fn validate_proxy(p: &ProxyConfig, key: &str, problems: &mut Vec<String>) {
+    for k in p.unknown.keys() {
+        problems.push(format!("{key}: unknown key `{k}`"));
+    }
     if p.max_concurrency == Some(0) {
         problems.push(format!(
             "{key}.max_concurrency: must be at least 1 (omit for unlimited)"
         ));
     }
-    if p.latitude.is_some() != p.longitude.is_some() {
+    let m = &p.meta;
+    if m.latitude.is_some() != m.longitude.is_some() {
         problems.push(format!("{key}: latitude and longitude go together"));
     }
-    if p.latitude.is_some_and(|v| !(-90.0..=90.0).contains(&v))
-        || p.longitude.is_some_and(|v| !(-180.0..=180.0).contains(&v))
+    if m.latitude.is_some_and(|v| !(-90.0..=90.0).contains(&v))
+        || m.longitude.is_some_and(|v| !(-180.0..=180.0).contains(&v))
     {
         problems.push(format!("{key}: coordinates out of range"));
     }
-    for (name, v) in [
-        ("country", &p.country),
-        ("city", &p.city),
-        ("source", &p.source),
-        ("isp", &p.isp),
-    ] {
+    for (name, v) in m.strings() {
         if v.as_deref() == Some("") {
             problems.push(format!("{key}.{name}: must not be empty"));
         }

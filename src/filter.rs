@@ -9,7 +9,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::model::Proxy;
+use crate::model::{Proxy, ProxyMeta};
 
 /// Mean Earth radius used by the geo filter, in kilometres.
 pub const EARTH_RADIUS_KM: f64 = 6371.0;
@@ -41,20 +41,9 @@ impl fmt::Debug for Predicate {
 /// Constraints on the proxies a lease may use. The default filter matches every proxy.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
-    /// Country code; compared without regard to ASCII case.
-    pub country: Option<String>,
-    /// City, compared exactly.
-    pub city: Option<String>,
-    /// Source (provider), compared exactly.
-    pub source: Option<String>,
-    /// ISP, compared exactly.
-    pub isp: Option<String>,
-    /// Autonomous system number.
-    pub asn: Option<u32>,
-    /// Latitude of the geo constraint's centre (needs `longitude`).
-    pub latitude: Option<f64>,
-    /// Longitude of the geo constraint's centre (needs `latitude`).
-    pub longitude: Option<f64>,
+    /// Values to match: country (without regard to ASCII case), city, source, isp and asn
+    /// exactly; `latitude` and `longitude` are the centre of the geo constraint.
+    pub meta: ProxyMeta,
     /// Radius around the centre in km (inclusive). Without it, the coordinates must match.
     pub radius_km: Option<f64>,
     /// Every one of these must match.
@@ -97,38 +86,38 @@ impl Filter {
     pub fn country(mut self, country: impl Into<String>) -> Self {
         let mut c: String = country.into();
         c.make_ascii_uppercase();
-        self.country = Some(c);
+        self.meta.country = Some(c);
         self
     }
 
     /// Requires a city.
     pub fn city(mut self, city: impl Into<String>) -> Self {
-        self.city = Some(city.into());
+        self.meta.city = Some(city.into());
         self
     }
 
     /// Requires a source.
     pub fn source(mut self, source: impl Into<String>) -> Self {
-        self.source = Some(source.into());
+        self.meta.source = Some(source.into());
         self
     }
 
     /// Requires an ISP.
     pub fn isp(mut self, isp: impl Into<String>) -> Self {
-        self.isp = Some(isp.into());
+        self.meta.isp = Some(isp.into());
         self
     }
 
     /// Requires an ASN.
     pub fn asn(mut self, asn: u32) -> Self {
-        self.asn = Some(asn);
+        self.meta.asn = Some(asn);
         self
     }
 
     /// Requires a location within `radius_km` of (`latitude`, `longitude`), inclusive.
     pub fn near(mut self, latitude: f64, longitude: f64, radius_km: f64) -> Self {
-        self.latitude = Some(latitude);
-        self.longitude = Some(longitude);
+        self.meta.latitude = Some(latitude);
+        self.meta.longitude = Some(longitude);
         self.radius_km = Some(radius_km);
         self
     }
@@ -160,17 +149,12 @@ impl Filter {
     /// Checks the whole tree: coordinates come in pairs, a radius needs a centre and is
     /// positive, coordinates are in range, strings are not empty.
     pub fn validate(&self) -> Result<(), FilterError> {
-        for (name, v) in [
-            ("country", &self.country),
-            ("city", &self.city),
-            ("source", &self.source),
-            ("isp", &self.isp),
-        ] {
+        for (name, v) in self.meta.strings() {
             if v.as_deref() == Some("") {
                 return Err(FilterError::Empty(name));
             }
         }
-        match (self.latitude, self.longitude) {
+        match (self.meta.latitude, self.meta.longitude) {
             (Some(lat), Some(lon)) => {
                 if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
                     return Err(FilterError::BadCoordinate(lat, lon));
@@ -205,10 +189,10 @@ impl Filter {
     }
 
     fn matches_geo(&self, proxy: &Proxy) -> bool {
-        let (Some(lat), Some(lon)) = (self.latitude, self.longitude) else {
+        let (Some(lat), Some(lon)) = (self.meta.latitude, self.meta.longitude) else {
             return true;
         };
-        let (Some(plat), Some(plon)) = (proxy.latitude, proxy.longitude) else {
+        let (Some(plat), Some(plon)) = (proxy.meta.latitude, proxy.meta.longitude) else {
             return false;
         };
         match self.radius_km {
@@ -219,18 +203,19 @@ impl Filter {
 
     /// The top-level scalar fields, which the storage can index.
     pub fn index_key(&self) -> IndexKey {
+        let m = &self.meta;
         IndexKey {
-            country: self.country.as_ref().map(|c| c.to_ascii_uppercase()),
-            city: self.city.clone(),
-            source: self.source.clone(),
-            isp: self.isp.clone(),
-            asn: self.asn,
+            country: m.country.as_ref().map(|c| c.to_ascii_uppercase()),
+            city: m.city.clone(),
+            source: m.source.clone(),
+            isp: m.isp.clone(),
+            asn: m.asn,
         }
     }
 
     /// True if matching needs more than the [`IndexKey`] (geo, combinators, predicate).
     pub fn has_residual(&self) -> bool {
-        self.latitude.is_some()
+        self.meta.latitude.is_some()
             || self.predicate.is_some()
             || !self.all_of.is_empty()
             || !self.any_of.is_empty()
@@ -269,15 +254,15 @@ impl IndexKey {
         fn eq(want: &Option<String>, have: &Option<String>) -> bool {
             want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
         }
+        let m = &proxy.meta;
         self.country.as_ref().is_none_or(|w| {
-            proxy
-                .country
+            m.country
                 .as_ref()
                 .is_some_and(|c| c.eq_ignore_ascii_case(w))
-        }) && eq(&self.city, &proxy.city)
-            && eq(&self.source, &proxy.source)
-            && eq(&self.isp, &proxy.isp)
-            && self.asn.is_none_or(|a| proxy.asn == Some(a))
+        }) && eq(&self.city, &m.city)
+            && eq(&self.source, &m.source)
+            && eq(&self.isp, &m.isp)
+            && self.asn.is_none_or(|a| m.asn == Some(a))
     }
 }
 

@@ -15,12 +15,9 @@ use subtle::ConstantTimeEq;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::filter::Filter;
-use crate::model::{DEFAULT_CONSUMER_NAME, Secret};
+use crate::model::{DEFAULT_CONSUMER_NAME, ProxyMeta, Secret};
 
-/// Keys of the username grammar.
-pub const USERNAME_KEYS: &[&str] = &[
-    "pool", "country", "city", "source", "isp", "asn", "session", "ttl",
-];
+pub use crate::config::USERNAME_KEYS;
 
 /// Identity headers. All `X-Pharox-*` headers are removed before forwarding.
 pub mod headers {
@@ -39,35 +36,45 @@ pub mod headers {
 }
 
 /// What a username asks for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct UsernameParams {
     /// Consumer name.
     pub consumer: String,
     /// `pool`
     pub pool: Option<String>,
-    /// `country` (upper-cased)
-    pub country: Option<String>,
-    /// `city`
-    pub city: Option<String>,
-    /// `source`
-    pub source: Option<String>,
-    /// `isp`
-    pub isp: Option<String>,
-    /// `asn`
-    pub asn: Option<u32>,
+    /// `country` (upper-cased), `city`, `source`, `isp`, `asn`.
+    pub meta: ProxyMeta,
     /// `session`
     pub session: Option<String>,
     /// `ttl` (session seconds)
     pub ttl: Option<u64>,
 }
 
-/// Parses a username. `is_pool` tells configured pool names (for dashed pool values).
+/// Longest username accepted, in bytes (the SOCKS5 limit: RFC 1929 carries it in 255 bytes).
+pub const MAX_USERNAME: usize = 255;
+
+/// Parses a username. `is_pool` tells configured pool names (for dashed pool values); a pool
+/// value spans at most `max_pool_segments` segments. Linear in the username's length.
 pub fn parse_username(
     user: &str,
     is_pool: &dyn Fn(&str) -> bool,
+    max_pool_segments: usize,
 ) -> Result<UsernameParams, ProxyError> {
     let bad = |m: String| Err(ProxyError::BadUsername(m));
+    if user.len() > MAX_USERNAME {
+        return bad(format!("longer than {MAX_USERNAME} bytes"));
+    }
+    // Segments as slices of `user`: `seg(i..j)` is segments i..j joined by their dashes.
     let segs: Vec<&str> = user.split('-').collect();
+    let offsets: Vec<usize> = segs
+        .iter()
+        .scan(0, |at, s| {
+            let start = *at;
+            *at += s.len() + 1;
+            Some(start)
+        })
+        .collect();
+    let seg = |i: usize, j: usize| &user[offsets[i]..offsets[j - 1] + segs[j - 1].len()];
     let first_key = segs
         .iter()
         .position(|s| USERNAME_KEYS.contains(s))
@@ -75,13 +82,13 @@ pub fn parse_username(
     if first_key == 0 {
         return bad("the user name must start with the consumer name".into());
     }
-    let mut p = UsernameParams {
-        consumer: segs[..first_key].join("-"),
-        ..Default::default()
-    };
-    if p.consumer.split('-').any(str::is_empty) {
+    if segs[..first_key].iter().any(|s| s.is_empty()) {
         return bad("empty segment in the consumer name".into());
     }
+    let mut p = UsernameParams {
+        consumer: seg(0, first_key).to_owned(),
+        ..Default::default()
+    };
     let mut i = first_key;
     while i < segs.len() {
         let key = segs[i];
@@ -90,19 +97,16 @@ pub fn parse_username(
         }
         let mut end = i + 2;
         if key == "pool" {
-            // Longest run of segments that names a configured pool.
-            if let Some(e) = (i + 2..=segs.len())
-                .rev()
-                .find(|&e| is_pool(&segs[i + 1..e].join("-")))
-            {
+            // Longest run of segments (up to the longest pool name's) naming a pool.
+            let longest = (i + 1 + max_pool_segments.max(1)).min(segs.len());
+            if let Some(e) = (i + 2..=longest).rev().find(|&e| is_pool(seg(i + 1, e))) {
                 end = e;
             }
         }
         if end > segs.len() || segs[i + 1..end].iter().any(|s| s.is_empty()) {
             return bad(format!("key `{key}` has no value"));
         }
-        let value = segs[i + 1..end].join("-");
-        set_param(&mut p, key, value)?;
+        set_param(&mut p, key, seg(i + 1, end).to_owned())?;
         i = end;
     }
     Ok(p)
@@ -112,16 +116,16 @@ fn set_param(p: &mut UsernameParams, key: &str, value: String) -> Result<(), Pro
     let dup = |k: &str| ProxyError::BadUsername(format!("key `{k}` given twice"));
     let slot = match key {
         "pool" => &mut p.pool,
-        "country" => &mut p.country,
-        "city" => &mut p.city,
-        "source" => &mut p.source,
-        "isp" => &mut p.isp,
+        "country" => &mut p.meta.country,
+        "city" => &mut p.meta.city,
+        "source" => &mut p.meta.source,
+        "isp" => &mut p.meta.isp,
         "session" => &mut p.session,
         "asn" => {
             let v = value
                 .parse()
                 .map_err(|_| ProxyError::BadUsername(format!("asn `{value}` is not a number")))?;
-            return p.asn.replace(v).map_or(Ok(()), |_| Err(dup(key)));
+            return p.meta.asn.replace(v).map_or(Ok(()), |_| Err(dup(key)));
         }
         "ttl" => {
             let v = value.parse().ok().filter(|v| *v > 0).ok_or_else(|| {
@@ -169,6 +173,8 @@ pub struct Authenticator {
     required: bool,
     consumers: HashMap<String, ConsumerEntry>,
     pools: HashMap<String, Arc<str>>,
+    /// Segments of the longest pool name (`a-b-c` has 3).
+    pool_segments: usize,
     default_pool: Option<Arc<str>>,
 }
 
@@ -196,11 +202,17 @@ impl Authenticator {
                 (c.name.clone(), entry)
             })
             .collect();
+        let pool_segments = pools
+            .keys()
+            .map(|p| p.split('-').count())
+            .max()
+            .unwrap_or(1);
         Self {
             required: config.auth.required,
             consumers,
             default_pool: config.global_default_pool().map(|p| pools[p].clone()),
             pools,
+            pool_segments,
         }
     }
 
@@ -232,7 +244,8 @@ impl Authenticator {
     ) -> Result<Identity, ProxyError> {
         let (consumer, params) = match credentials {
             Some((user, password)) => {
-                let params = parse_username(user, &|p| self.pools.contains_key(p))?;
+                let params =
+                    parse_username(user, &|p| self.pools.contains_key(p), self.pool_segments)?;
                 let consumer = self.authenticate(&params.consumer, password)?;
                 (consumer, params)
             }
@@ -299,13 +312,13 @@ impl Authenticator {
             params.pool = Some(v.to_owned());
         }
         if let Some(v) = header_str(header, headers::COUNTRY)? {
-            params.country = Some(v.to_ascii_uppercase());
+            params.meta.country = Some(v.to_ascii_uppercase());
         }
         if let Some(v) = header_str(header, headers::CITY)? {
-            params.city = Some(v.to_owned());
+            params.meta.city = Some(v.to_owned());
         }
         if let Some(v) = header_str(header, headers::SOURCE)? {
-            params.source = Some(v.to_owned());
+            params.meta.source = Some(v.to_owned());
         }
         if let Some(v) = header_str(header, headers::SESSION)? {
             params.session = Some(v.to_owned());
@@ -343,11 +356,7 @@ impl Authenticator {
             return Err(ProxyError::PoolForbidden(pool.to_string()));
         }
         let filter = Filter {
-            country: params.country,
-            city: params.city,
-            source: params.source,
-            isp: params.isp,
-            asn: params.asn,
+            meta: params.meta,
             ..Filter::default()
         };
         let filter = (!filter.index_key().is_empty()).then(|| Arc::new(filter));
@@ -409,7 +418,11 @@ mod tests {
     use super::*;
 
     fn parse(user: &str) -> Result<UsernameParams, ProxyError> {
-        parse_username(user, &|p| ["latam", "latam-residential", "eu"].contains(&p))
+        parse_username(
+            user,
+            &|p| ["latam", "latam-residential", "eu"].contains(&p),
+            2,
+        )
     }
 
     #[test]
@@ -417,7 +430,11 @@ mod tests {
         let ok = |user: &str, consumer: &str, pool: Option<&str>, country: Option<&str>| {
             let p = parse(user).unwrap_or_else(|e| panic!("{user}: {e}"));
             assert_eq!(
-                (p.consumer.as_str(), p.pool.as_deref(), p.country.as_deref()),
+                (
+                    p.consumer.as_str(),
+                    p.pool.as_deref(),
+                    p.meta.country.as_deref()
+                ),
                 (consumer, pool, country),
                 "{user}"
             );
@@ -454,10 +471,10 @@ mod tests {
         );
         assert_eq!(
             (
-                p.city.as_deref(),
-                p.source.as_deref(),
-                p.isp.as_deref(),
-                p.asn,
+                p.meta.city.as_deref(),
+                p.meta.source.as_deref(),
+                p.meta.isp.as_deref(),
+                p.meta.asn,
                 p.session.as_deref(),
                 p.ttl
             ),
@@ -488,6 +505,14 @@ mod tests {
             assert!(err.contains(why), "{user}: {err}");
             assert_eq!(parse(user).unwrap_err().code(), "bad_username", "{user}");
         }
+        let long = format!("w-session-{}", "a".repeat(MAX_USERNAME));
+        assert!(
+            parse(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("longer than")
+        );
+        assert!(parse(&"-".repeat(MAX_USERNAME)).is_err());
         // `pool-unknown-x`: the value is one segment, then `x` is in key position.
         assert!(
             parse("worker-1-pool-unknown-x")

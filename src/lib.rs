@@ -71,7 +71,7 @@ pub use filter::{Filter, FilterError};
 pub use manager::{LeaseGuard, ProxyManager, SweeperHandle};
 pub use model::{
     Consumer, Credentials, DEFAULT_CONSUMER_NAME, HealthCheck, Lease, LeaseId, LeaseStatus, Pool,
-    PoolStats, Proxy, ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus, Secret,
+    PoolStats, Proxy, ProxyId, ProxyInfo, ProxyMeta, ProxyProtocol, ProxyStatus, Secret,
 };
 pub use retry::{Clock, RetryPolicy, Sleeper};
 pub use selector::Selector;

@@ -310,6 +310,40 @@ impl Pool {
     }
 }
 
+/// What is known of a proxy's location and provenance: the fields filters match on. The same
+/// struct describes a proxy (in the inventory and in config files) and what a filter or a
+/// username asks for (a filter's coordinates are the centre of its geo constraint).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ProxyMeta {
+    /// Provider or origin of the proxy.
+    pub source: Option<String>,
+    /// ISO country code, upper-cased on input.
+    pub country: Option<String>,
+    /// City name (compared exactly).
+    pub city: Option<String>,
+    /// Internet service provider (compared exactly).
+    pub isp: Option<String>,
+    /// Autonomous system number.
+    pub asn: Option<u32>,
+    /// Latitude in degrees.
+    pub latitude: Option<f64>,
+    /// Longitude in degrees.
+    pub longitude: Option<f64>,
+}
+
+impl ProxyMeta {
+    /// The string fields, named (for validation messages).
+    pub fn strings(&self) -> [(&'static str, &Option<String>); 4] {
+        [
+            ("country", &self.country),
+            ("city", &self.city),
+            ("source", &self.source),
+            ("isp", &self.isp),
+        ]
+    }
+}
+
 /// An upstream proxy as the inventory describes it. Live figures (lease count, draining)
 /// are in [`ProxyInfo`]; a proxy's lease count survives any update of this record.
 #[derive(Clone, Debug)]
@@ -332,20 +366,8 @@ pub struct Proxy {
     pub max_concurrency: Option<u32>,
     /// When the proxy was last checked; `least_used` prefers the oldest on ties.
     pub checked_at: SystemTime,
-    /// Provider or origin of the proxy.
-    pub source: Option<String>,
-    /// ISO country code, upper-cased on input.
-    pub country: Option<String>,
-    /// City name (compared exactly).
-    pub city: Option<String>,
-    /// Internet service provider (compared exactly).
-    pub isp: Option<String>,
-    /// Autonomous system number.
-    pub asn: Option<u32>,
-    /// Latitude in degrees.
-    pub latitude: Option<f64>,
-    /// Longitude in degrees.
-    pub longitude: Option<f64>,
+    /// Location and provenance (what filters match on).
+    pub meta: ProxyMeta,
     /// Last measured latency; `lowest_latency` puts unmeasured proxies last.
     pub latency: Option<Duration>,
     /// Resting after consecutive connect failures until then (status `inactive`); the
@@ -372,13 +394,7 @@ impl Proxy {
             status: ProxyStatus::Active,
             max_concurrency: None,
             checked_at: SystemTime::UNIX_EPOCH,
-            source: None,
-            country: None,
-            city: None,
-            isp: None,
-            asn: None,
-            latitude: None,
-            longitude: None,
+            meta: ProxyMeta::default(),
             latency: None,
             rest_until: None,
         }
@@ -398,7 +414,7 @@ impl Proxy {
 
     /// The same proxy with a country (upper-cased).
     pub fn with_country(mut self, country: &str) -> Self {
-        self.country = Some(country.to_ascii_uppercase());
+        self.meta.country = Some(country.to_ascii_uppercase());
         self
     }
 
@@ -413,7 +429,7 @@ impl Proxy {
 
     /// Normalises input values in place (country codes to upper case).
     pub(crate) fn normalise(&mut self) {
-        if let Some(c) = &mut self.country {
+        if let Some(c) = &mut self.meta.country {
             c.make_ascii_uppercase();
         }
     }

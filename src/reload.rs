@@ -82,13 +82,7 @@ fn inventory(
                 password: url.password.unwrap_or_default(),
             });
             p.max_concurrency = xc.max_concurrency;
-            p.country = xc.country.clone();
-            p.city = xc.city.clone();
-            p.source = xc.source.clone();
-            p.isp = xc.isp.clone();
-            p.asn = xc.asn;
-            p.latitude = xc.latitude;
-            p.longitude = xc.longitude;
+            p.meta = xc.meta.clone();
             let mut extra = UpstreamExtra {
                 bind: xc.bind,
                 tls: None,
@@ -146,6 +140,28 @@ fn runtime(
         extras,
         policy,
         config,
+    }
+}
+
+/// Checks, before anything changes, that `proxies` can be applied: no id may move from one
+/// pool to another (the old one may still carry leases; give the moved proxy a new `id`).
+async fn check_inventory(manager: &Manager, proxies: &[Proxy]) -> Result<(), ReloadError> {
+    let storage = manager.storage();
+    let mut problems = Vec::new();
+    for p in proxies {
+        if let Some(old) = storage.get_proxy(&p.id).await?
+            && old.proxy.pool != p.pool
+        {
+            problems.push(format!(
+                "proxy `{}` is in pool `{}` and cannot move to `{}`; give it another `id`",
+                p.id, old.proxy.pool, p.pool
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ReloadError::Invalid(problems.join("; ")))
     }
 }
 
@@ -217,9 +233,7 @@ fn same_record(a: &Proxy, b: &Proxy) -> bool {
         b.protocol,
         &b.credentials,
         b.max_concurrency,
-    ) && (&a.country, &a.city, &a.source, &a.isp, a.asn)
-        == (&b.country, &b.city, &b.source, &b.isp, b.asn)
-        && (a.latitude, a.longitude) == (b.latitude, b.longitude)
+    ) && a.meta == b.meta
 }
 
 /// Fills a fresh engine from `config` and returns the first runtime.
@@ -229,12 +243,19 @@ pub async fn initial(
     own: Vec<SocketAddr>,
 ) -> Result<Runtime, ReloadError> {
     let (proxies, extras) = inventory(&config)?;
+    check_inventory(manager, &proxies).await?;
     sync_inventory(manager, &config, proxies, &mut ReloadReport::default()).await?;
     Ok(runtime(config, extras, own))
 }
 
-/// Applies a new, already validated config to a running daemon.
+/// Applies a new, already validated config to a running daemon: all or nothing (everything
+/// that can be refused is checked before the first change), one reload at a time.
 pub async fn apply(state: &ProxyState, config: Config) -> Result<ReloadReport, ReloadError> {
+    let _one_at_a_time = state.reload_lock.lock().await;
+    apply_locked(state, config).await
+}
+
+async fn apply_locked(state: &ProxyState, config: Config) -> Result<ReloadReport, ReloadError> {
     let current = state.runtime.load_full();
     let mut report = ReloadReport::default();
     let mut config = config;
@@ -265,6 +286,7 @@ pub async fn apply(state: &ProxyState, config: Config) -> Result<ReloadReport, R
         config.limits.max_connections = current.config.limits.max_connections;
     }
     let (proxies, extras) = inventory(&config)?;
+    check_inventory(&state.manager, &proxies).await?;
     sync_inventory(&state.manager, &config, proxies, &mut report).await?;
     state.runtime.store(Arc::new(runtime(
         config,
@@ -284,8 +306,10 @@ pub async fn reload_from(
     state: &ProxyState,
     path: &std::path::Path,
 ) -> Result<ReloadReport, ReloadError> {
+    // The file is read under the lock too, so the last reload applies the newest file.
+    let _one_at_a_time = state.reload_lock.lock().await;
     let result = match Config::load(path) {
-        Ok(config) => apply(state, config).await,
+        Ok(config) => apply_locked(state, config).await,
         Err(e) => Err(e.into()),
     };
     match &result {

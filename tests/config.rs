@@ -38,7 +38,7 @@ fn the_example_loads_with_its_proxies_file_and_password_variables() {
     let dc = c.pools.iter().find(|p| p.name == "datacenter").unwrap();
     assert_eq!(dc.selector, Selector::RoundRobin);
     assert_eq!(dc.proxies.len(), 4);
-    assert_eq!(dc.proxies[2].asn, Some(24940));
+    assert_eq!(dc.proxies[2].meta.asn, Some(24940));
     assert_eq!(dc.proxies[3].id.as_deref(), Some("dc-eu-socks"));
     let missing = Config::from_toml_str(&toml, &repo("config/examples"), &|_| None).unwrap_err();
     assert!(
@@ -92,9 +92,9 @@ fn proxies_file_lines() {
     assert_eq!(
         (
             p.url.as_str(),
-            p.country.as_deref(),
+            p.meta.country.as_deref(),
             p.max_concurrency,
-            p.asn
+            p.meta.asn
         ),
         ("socks5h://u:p@h:1080", Some("ar"), Some(3), Some(7))
     );

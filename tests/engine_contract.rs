@@ -41,14 +41,14 @@ async fn finds_the_active_proxy() {
 #[tokio::test]
 async fn filters_on_country_source_and_city() {
     let mut a = proxy("p", "a").with_country("ar");
-    a.source = Some("oxylabs".into());
-    a.city = Some("Cordoba".into());
+    a.meta.source = Some("oxylabs".into());
+    a.meta.city = Some("Cordoba".into());
     let mut b = proxy("p", "b").with_country("AR");
-    b.source = Some("oxylabs".into());
-    b.city = Some("Rosario".into());
+    b.meta.source = Some("oxylabs".into());
+    b.meta.city = Some("Rosario".into());
     let mut c = proxy("p", "c").with_country("BR");
-    c.source = Some("oxylabs".into());
-    c.city = Some("Rosario".into());
+    c.meta.source = Some("oxylabs".into());
+    c.meta.city = Some("Rosario".into());
     let m = manager_with("p", vec![a, b, c]).await;
     let f = Filter::new()
         .country("ar")
@@ -67,8 +67,8 @@ async fn composite_filters_with_predicate() {
     let mk = |id: &str, host: &str, country: &str, source: &str, city: &str| {
         let mut p = proxy("p", id).with_country(country);
         p.host = host.into();
-        p.source = Some(source.into());
-        p.city = Some(city.into());
+        p.meta.source = Some(source.into());
+        p.meta.city = Some(city.into());
         p
     };
     let m = manager_with(

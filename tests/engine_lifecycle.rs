@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{leased, manager_with, proxy};
 use pharox::{
-    AcquireEvent, AcquireRequest, LeaseError, LeaseStatus, Pool, ProxyId, ProxyStatus,
+    AcquireEvent, AcquireRequest, Filter, LeaseError, LeaseStatus, Pool, ProxyId, ProxyStatus,
     ReleaseEvent, Selector, Storage,
 };
 
@@ -216,7 +216,7 @@ async fn updating_a_leased_proxy_keeps_its_lease_count() {
         .unwrap()
         .unwrap();
     let mut update = proxy("p", "a").with_max_concurrency(Some(1));
-    update.city = Some("Rosario".into());
+    update.meta.city = Some("Rosario".into());
     m.storage().upsert_proxy(update).await.unwrap();
     let info = m
         .storage()
@@ -225,7 +225,7 @@ async fn updating_a_leased_proxy_keeps_its_lease_count() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        (info.current_leases, info.proxy.city.as_deref()),
+        (info.current_leases, info.proxy.meta.city.as_deref()),
         (1, Some("Rosario"))
     );
     assert!(
@@ -319,7 +319,7 @@ async fn inventory_validation() {
         matches!(moved, Err(LeaseError::InvalidProxy { reason, .. }) if reason.contains("`p`"))
     );
     let mut half = proxy("p", "h");
-    half.latitude = Some(1.0);
+    half.meta.latitude = Some(1.0);
     assert!(matches!(
         s.upsert_proxy(half).await,
         Err(LeaseError::InvalidProxy { .. })
@@ -390,4 +390,109 @@ async fn removing_most_of_a_large_pool_keeps_order_and_counts() {
         "p252"
     );
     assert_eq!(leased(&m, "p").await, 3);
+}
+
+/// Clients choosing filter values cannot grow a pool's indexes without bound: past the view
+/// cap, idle views give way and busy ones stay, and every answer is still right.
+#[tokio::test]
+async fn filter_views_stay_bounded_whatever_keys_clients_send() {
+    let proxies = (0..20)
+        .map(|i| proxy("p", &format!("p{i:02}")).with_country(&format!("C{i}")))
+        .collect();
+    let m = manager_with("p", proxies).await;
+    for round in 0..3 {
+        for k in 0..400 {
+            let country = format!("C{}", k % 20);
+            let req = AcquireRequest::new("p").filter(Filter::new().country(&country));
+            let lease = m.acquire_proxy(&req).await.unwrap();
+            let lease = lease.unwrap_or_else(|| panic!("round {round}: {country} has a proxy"));
+            assert_eq!(lease.proxy.meta.country.as_deref(), Some(country.as_str()));
+            m.release_proxy(&lease).await.unwrap();
+            // Keys that match nothing: a fresh one every time.
+            let miss = Filter::new().city(format!("nowhere-{round}-{k}"));
+            assert!(
+                m.acquire_proxy(&AcquireRequest::new("p").filter(miss))
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+        }
+    }
+    let views = m.storage().view_count("p").unwrap();
+    assert!(views <= 64, "{views} views");
+    assert_eq!(leased(&m, "p").await, 0);
+}
+
+/// `exclude` and `only` take the place of predicates for failover and probes: they narrow
+/// every selector's choice, and caps still hold.
+#[tokio::test]
+async fn exclude_and_only_narrow_every_selector() {
+    let proxies = (0..5)
+        .map(|i| proxy("p", &format!("p{i}")).with_max_concurrency(Some(1)))
+        .collect();
+    let m = manager_with("p", proxies).await;
+    let id = |s: &str| ProxyId::from(s);
+    for sel in Selector::ALL.iter().copied() {
+        let req = AcquireRequest::new("p")
+            .selector(sel)
+            .exclude([id("p0"), id("p1"), id("p3")]);
+        let a = m.acquire_proxy(&req).await.unwrap().unwrap();
+        let b = m.acquire_proxy(&req).await.unwrap().unwrap();
+        let mut got = [a.proxy_id().as_str(), b.proxy_id().as_str()];
+        got.sort();
+        assert_eq!(got, ["p2", "p4"], "{sel}");
+        assert!(m.acquire_proxy(&req).await.unwrap().is_none(), "{sel}");
+        let only = AcquireRequest::new("p")
+            .selector(sel)
+            .only([id("p4"), id("p1")])
+            .exclude([id("p1")]);
+        assert!(
+            m.acquire_proxy(&only).await.unwrap().is_none(),
+            "{sel}: p4 is full"
+        );
+        m.release_proxy(&b).await.unwrap();
+        m.release_proxy(&a).await.unwrap();
+        let c = m.acquire_proxy(&only).await.unwrap().unwrap();
+        assert_eq!(c.proxy_id().as_str(), "p4", "{sel}");
+        m.release_proxy(&c).await.unwrap();
+    }
+    assert_eq!(leased(&m, "p").await, 0);
+}
+
+/// A duration whose expiry cannot be represented is refused before anything changes.
+#[tokio::test]
+async fn huge_durations_are_refused_and_leak_nothing() {
+    let m = manager_with("p", vec![proxy("p", "a").with_max_concurrency(Some(1))]).await;
+    for d in [
+        Duration::MAX,
+        Duration::from_secs(u64::MAX / 2),
+        Duration::ZERO,
+    ] {
+        let req = AcquireRequest::new("p").duration(d);
+        assert!(matches!(
+            m.acquire_proxy(&req).await,
+            Err(LeaseError::InvalidDuration)
+        ));
+    }
+    assert_eq!(leased(&m, "p").await, 0);
+    let lease = m
+        .acquire_proxy(&AcquireRequest::new("p"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        m.renew(&lease, Duration::MAX).await,
+        Err(LeaseError::InvalidDuration)
+    ));
+    assert_eq!(
+        m.storage()
+            .get_lease(lease.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .expires_at,
+        lease.expires_at
+    );
+    assert!(m.release_proxy(&lease).await.unwrap());
+    assert_eq!(leased(&m, "p").await, 0);
 }

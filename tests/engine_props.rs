@@ -58,9 +58,9 @@ fn build(id: usize, s: &Spec) -> Proxy {
         "10.0.0.1",
         1000 + id as u16,
     );
-    p.country = s.country.map(str::to_owned);
-    p.city = s.city.map(str::to_owned);
-    p.asn = s.asn;
+    p.meta.country = s.country.map(str::to_owned);
+    p.meta.city = s.city.map(str::to_owned);
+    p.meta.asn = s.asn;
     p.max_concurrency = s.cap;
     p.status = s.status;
     p.checked_at = SystemTime::UNIX_EPOCH + Duration::from_secs(s.checked);
@@ -297,7 +297,7 @@ async fn run(specs: Vec<Spec>, ops: Vec<Op>) {
                 p.id = model.items[i].0.id.clone();
                 p.port = model.items[i].0.port;
                 s.upsert_proxy(p.clone()).await.unwrap();
-                p.country = p.country.map(|c| c.to_ascii_uppercase());
+                p.meta.country = p.meta.country.map(|c| c.to_ascii_uppercase());
                 model.items[i].0 = p;
                 model.items[i].2 = false;
             }
@@ -355,10 +355,10 @@ proptest! {
     #[test]
     fn scalar_filters_match_exactly_the_equal_fields(s in spec(), c in "[A-Za-z]{2}", asn in 1u32..3) {
         let p = build(1, &s);
-        let want_c = p.country.as_deref().is_some_and(|pc| pc.eq_ignore_ascii_case(&c));
+        let want_c = p.meta.country.as_deref().is_some_and(|pc| pc.eq_ignore_ascii_case(&c));
         prop_assert_eq!(Filter::new().country(c.clone()).matches(&p), want_c);
-        prop_assert_eq!(Filter::new().asn(asn).matches(&p), p.asn == Some(asn));
-        prop_assert_eq!(Filter::new().country(c).asn(asn).matches(&p), want_c && p.asn == Some(asn));
+        prop_assert_eq!(Filter::new().asn(asn).matches(&p), p.meta.asn == Some(asn));
+        prop_assert_eq!(Filter::new().country(c).asn(asn).matches(&p), want_c && p.meta.asn == Some(asn));
     }
 
     #[test]
@@ -371,8 +371,8 @@ proptest! {
         prop_assert!((d - back).abs() < 1e-6);
         let mut p = build(0, &Spec { country: None, city: None, asn: None, cap: None,
             status: ProxyStatus::Active, checked: 0, latency_ms: None });
-        p.latitude = Some(lat2);
-        p.longitude = Some(lon2);
+        p.meta.latitude = Some(lat2);
+        p.meta.longitude = Some(lon2);
         prop_assert!(Filter::new().near(lat1, lon1, d + 1e-6).matches(&p));
         if d > 1e-3 {
             prop_assert!(!Filter::new().near(lat1, lon1, d * 0.999).matches(&p));

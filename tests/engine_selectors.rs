@@ -150,20 +150,20 @@ async fn random_picks_only_eligible_proxies_and_all_of_them() {
 
 fn tagged(id: &str) -> Proxy {
     let mut p = proxy("p", id).with_country("ar");
-    p.city = Some("Cordoba".into());
-    p.source = Some("vendor-a".into());
-    p.isp = Some("Telecom".into());
-    p.asn = Some(7303);
+    p.meta.city = Some("Cordoba".into());
+    p.meta.source = Some("vendor-a".into());
+    p.meta.isp = Some("Telecom".into());
+    p.meta.asn = Some(7303);
     p
 }
 
 #[tokio::test]
 async fn each_scalar_filter_field_selects() {
     let mut other = proxy("p", "other").with_country("BR");
-    other.city = Some("Rio".into());
-    other.source = Some("vendor-b".into());
-    other.isp = Some("Claro".into());
-    other.asn = Some(28573);
+    other.meta.city = Some("Rio".into());
+    other.meta.source = Some("vendor-b".into());
+    other.meta.isp = Some("Claro".into());
+    other.meta.asn = Some(28573);
     let m = manager_with("p", vec![other, tagged("tagged")]).await;
     let filters = [
         Filter::new().country("ar"),
@@ -192,10 +192,10 @@ async fn geo_radius_is_inclusive_at_the_haversine_distance() {
     let d = haversine_km(0.0, 0.0, 0.0, 1.0);
     assert!((d - 111.194_926_644_558_7).abs() < 1e-9, "{d}");
     let mut p = proxy("p", "east");
-    p.latitude = Some(0.0);
-    p.longitude = Some(1.0);
+    p.meta.latitude = Some(0.0);
+    p.meta.longitude = Some(1.0);
     let mut nowhere = proxy("p", "nowhere");
-    nowhere.latitude = None;
+    nowhere.meta.latitude = None;
     let m = manager_with("p", vec![nowhere, p]).await;
     let at_edge = AcquireRequest::new("p").filter(Filter::new().near(0.0, 0.0, d));
     assert_eq!(pick(&m, &at_edge).await.as_deref(), Some("east"));
@@ -204,8 +204,11 @@ async fn geo_radius_is_inclusive_at_the_haversine_distance() {
     assert_eq!(pick(&m, &just_short).await, None);
     // Without a radius the coordinates must match.
     let exact = Filter {
-        latitude: Some(0.0),
-        longitude: Some(1.0),
+        meta: pharox::ProxyMeta {
+            latitude: Some(0.0),
+            longitude: Some(1.0),
+            ..Default::default()
+        },
         ..Filter::new()
     };
     assert_eq!(
@@ -278,14 +281,20 @@ async fn invalid_filters_are_rejected() {
     let cases = [
         (
             Filter {
-                latitude: Some(1.0),
+                meta: pharox::ProxyMeta {
+                    latitude: Some(1.0),
+                    ..Default::default()
+                },
                 ..Filter::new()
             },
             FilterError::HalfCoordinate,
         ),
         (
             Filter {
-                longitude: Some(1.0),
+                meta: pharox::ProxyMeta {
+                    longitude: Some(1.0),
+                    ..Default::default()
+                },
                 ..Filter::new()
             },
             FilterError::HalfCoordinate,
@@ -312,7 +321,10 @@ async fn invalid_filters_are_rejected() {
         (Filter::new().city(""), FilterError::Empty("city")),
         (
             Filter::new().any_of([Filter {
-                latitude: Some(1.0),
+                meta: pharox::ProxyMeta {
+                    latitude: Some(1.0),
+                    ..Default::default()
+                },
                 ..Filter::new()
             }]),
             FilterError::HalfCoordinate,

@@ -204,6 +204,18 @@ pub(super) struct View {
     pub(super) key: IndexKey,
     /// One index per selector, built on first use.
     pub(super) indexes: [Option<Index>; 5],
+    /// When it was last used (the pool's count of filtered acquires).
+    pub(super) last_used: u64,
+}
+
+impl View {
+    pub(super) fn new(key: IndexKey) -> Self {
+        Self {
+            key,
+            indexes: Default::default(),
+            last_used: 0,
+        }
+    }
 }
 
 pub(super) fn selector_slot(selector: Selector) -> usize {

@@ -67,6 +67,12 @@ impl InMemoryStorage {
         }
     }
 
+    /// How many filter views a pool keeps (bounded; see the indexes in `pool.rs`), for
+    /// diagnostics. `None` for an unknown pool.
+    pub fn view_count(&self, pool: &str) -> Option<usize> {
+        self.pool(pool).map(|e| e.lock().view_count())
+    }
+
     fn pool(&self, name: &str) -> Option<Arc<PoolEntry>> {
         self.pools.get(name).map(|e| e.value().clone())
     }
@@ -136,16 +142,17 @@ fn validate_proxy(p: &Proxy) -> Result<(), LeaseError> {
     if p.protocol != ProxyProtocol::Direct && (p.host.is_empty() || p.port == 0) {
         return bad("host and a non-zero port are required");
     }
-    match (p.latitude, p.longitude) {
+    match (p.meta.latitude, p.meta.longitude) {
         (Some(lat), Some(lon))
             if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) => {}
         (None, None) => {}
         (Some(_), Some(_)) => return bad("coordinates out of range"),
         _ => return bad("latitude and longitude must be given together"),
     }
-    if [&p.country, &p.city, &p.source, &p.isp]
+    if p.meta
+        .strings()
         .iter()
-        .any(|v| v.as_deref() == Some(""))
+        .any(|(_, v)| v.as_deref() == Some(""))
     {
         return bad("empty metadata value");
     }

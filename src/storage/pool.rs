@@ -21,8 +21,12 @@ use crate::model::{
 };
 use crate::selector::Selector;
 
-/// Most views a pool keeps; filters with other keys fall back to scanning view 0.
-const MAX_VIEWS: usize = 256;
+/// Most views a pool keeps. Past it, a new key takes the place of the view used least
+/// recently, if that one sat unused for `VIEW_IDLE_PICKS` acquires; otherwise the filter is
+/// checked by scanning view 0. Memory stays bounded however many keys clients send.
+pub(crate) const MAX_VIEWS: usize = 64;
+/// Acquires after which an unused view may be replaced.
+const VIEW_IDLE_PICKS: u64 = 1024;
 
 /// A proxy of the pool with its live figures. The fields the indexes read are copied out of
 /// the record, so keeping indexes current never touches the (shared, colder) `Proxy`.
@@ -184,6 +188,8 @@ pub(crate) struct PoolState {
     rr_from: u32,
     /// A proxy was added since ranks were last computed.
     ranks_dirty: bool,
+    /// Filtered acquires so far (the clock of view recency).
+    picks: u64,
     /// No lease expires before this time (a lower bound; `None`: no lease).
     next_expiry: Option<SystemTime>,
     /// No rest ends before this time (`None`: no proxy rests).
@@ -195,10 +201,7 @@ pub(crate) struct PoolState {
 
 impl PoolState {
     pub fn new(name: Arc<str>, description: Option<String>) -> Self {
-        let all = View {
-            key: IndexKey::default(),
-            indexes: Default::default(),
-        };
+        let all = View::new(IndexKey::default());
         Self {
             name,
             description,
@@ -212,6 +215,7 @@ impl PoolState {
             rr_last: RrLast::None,
             rr_from: 0,
             ranks_dirty: false,
+            picks: 0,
             next_expiry: None,
             next_rest_end: None,
             counters: Counters::default(),
@@ -625,19 +629,32 @@ impl PoolState {
         }
     }
 
-    /// The view for a key, created (with a scan of the slots) on first use.
+    /// The view for a key, created (with a scan of the slots) on first use; `None` when
+    /// the pool keeps its most views and none of them is idle enough to give way.
     fn view_for(&mut self, key: &IndexKey) -> Option<u16> {
+        self.picks += 1;
         if let Some(&v) = self.view_by_key.get(key) {
+            self.views[v as usize].last_used = self.picks;
             return Some(v);
         }
-        if self.views.len() >= MAX_VIEWS {
-            return None;
-        }
-        let v = self.views.len() as u16;
-        self.views.push(View {
-            key: key.clone(),
-            indexes: Default::default(),
-        });
+        let v = if self.views.len() < MAX_VIEWS {
+            self.views.push(View::new(key.clone()));
+            (self.views.len() - 1) as u16
+        } else {
+            let (v, view) = self
+                .views
+                .iter()
+                .enumerate()
+                .skip(1)
+                .min_by_key(|(_, view)| view.last_used)?;
+            if view.last_used + VIEW_IDLE_PICKS > self.picks {
+                return None;
+            }
+            self.evict_view(v as u16);
+            self.views[v] = View::new(key.clone());
+            v as u16
+        };
+        self.views[v as usize].last_used = self.picks;
         self.view_by_key.insert(key.clone(), v);
         for slot in self.slots.iter_mut().flatten() {
             if key.matches(&slot.proxy) {
@@ -645,6 +662,19 @@ impl PoolState {
             }
         }
         Some(v)
+    }
+
+    /// Forgets view `v` (its slot in `views` is about to be reused).
+    fn evict_view(&mut self, v: u16) {
+        self.view_by_key.remove(&self.views[v as usize].key);
+        for slot in self.slots.iter_mut().flatten() {
+            slot.views.retain(|x| *x != v);
+        }
+    }
+
+    /// Views kept (view 0, the whole pool, included).
+    pub fn view_count(&self) -> usize {
+        self.views.len()
     }
 
     fn build_index(&mut self, view: u16, selector: Selector) {
