@@ -721,6 +721,7 @@ impl Config {
             ("limits.max_head_bytes", l.max_head_bytes as u64),
             ("limits.head_timeout_ms", l.head_timeout_ms),
             ("limits.connect_timeout_ms", l.connect_timeout_ms),
+            ("limits.response_timeout_ms", l.response_timeout_ms),
             ("limits.listen_backlog", u64::from(l.listen_backlog)),
             (
                 "limits.max_sessions_per_consumer",

@@ -61,6 +61,17 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Namespace of pharox's stable ids (UUID v5, RFC 9562):
+/// `uuid5(NAMESPACE_URL, "urn:pharox")`.
+pub const ID_NAMESPACE: Uuid = Uuid::from_u128(0x4724b937_d9a2_5c0b_87db_695177fb7bbf);
+
+/// The stable UUID of a named thing: `uuid5(ID_NAMESPACE, "KIND:NAME")` (kinds: `pool`,
+/// `proxy`, `consumer`). Every daemon computes the same id for the same name, and so does
+/// any other client of a shared database.
+pub fn stable_id(kind: &str, name: &str) -> Uuid {
+    Uuid::new_v5(&ID_NAMESPACE, format!("{kind}:{name}").as_bytes())
+}
+
 /// Stable identifier of a proxy, unique across all pools. Ordered as a string; the
 /// `round_robin` selector visits proxies in this order.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -75,6 +86,16 @@ impl ProxyId {
     /// The id as a string slice.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The proxy's UUID: the id itself when it is one (proxies made by the lease API or by
+    /// Python pharox), else its stable id (`stable_id("proxy", id)`).
+    pub fn uuid(&self) -> Uuid {
+        match self.0.len() {
+            36 | 32 => Uuid::try_parse(&self.0).ok(),
+            _ => None,
+        }
+        .unwrap_or_else(|| stable_id("proxy", &self.0))
     }
 }
 
@@ -293,6 +314,9 @@ impl Credentials {
 pub struct Pool {
     /// Unique name.
     pub name: String,
+    /// Unique id: `stable_id("pool", name)` unless the storage holds another one (a pool made
+    /// by Python pharox has a random one).
+    pub id: Uuid,
     /// Free text for operators.
     pub description: Option<String>,
     /// Lease `slow` proxies too (default `false`: only `active` ones, as the seed does).
@@ -302,8 +326,10 @@ pub struct Pool {
 impl Pool {
     /// A pool with a name and no description.
     pub fn new(name: impl Into<String>) -> Self {
+        let name = name.into();
         Self {
-            name: name.into(),
+            id: stable_id("pool", &name),
+            name,
             description: None,
             lease_slow: false,
         }
@@ -553,4 +579,43 @@ pub struct PoolStats {
     pub leased: u32,
     /// Live leases in the pool.
     pub total_leases: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stable_ids_are_uuid5_of_the_pharox_namespace() {
+        assert_eq!(
+            Uuid::new_v5(&Uuid::NAMESPACE_URL, b"urn:pharox"),
+            ID_NAMESPACE
+        );
+        let id = stable_id("pool", "latam");
+        assert_eq!(id.get_version_num(), 5);
+        assert_eq!(Pool::new("latam").id, id);
+        assert_eq!(
+            ProxyId::from("p/10.0.0.1:8080").uuid(),
+            stable_id("proxy", "p/10.0.0.1:8080")
+        );
+        let v4 = Uuid::new_v4();
+        assert_eq!(ProxyId::new(v4.to_string()).uuid(), v4);
+        assert_eq!(ProxyId::new(v4.simple().to_string()).uuid(), v4);
+    }
+
+    #[test]
+    fn lease_ids_read_both_uuid_forms_only() {
+        let id = LeaseId::new();
+        assert_eq!(id.to_string().len(), 36);
+        assert_eq!(id.to_string().parse::<LeaseId>(), Ok(id));
+        assert_eq!(id.as_uuid().simple().to_string().parse::<LeaseId>(), Ok(id));
+        for bad in [
+            "",
+            "abc",
+            "{00000000-0000-0000-0000-000000000000}",
+            "urn:uuid:00000000-0000-0000-0000-000000000000",
+        ] {
+            assert!(bad.parse::<LeaseId>().is_err(), "{bad}");
+        }
+    }
 }

@@ -276,6 +276,7 @@ impl Storage for InMemoryStorage {
                 let state = e.lock();
                 let pool = Pool {
                     name: state.name().to_string(),
+                    id: state.id,
                     description: state.description().map(str::to_owned),
                     lease_slow: state.lease_slow(),
                 };
@@ -292,7 +293,7 @@ impl Storage for InMemoryStorage {
             .entry(Arc::from(pool.name.as_str()))
             .or_insert_with(|| {
                 Arc::new(PoolEntry {
-                    state: Mutex::new(PoolState::new(pool.name.as_str().into(), None)),
+                    state: Mutex::new(PoolState::new(pool.name.as_str().into(), pool.id, None)),
                     signal: Arc::default(),
                 })
             })

@@ -173,6 +173,8 @@ pub(crate) struct Freed {
 /// The live state of one pool.
 pub(crate) struct PoolState {
     name: Arc<str>,
+    /// The pool's id (fixed when the pool is created).
+    pub id: uuid::Uuid,
     description: Option<String>,
     /// Removed from the inventory; kept until its last lease is released.
     pub removed: bool,
@@ -200,10 +202,11 @@ pub(crate) struct PoolState {
 }
 
 impl PoolState {
-    pub fn new(name: Arc<str>, description: Option<String>) -> Self {
+    pub fn new(name: Arc<str>, id: uuid::Uuid, description: Option<String>) -> Self {
         let all = View::new(IndexKey::default());
         Self {
             name,
+            id,
             description,
             removed: false,
             slots: Vec::new(),
