@@ -3,14 +3,12 @@
 //! the pool's retry policy, dial with failover, passive health, renewal while open, and the
 //! registry that lets an operator close a lease's connection.
 
-pub mod chunked;
 pub mod connect;
 pub mod forward;
 pub mod head;
 pub mod headers;
 pub mod http1;
 mod lease;
-pub mod rewrite;
 pub mod session;
 pub mod socks;
 pub mod splice;

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use bytes::BytesMut;
 use smallvec::SmallVec;
 
-use super::http1::{
+use super::{
     BodyFraming, RequestHead, ResponseHead, is, is_field_byte, is_token, is_vchar, list, trim_ows,
 };
 use crate::error::ProxyError;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::http1::{BodyFraming, FramingError, is_field_byte, is_tchar};
+use super::{BodyFraming, FramingError, is_field_byte, is_tchar};
 
 /// Most bytes of chunk extensions on one chunk line.
 pub const MAX_EXTENSIONS: usize = 4096;
