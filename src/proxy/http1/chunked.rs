@@ -192,6 +192,7 @@ impl ChunkedDecoder {
                 Ok(State::Ext(Ext::Name { started: false }))
             }
             (b'\r', 1..) => Ok(State::SizeLf),
+            (b'\n', 1..) => Err(ChunkFault::LineEnding),
             (_, 16) if b.is_ascii_hexdigit() => Err(ChunkFault::SizeTooLong),
             _ => {
                 let digit = (b as char).to_digit(16).ok_or(ChunkFault::Size)?;
@@ -208,6 +209,9 @@ impl ChunkedDecoder {
             ext,
             Ext::Name { started: true } | Ext::Token | Ext::AfterQuoted
         );
+        if b == b'\n' {
+            return Err(ChunkFault::LineEnding);
+        }
         if b == b'\r' {
             return if complete {
                 Ok(State::SizeLf)
@@ -261,7 +265,7 @@ impl ChunkedDecoder {
             (State::TrailerValue, b'\r') => Ok(State::TrailerLf),
             (State::TrailerValue, _) if is_field_byte(b) => Ok(State::TrailerValue),
             (State::TrailerLf, b'\n') => Ok(State::TrailerStart),
-            (State::TrailerLf, _) => Err(ChunkFault::LineEnding),
+            (State::TrailerLf, _) | (_, b'\n') => Err(ChunkFault::LineEnding),
             _ => Err(ChunkFault::Trailer),
         }
     }
@@ -413,5 +417,457 @@ async fn timed<T>(
             .await
             .map_err(|_| BodyError::Idle),
         None => Ok(io.await),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ChunkFault::*;
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt, duplex};
+
+    /// Feeds `data` in pieces cut at `cuts`: (bytes of the body, whether it ended).
+    fn run(data: &[u8], cuts: &[usize]) -> Result<(usize, bool), FramingError> {
+        let mut decoder = ChunkedDecoder::new();
+        let (mut total, mut from) = (0, 0);
+        for to in cuts.iter().copied().chain([data.len()]) {
+            let piece = &data[from..to.max(from)];
+            from = to.max(from);
+            let p = decoder.feed(piece)?;
+            total += p.consumed;
+            if p.done {
+                return Ok((total, true));
+            }
+            assert_eq!(p.consumed, piece.len(), "all of it belongs to the body");
+        }
+        Ok((total, false))
+    }
+
+    fn whole(data: &[u8]) -> Result<(usize, bool), FramingError> {
+        run(data, &[])
+    }
+
+    fn fault(data: &[u8]) -> Option<(ChunkFault, u64)> {
+        match whole(data) {
+            Err(FramingError::Chunked { offset, fault }) => Some((fault, offset)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn measures_valid_bodies() {
+        let cases: &[&[u8]] = &[
+            b"5\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+            b"0\r\n\r\n",
+            b"000\r\n\r\n",
+            b"A\r\n0123456789\r\na\r\n0123456789\r\n0\r\n\r\n",
+            b"5;a\r\nhello\r\n0;last\r\n\r\n",
+            b"5;a=b;c=d\r\nhello\r\n0\r\n\r\n",
+            b"5;name=\"q \\\" d;\t\xe9\"\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"\";b=\"x\"\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX-Sum: abc\r\nEmpty:\r\nY: a b\t\r\n\r\n",
+            b"0000000000000005\r\nhello\r\n0\r\n\r\n",
+        ];
+        for body in cases {
+            let mut with_next = body.to_vec();
+            with_next.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+            assert_eq!(
+                whole(&with_next),
+                Ok((body.len(), true)),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let mut decoder = ChunkedDecoder::new();
+        assert_eq!(
+            decoder.feed(b"0\r\n\r\nrest").unwrap(),
+            Progress {
+                consumed: 5,
+                done: true
+            }
+        );
+        assert_eq!(
+            decoder.feed(b"more").unwrap(),
+            Progress {
+                consumed: 0,
+                done: true
+            }
+        );
+        assert!(decoder.is_done());
+        assert_eq!(decoder.position(), 5);
+    }
+
+    #[test]
+    fn reports_each_fault_where_it_is() {
+        let cases: &[(&[u8], ChunkFault, u64)] = &[
+            (b"g\r\n", Size, 0),
+            (b"\r\n", Size, 0),
+            (b" 5\r\n", Size, 0),
+            (b"-5\r\n", Size, 0),
+            (b"+5\r\n", Size, 0),
+            (b"5 \r\n", Size, 1),
+            (b"5\t\r\n", Size, 1),
+            (b"0x5\r\n", Size, 1),
+            (b"5 ;a\r\n", Size, 1),
+            (b"00000000000000005\r\n", SizeTooLong, 16),
+            (b"5\n", LineEnding, 1),
+            (b"5\r\r", LineEnding, 2),
+            (b"5\rhello", LineEnding, 2),
+            (b"5;\r\n", Extension, 2),
+            (b"5;;a\r\n", Extension, 2),
+            (b"5;=a\r\n", Extension, 2),
+            (b"5; a\r\n", Extension, 2),
+            (b"5;a \r\n", Extension, 3),
+            (b"5;a=\r\n", Extension, 4),
+            (b"5;a==b\r\n", Extension, 4),
+            (b"5;a=b c\r\n", Extension, 5),
+            (b"5;a=\"x\r\n", Extension, 6),
+            (b"5;a=\"x\"y\r\n", Extension, 7),
+            (b"5;a=\"\0\"\r\n", Extension, 5),
+            (b"5;a=\"\\\r\"\r\n", Extension, 6),
+            (b"5;a\n", LineEnding, 3),
+            (b"5\r\nhelloX", DataEnd, 8),
+            (b"5\r\nhello\n", DataEnd, 8),
+            (b"5\r\nhello\rX", DataEnd, 9),
+            (b"5\r\nhello!!\r\n", DataEnd, 8),
+            (b"0\r\n X: a\r\n\r\n", Trailer, 3),
+            (b"0\r\nX : a\r\n\r\n", Trailer, 4),
+            (b"0\r\n: a\r\n\r\n", Trailer, 3),
+            (b"0\r\nX\r\n\r\n", Trailer, 4),
+            (b"0\r\nX: a\0\r\n\r\n", Trailer, 7),
+            (b"0\r\nX: a\n\r\n", LineEnding, 7),
+            (b"0\r\nX: a\rY", LineEnding, 8),
+            (b"0\r\n\n", LineEnding, 3),
+            (b"0\r\n\rX", LineEnding, 4),
+        ];
+        for (body, want, at) in cases {
+            assert_eq!(
+                fault(body),
+                Some((*want, *at)),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn limits_extensions_and_trailers() {
+        let ext = |n: usize| format!("1;{}\r\nx\r\n0\r\n\r\n", "a".repeat(n)).into_bytes();
+        assert!(
+            whole(&ext(MAX_EXTENSIONS - 1)).is_ok(),
+            "`;` and the name: at the limit"
+        );
+        assert_eq!(
+            fault(&ext(MAX_EXTENSIONS)),
+            Some((ExtensionTooLong, 1 + MAX_EXTENSIONS as u64))
+        );
+        let trailers = |n: usize| format!("0\r\nX: {}\r\n\r\n", "v".repeat(n)).into_bytes();
+        // The section is "X: " + value + CRLF + CR (the final LF is not counted).
+        assert!(whole(&trailers(MAX_TRAILERS - 6)).is_ok());
+        assert_eq!(
+            fault(&trailers(MAX_TRAILERS - 5)),
+            Some((TrailerTooLarge, 3 + MAX_TRAILERS as u64))
+        );
+        let max = b"FFFFFFFFFFFFFFFF\r\n";
+        assert_eq!(
+            whole(max),
+            Ok((max.len(), false)),
+            "u64::MAX bytes of data to come"
+        );
+    }
+
+    /// A chunked encoding of `chunks` (empty ones skipped) with `ext` on every chunk line and
+    /// these trailer lines.
+    fn encode(chunks: &[Vec<u8>], ext: &str, trailers: &[String]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in chunks.iter().filter(|c| !c.is_empty()) {
+            out.extend_from_slice(format!("{:x}{ext}\r\n", c.len()).as_bytes());
+            out.extend_from_slice(c);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("0{ext}\r\n").as_bytes());
+        for t in trailers {
+            out.extend_from_slice(format!("{t}\r\n").as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    fn chunks() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..6)
+    }
+
+    fn extension() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "",
+            ";a",
+            ";a=b",
+            ";a=\"x y\"",
+            ";k=v;n",
+            ";q=\"\\\"\"",
+        ])
+    }
+
+    fn trailers() -> impl Strategy<Value = Vec<String>> {
+        proptest::collection::vec("[A-Za-z-]{1,8}: [ -~]{0,12}", 0..3)
+    }
+
+    fn cuts(len: usize) -> impl Strategy<Value = Vec<usize>> {
+        proptest::collection::vec(0..=len, 0..8).prop_map(|mut c| {
+            c.sort_unstable();
+            c
+        })
+    }
+
+    /// A valid message with a few bytes overwritten, or random bytes.
+    fn maybe_chunked() -> impl Strategy<Value = Vec<u8>> {
+        let mangled = (
+            chunks(),
+            extension(),
+            trailers(),
+            proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        )
+            .prop_map(|(c, e, t, edits)| {
+                let mut body = encode(&c, e, &t);
+                for (at, b) in edits {
+                    let i = at.index(body.len());
+                    body[i] = b;
+                }
+                body
+            });
+        prop_oneof![mangled, proptest::collection::vec(any::<u8>(), 0..64)]
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_gives_the_same_result(
+            (data, cuts) in maybe_chunked().prop_flat_map(|d| { let n = d.len(); (Just(d), cuts(n)) }),
+        ) {
+            prop_assert_eq!(run(&data, &cuts), whole(&data));
+        }
+
+        #[test]
+        fn encoded_bodies_end_exactly_where_they_should(
+            chunks in chunks(),
+            ext in extension(),
+            trailers in trailers(),
+            next in proptest::collection::vec(any::<u8>(), 0..16),
+            seed in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let body = encode(&chunks, ext, &trailers);
+            let mut data = body.clone();
+            data.extend_from_slice(&next);
+            let mut cuts: Vec<usize> = seed.iter().map(|i| i.index(data.len() + 1)).collect();
+            cuts.sort_unstable();
+            prop_assert_eq!(run(&data, &cuts), Ok((body.len(), true)));
+        }
+    }
+
+    /// Copies one body from `buffered` and then a pipe fed `pieces` of `sent` by another task:
+    /// the result, what the sink got, and what is left (buffered, then unread).
+    async fn copy_through_pipe(
+        sent: Vec<u8>,
+        pieces: Vec<usize>,
+        pipe: usize,
+        buffered: &[u8],
+        framing: BodyFraming,
+    ) -> (Result<u64, BodyError>, Vec<u8>, Vec<u8>) {
+        let (mut tx, mut rx) = duplex(pipe);
+        let mut buffered = BytesMut::from(buffered);
+        let writer = async move {
+            let mut at = 0;
+            for size in pieces.iter().chain(std::iter::repeat(&usize::MAX)) {
+                if at == sent.len() {
+                    break;
+                }
+                let to = at.saturating_add(*size).min(sent.len());
+                tx.write_all(&sent[at..to]).await.unwrap();
+                tokio::task::yield_now().await;
+                at = to;
+            }
+        };
+        let reader = async move {
+            let mut dst = Vec::new();
+            let result = copy_body(&mut rx, &mut buffered, &mut dst, framing, None).await;
+            let mut rest = buffered.to_vec();
+            rx.read_to_end(&mut rest).await.unwrap();
+            (result, dst, rest)
+        };
+        tokio::join!(writer, reader).1
+    }
+
+    async fn copy_from(
+        sent: &[u8],
+        buffered: &[u8],
+        framing: BodyFraming,
+    ) -> (Result<u64, BodyError>, Vec<u8>, Vec<u8>) {
+        copy_through_pipe(sent.to_vec(), vec![], 7, buffered, framing).await
+    }
+
+    #[tokio::test]
+    async fn copies_a_length_body_and_leaves_the_next_request() {
+        let (n, dst, rest) = copy_from(b"lo world!NEXT", b"hel", BodyFraming::Length(12)).await;
+        assert_eq!(n.unwrap(), 12);
+        assert_eq!(dst, b"hello world!");
+        assert_eq!(rest, b"NEXT");
+        let (n, dst, rest) = copy_from(b"", b"abcNEXT", BodyFraming::Length(3)).await;
+        assert_eq!(
+            (n.unwrap(), &dst[..], &rest[..]),
+            (3, &b"abc"[..], &b"NEXT"[..])
+        );
+        let (n, dst, rest) = copy_from(b"x", b"y", BodyFraming::None).await;
+        assert_eq!((n.unwrap(), dst.len(), &rest[..]), (0, 0, &b"yx"[..]));
+        let (n, _, rest) = copy_from(b"x", b"", BodyFraming::Length(0)).await;
+        assert_eq!((n.unwrap(), &rest[..]), (0, &b"x"[..]));
+    }
+
+    #[tokio::test]
+    async fn copies_a_chunked_body_unchanged() {
+        let body = b"5;x=y\r\nhello\r\n0\r\nTrailer: t\r\n\r\n";
+        let mut sent = body[3..].to_vec();
+        sent.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        let (n, dst, rest) = copy_from(&sent, &body[..3], BodyFraming::Chunked).await;
+        assert_eq!(n.unwrap(), body.len() as u64);
+        assert_eq!(dst, body);
+        assert_eq!(rest, b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn copies_until_close() {
+        let (n, dst, rest) = copy_from(b" and the rest", b"head", BodyFraming::UntilClose).await;
+        assert_eq!(
+            (n.unwrap(), &dst[..], rest.len()),
+            (17, &b"head and the rest"[..], 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn truncated_and_malformed_bodies() {
+        let (r, dst, _) = copy_from(b"hel", b"", BodyFraming::Length(5)).await;
+        assert!(matches!(r, Err(BodyError::Truncated)), "{r:?}");
+        assert_eq!(dst, b"hel", "what arrived was forwarded");
+        let (r, _, _) = copy_from(b"5\r\nhello\r\n", b"", BodyFraming::Chunked).await;
+        assert!(matches!(r, Err(BodyError::Truncated)), "{r:?}");
+        let (r, dst, _) = copy_from(b"5\r\nhello\r\n0\r\n\r", b"", BodyFraming::Chunked).await;
+        assert!(matches!(r, Err(BodyError::Truncated)), "{r:?}");
+        assert_eq!(dst.len(), 14);
+        let (r, _, _) = copy_from(b"5\r\nhelloXX", b"", BodyFraming::Chunked).await;
+        let want = FramingError::Chunked {
+            offset: 8,
+            fault: DataEnd,
+        };
+        assert!(
+            matches!(r, Err(BodyError::Malformed(e)) if e == want),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_source_times_out() {
+        let (_tx, mut rx) = duplex(64);
+        let mut buffered = BytesMut::from(&b"he"[..]);
+        let mut dst = Vec::new();
+        let started = tokio::time::Instant::now();
+        let idle = Some(Duration::from_secs(5));
+        let r = copy_body(
+            &mut rx,
+            &mut buffered,
+            &mut dst,
+            BodyFraming::Length(5),
+            idle,
+        )
+        .await;
+        assert!(matches!(r, Err(BodyError::Idle)), "{r:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(dst, b"he");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_sink_times_out() {
+        let (mut tx, mut rx) = duplex(64);
+        let (mut sink, _unread) = duplex(4);
+        tx.write_all(b"hello").await.unwrap();
+        let idle = Some(Duration::from_secs(5));
+        let r = copy_body(
+            &mut rx,
+            &mut BytesMut::new(),
+            &mut sink,
+            BodyFraming::Length(5),
+            idle,
+        )
+        .await;
+        assert!(matches!(r, Err(BodyError::Idle)), "{r:?}");
+    }
+
+    /// A source that fails.
+    struct Broken;
+
+    impl AsyncRead for Broken {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn says_which_side_failed() {
+        let r = copy_body(
+            &mut Broken,
+            &mut BytesMut::new(),
+            &mut Vec::new(),
+            BodyFraming::Chunked,
+            None,
+        )
+        .await;
+        assert!(matches!(r, Err(BodyError::Source(_))), "{r:?}");
+        let (mut sink, reader) = duplex(4);
+        drop(reader);
+        let mut buffered = BytesMut::from(&b"hello"[..]);
+        let r = copy_body(
+            &mut Broken,
+            &mut buffered,
+            &mut sink,
+            BodyFraming::Length(5),
+            None,
+        )
+        .await;
+        assert!(matches!(r, Err(BodyError::Sink(_))), "{r:?}");
+    }
+
+    /// A message (the framing and its bytes) followed by bytes of the next one.
+    fn message() -> impl Strategy<Value = (BodyFraming, Vec<u8>)> {
+        let length = proptest::collection::vec(any::<u8>(), 0..300)
+            .prop_map(|b| (BodyFraming::Length(b.len() as u64), b));
+        let chunked = (chunks(), extension(), trailers())
+            .prop_map(|(c, e, t)| (BodyFraming::Chunked, encode(&c, e, &t)));
+        prop_oneof![length, chunked]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn copy_body_moves_exactly_the_body(
+            (framing, body) in message(),
+            next in proptest::collection::vec(any::<u8>(), 0..40),
+            pipe in 1usize..64,
+            pieces in proptest::collection::vec(1usize..50, 1..10),
+            already in any::<prop::sample::Index>(),
+        ) {
+            let stream = [&body[..], &next].concat();
+            let split = already.index(stream.len() + 1);
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let sent = stream[split..].to_vec();
+            let (n, dst, rest) =
+                rt.block_on(copy_through_pipe(sent, pieces, pipe, &stream[..split], framing));
+            let n = n.unwrap();
+            prop_assert_eq!(n, body.len() as u64);
+            prop_assert_eq!(dst, body);
+            prop_assert_eq!(rest, next);
+        }
     }
 }
