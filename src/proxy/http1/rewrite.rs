@@ -517,3 +517,418 @@ fn is_framing_alias(name: &[u8]) -> bool {
     };
     canonical("content-length") || canonical("transfer-encoding")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{parse_request, parse_response};
+    use super::*;
+    use proptest::prelude::*;
+
+    type Headers<'a> = &'a [(&'a [u8], &'a [u8])];
+
+    fn request_head(
+        method: &[u8],
+        target: &[u8],
+        headers: Headers<'_>,
+    ) -> Result<BytesMut, BuildError> {
+        let mut out = BytesMut::from(&b"before"[..]);
+        let r = write_request_head(&mut out, method, target, headers.iter().copied());
+        if r.is_err() {
+            assert_eq!(out, &b"before"[..], "nothing written on an error");
+        }
+        r.map(|()| out.split_off(6))
+    }
+
+    #[test]
+    fn builds_heads_or_refuses() {
+        let out = request_head(b"GET", b"/a?b", &[(b"Host", b" a \t"), (b"X-E", b"")]).unwrap();
+        assert_eq!(out, &b"GET /a?b HTTP/1.1\r\nHost: a\r\nX-E: \r\n\r\n"[..]);
+        let refused: &[(&[u8], &[u8], Headers<'_>, BuildError)] = &[
+            (b"GE T", b"/", &[], BuildError::Method),
+            (b"", b"/", &[], BuildError::Method),
+            (b"GET\r\n", b"/", &[], BuildError::Method),
+            (b"GET", b"", &[], BuildError::Target),
+            (b"GET", b"/a b", &[], BuildError::Target),
+            (b"GET", b"/\r\nX: y", &[], BuildError::Target),
+            (b"GET", b"/\0", &[], BuildError::Target),
+            (b"GET", b"/\xe9", &[], BuildError::Target),
+            (b"GET", b"/", &[(b"", b"v")], BuildError::HeaderName),
+            (b"GET", b"/", &[(b"X Y", b"v")], BuildError::HeaderName),
+            (b"GET", b"/", &[(b"X:", b"v")], BuildError::HeaderName),
+            (b"GET", b"/", &[(b"X\r\n", b"v")], BuildError::HeaderName),
+            (
+                b"GET",
+                b"/",
+                &[(b"X", b"a\r\nInjected: 1")],
+                BuildError::HeaderValue,
+            ),
+            (b"GET", b"/", &[(b"X", b"a\nb")], BuildError::HeaderValue),
+            (b"GET", b"/", &[(b"X", b"a\rb")], BuildError::HeaderValue),
+            (b"GET", b"/", &[(b"X", b"a\0b")], BuildError::HeaderValue),
+            (b"GET", b"/", &[(b"X", b"a\x7f")], BuildError::HeaderValue),
+            (
+                b"GET",
+                b"/",
+                &[(b"Ok", b"1"), (b"X", b"\r\n")],
+                BuildError::HeaderValue,
+            ),
+        ];
+        for (method, target, headers, want) in refused {
+            assert_eq!(
+                request_head(method, target, headers),
+                Err(*want),
+                "{method:?} {target:?} {headers:?}"
+            );
+        }
+        let mut out = BytesMut::new();
+        let cl: Headers<'_> = &[(b"Content-Length", b"0")];
+        write_response_head(&mut out, 204, b" No Content ", cl.iter().copied()).unwrap();
+        assert_eq!(
+            out,
+            &b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"[..]
+        );
+        for (status, reason, want) in [
+            (99, &b"Low"[..], BuildError::Status),
+            (1000, b"High", BuildError::Status),
+            (200, b"O\r\nK", BuildError::Reason),
+            (200, b"\0", BuildError::Reason),
+        ] {
+            let mut out = BytesMut::new();
+            assert_eq!(write_response_head(&mut out, status, reason, []), Err(want));
+            assert!(out.is_empty());
+        }
+    }
+
+    #[test]
+    fn parses_absolute_uris() {
+        let cases: &[(&str, Scheme, &str, &str, u16, &str, &str)] = &[
+            (
+                "http://example.com",
+                Scheme::Http,
+                "example.com",
+                "example.com",
+                80,
+                "",
+                "/",
+            ),
+            (
+                "http://example.com/a/b?c=d",
+                Scheme::Http,
+                "example.com",
+                "example.com",
+                80,
+                "/a/b?c=d",
+                "/a/b?c=d",
+            ),
+            (
+                "HTTP://Example.COM:8080?x",
+                Scheme::Http,
+                "Example.COM:8080",
+                "Example.COM",
+                8080,
+                "?x",
+                "/?x",
+            ),
+            (
+                "http://127.0.0.1:1/",
+                Scheme::Http,
+                "127.0.0.1:1",
+                "127.0.0.1",
+                1,
+                "/",
+                "/",
+            ),
+            (
+                "http://[::1]:8080/p",
+                Scheme::Http,
+                "[::1]:8080",
+                "::1",
+                8080,
+                "/p",
+                "/p",
+            ),
+            (
+                "http://[2001:db8::1]/",
+                Scheme::Http,
+                "[2001:db8::1]",
+                "2001:db8::1",
+                80,
+                "/",
+                "/",
+            ),
+            (
+                "https://a.b:65535/",
+                Scheme::Https,
+                "a.b:65535",
+                "a.b",
+                65535,
+                "/",
+                "/",
+            ),
+            ("https://a.b", Scheme::Https, "a.b", "a.b", 443, "", "/"),
+            (
+                "http://xn--bcher-kva.example/%20",
+                Scheme::Http,
+                "xn--bcher-kva.example",
+                "xn--bcher-kva.example",
+                80,
+                "/%20",
+                "/%20",
+            ),
+            (
+                "http://a-b.c1/?q=http://x@y",
+                Scheme::Http,
+                "a-b.c1",
+                "a-b.c1",
+                80,
+                "/?q=http://x@y",
+                "/?q=http://x@y",
+            ),
+        ];
+        for (s, scheme, authority, host, port, pq, origin) in cases {
+            let u = AbsoluteUri::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+            assert_eq!(
+                (u.scheme, u.authority, u.host, u.port, u.path_and_query),
+                (*scheme, *authority, *host, *port, *pq),
+                "{s}"
+            );
+            assert_eq!((u.origin_form().as_ref(), u.as_str()), (*origin, *s));
+        }
+        let long_label = format!("http://{}.com/", "a".repeat(64));
+        let long_name = format!("http://{}com/", "abcdefghi.".repeat(26));
+        let refused: &[(&str, UriError)] = &[
+            ("/path", UriError::NotAbsolute),
+            ("example.com/x", UriError::NotAbsolute),
+            ("http:/x", UriError::NotAbsolute),
+            ("1http://a/", UriError::NotAbsolute),
+            ("ftp://a/", UriError::UnsupportedScheme),
+            ("ws://a/", UriError::UnsupportedScheme),
+            ("http://a/#f", UriError::Fragment),
+            ("http://a#f", UriError::Fragment),
+            ("http://a/ b", UriError::Character),
+            ("http://a/\u{e9}", UriError::Character),
+            ("http://user@a/", UriError::UserInfo),
+            ("http://user:pw@a:80/", UriError::UserInfo),
+            ("http:///x", UriError::EmptyHost),
+            ("http://:80/", UriError::EmptyHost),
+            ("http://?x", UriError::EmptyHost),
+            ("http://a..b/", UriError::InvalidHost),
+            ("http://-a/", UriError::InvalidHost),
+            ("http://a-/", UriError::InvalidHost),
+            ("http://a_b/", UriError::InvalidHost),
+            ("http://%61/", UriError::InvalidHost),
+            ("http://a./", UriError::InvalidHost),
+            ("http://[::1/", UriError::InvalidHost),
+            ("http://[::1]x/", UriError::InvalidHost),
+            ("http://[1.2.3.4]/", UriError::InvalidHost),
+            ("http://[fe80::1%25eth0]/", UriError::InvalidHost),
+            ("http://[]/", UriError::InvalidHost),
+            ("http://127.1/", UriError::InvalidHost),
+            ("http://0x7f.1/", UriError::InvalidHost),
+            ("http://a.0x7f/", UriError::InvalidHost),
+            ("http://1.2.3.4.5/", UriError::InvalidHost),
+            ("http://256.1.1.1/", UriError::InvalidHost),
+            ("http://01.2.3.4/", UriError::InvalidHost),
+            ("http://123/", UriError::InvalidHost),
+            (&long_label, UriError::InvalidHost),
+            (&long_name, UriError::InvalidHost),
+            ("http://a:0/", UriError::InvalidPort),
+            ("http://a:65536/", UriError::InvalidPort),
+            ("http://a:/", UriError::InvalidPort),
+            ("http://a:8a/", UriError::InvalidPort),
+            ("http://a:+80/", UriError::InvalidPort),
+            ("http://a:000080/", UriError::InvalidPort),
+            ("http://a:1:2/", UriError::InvalidPort),
+            ("http://[::1]:0/", UriError::InvalidPort),
+        ];
+        for (s, want) in refused {
+            assert_eq!(AbsoluteUri::parse(s), Err(*want), "{s}");
+        }
+        assert_eq!(ProxyError::from(UriError::UserInfo).status(), 400);
+    }
+
+    fn rewrite_request(raw: &str, rewrite: RequestRewrite<'_>) -> Result<String, BuildError> {
+        let (head, _) = parse_request(raw.as_bytes(), 8192).unwrap().unwrap();
+        let uri = head.absolute_uri().unwrap();
+        let mut out = BytesMut::new();
+        rewrite.write(&head, &uri, &mut out)?;
+        Ok(String::from_utf8(out.to_vec()).unwrap())
+    }
+
+    const DIRECT: RequestRewrite<'static> = RequestRewrite {
+        form: TargetForm::Origin,
+        keep_alive: true,
+        proxy_authorization: None,
+    };
+
+    #[test]
+    fn rewrites_a_request_for_the_origin() {
+        let raw = "POST http://a.example:8080?q HTTP/1.0\r\nHost: evil.example\r\n\
+            Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nProxy-Connection: keep-alive\r\n\
+            Proxy-Authorization: Basic d29ya2VyOnB3\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+            Trailer: X-T\r\nUpgrade: h2c\r\nX-Pharox-Pool: latam\r\nx-pharox-session: s\r\n\
+            Content-Length: 5\r\nContent_Length: 99\r\ntransfer_encoding: chunked\r\n\
+            Accept: */*\r\nuser-agent: t\r\n\r\n";
+        let out = rewrite_request(raw, DIRECT).unwrap();
+        let want = "POST /?q HTTP/1.1\r\nHost: a.example:8080\r\nAccept: */*\r\nuser-agent: t\r\n\
+            Content-Length: 5\r\nConnection: keep-alive\r\n\r\n";
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn rewrites_a_request_for_an_upstream_proxy() {
+        let raw = "GET http://a/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let via = RequestRewrite {
+            form: TargetForm::Absolute,
+            keep_alive: false,
+            proxy_authorization: Some(b"Basic dXA6c2VjcmV0"),
+        };
+        let out = rewrite_request(raw, via).unwrap();
+        let want = "GET http://a/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\
+            Connection: close\r\nProxy-Authorization: Basic dXA6c2VjcmV0\r\n\r\n";
+        assert_eq!(out, want);
+        let (reparsed, _) = parse_request(out.as_bytes(), 8192).unwrap().unwrap();
+        assert_eq!(
+            (reparsed.framing(), reparsed.keep_alive()),
+            (BodyFraming::Chunked, false)
+        );
+        let bad = RequestRewrite {
+            proxy_authorization: Some(b"x\r\nX-Injected: 1"),
+            ..via
+        };
+        assert_eq!(rewrite_request(raw, bad), Err(BuildError::HeaderValue));
+    }
+
+    #[test]
+    fn keeps_an_upgrade() {
+        let raw = "GET http://a/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n\
+            Upgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n";
+        let want = "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\
+            Connection: upgrade\r\n\r\n";
+        assert_eq!(rewrite_request(raw, DIRECT).unwrap(), want);
+    }
+
+    fn rewrite_response(raw: &str, keep_alive: bool) -> String {
+        let (head, _) = parse_response(raw.as_bytes(), 8192, false)
+            .unwrap()
+            .unwrap();
+        let stamp: Headers<'_> = &[(b"X-Pharox-Proxy-Id", b"p1"), (b"X-Pharox-Lease-Id", b"l1")];
+        let mut out = BytesMut::new();
+        ResponseRewrite { keep_alive, stamp }
+            .write(&head, &mut out)
+            .unwrap();
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn rewrites_responses_for_the_client() {
+        let raw = "HTTP/1.0 200 Fine\r\nConnection: close, X-Hop, Content-Length\r\nX-Hop: 1\r\n\
+            Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nX-Pharox-Error: spoofed\r\n\
+            Content-Type: text/plain\r\nContent-Length: 2\r\n\r\n";
+        let want = "HTTP/1.1 200 Fine\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\
+            X-Pharox-Proxy-Id: p1\r\nX-Pharox-Lease-Id: l1\r\nConnection: keep-alive\r\n\r\n";
+        assert_eq!(rewrite_response(raw, true), want);
+        let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        let want = "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\
+            X-Pharox-Proxy-Id: p1\r\nX-Pharox-Lease-Id: l1\r\nConnection: close\r\n\r\n";
+        assert_eq!(rewrite_response(chunked, false), want);
+        let until_close = rewrite_response("HTTP/1.1 200 OK\r\n\r\n", true);
+        assert!(
+            until_close.ends_with("Connection: close\r\n\r\n"),
+            "{until_close}"
+        );
+        let switching =
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let want = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+            X-Pharox-Proxy-Id: p1\r\nX-Pharox-Lease-Id: l1\r\nConnection: upgrade\r\n\r\n";
+        assert_eq!(rewrite_response(switching, true), want);
+        let interim = rewrite_response("HTTP/1.1 100 Continue\r\n\r\n", true);
+        assert!(!interim.contains("Connection"), "{interim}");
+    }
+
+    /// Mostly `good`, sometimes arbitrary bytes.
+    fn mostly(good: &'static str) -> impl Strategy<Value = Vec<u8>> {
+        let good = good.prop_map(String::into_bytes);
+        prop_oneof![8 => good, 1 => proptest::collection::vec(any::<u8>(), 0..8)]
+    }
+
+    fn token() -> impl Strategy<Value = Vec<u8>> {
+        mostly("[!#$%&'*+.^_`|~0-9A-Za-z-]{1,10}")
+    }
+
+    /// Field values: clean, hostile (CR, LF, NUL, injected lines) or arbitrary.
+    fn value() -> impl Strategy<Value = Vec<u8>> {
+        let clean = "[ -~\t\u{e9}]{0,16}".prop_map(String::into_bytes);
+        let hostile = "[ -~\t\r\n\0]{0,16}".prop_map(String::into_bytes);
+        let injected = "[a-z]{0,4}\r\nX-Injected: [a-z]{1,4}".prop_map(String::into_bytes);
+        prop_oneof![
+            6 => clean,
+            1 => hostile,
+            1 => injected,
+            1 => proptest::collection::vec(any::<u8>(), 0..16),
+        ]
+    }
+
+    fn headers() -> impl Strategy<Value = Vec<(Vec<u8>, Vec<u8>)>> {
+        let not_framing = |(n, _): &(Vec<u8>, Vec<u8>)| {
+            !["host", "content-length", "transfer-encoding"]
+                .iter()
+                .any(|h| is(n, h))
+        };
+        proptest::collection::vec((token(), value()).prop_filter("framing", not_framing), 0..8)
+    }
+
+    /// CRLF only as line ends: one per line, and no CR, LF or NUL anywhere else.
+    fn lines_are_clean(out: &[u8], lines: usize) {
+        assert!(out.ends_with(b"\r\n\r\n"));
+        assert_eq!(out.windows(2).filter(|w| w == b"\r\n").count(), lines + 1);
+        let crs = out.iter().filter(|&&b| b == b'\r').count();
+        let lfs = out.iter().filter(|&&b| b == b'\n').count();
+        assert_eq!((crs, lfs), (lines + 1, lines + 1));
+        assert!(!out.contains(&0));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn built_requests_are_clean_and_parse_back(
+            method in token(),
+            target in mostly("[!-~]{1,24}"),
+            headers in headers(),
+        ) {
+            let mut out = BytesMut::new();
+            let pairs = headers.iter().map(|(n, v)| (&n[..], &v[..]));
+            if write_request_head(&mut out, &method, &target, pairs).is_err() {
+                prop_assert!(out.is_empty());
+                return Ok(());
+            }
+            lines_are_clean(&out, 1 + headers.len());
+            let (head, len) = parse_request(&out, out.len()).unwrap().unwrap();
+            prop_assert_eq!(len, out.len());
+            prop_assert_eq!(head.method().as_bytes(), &method[..]);
+            prop_assert_eq!(head.target().as_bytes(), &target[..]);
+            let want: Vec<_> = headers.iter().map(|(n, v)| (&n[..], trim_ows(v))).collect();
+            prop_assert_eq!(head.headers().collect::<Vec<_>>(), want);
+        }
+
+        #[test]
+        fn built_responses_are_clean_and_parse_back(
+            status in any::<u16>(),
+            reason in value(),
+            headers in headers(),
+        ) {
+            let mut out = BytesMut::new();
+            let pairs = headers.iter().map(|(n, v)| (&n[..], &v[..]));
+            if write_response_head(&mut out, status, &reason, pairs).is_err() {
+                prop_assert!(out.is_empty());
+                return Ok(());
+            }
+            lines_are_clean(&out, 1 + headers.len());
+            let (head, _) = parse_response(&out, out.len(), true).unwrap().unwrap();
+            prop_assert_eq!((head.code(), head.reason()), (status, trim_ows(&reason)));
+            let want: Vec<_> = headers.iter().map(|(n, v)| (&n[..], trim_ows(v))).collect();
+            prop_assert_eq!(head.headers().collect::<Vec<_>>(), want);
+        }
+    }
+}
