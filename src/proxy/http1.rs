@@ -5,12 +5,12 @@
 //!   [`parse_response`]), spans over the raw bytes instead of a copy per header.
 //! - `framing`: how long each body is ([`BodyFraming`]), refusing every ambiguous form that
 //!   request smuggling lives on.
-//! - `chunked`: [`ChunkedDecoder`], a validating chunked decoder that only measures, so the relay forwards
-//!   bodies byte for byte; [`copy_body`] moves one body between two streams.
-//! - `rewrite`: [`write_request_head`] / [`write_response_head`] never emit an
-//!   invalid head from their input; [`RequestRewrite`] and [`ResponseRewrite`] turn a client's
-//!   request into the upstream's and an upstream's response into the client's;
-//!   [`AbsoluteUri`] parses an absolute-form target strictly.
+//! - `chunked`: [`ChunkedDecoder`] validates a chunked body and only measures it, so the relay
+//!   forwards bodies byte for byte; [`copy_body`] moves one body between two streams.
+//! - `rewrite`: [`write_request_head`] and [`write_response_head`] never emit an invalid head
+//!   from their input; [`RequestRewrite`] and [`ResponseRewrite`] turn a client's request into
+//!   the upstream's and an upstream's response into the client's.
+//! - `uri`: [`AbsoluteUri`] parses an absolute-form target strictly.
 //!
 //! Everything refuses rather than guesses: a message two implementations could read two ways
 //! is an error. A client's error answers 400, 431 (head over the limit) or 501 (a transfer
@@ -22,6 +22,7 @@ mod chunked;
 mod framing;
 mod head;
 mod rewrite;
+mod uri;
 
 pub use chunked::{
     BodyError, ChunkFault, ChunkedDecoder, MAX_EXTENSIONS, MAX_TRAILERS, Progress, copy_body,
@@ -30,9 +31,10 @@ pub use head::{
     RequestHead, ResponseHead, parse_request, parse_response, take_request, take_response,
 };
 pub use rewrite::{
-    AbsoluteUri, BuildError, RequestRewrite, ResponseRewrite, Scheme, TargetForm, UriError,
-    write_request_head, write_response_head,
+    BuildError, RequestRewrite, ResponseRewrite, TargetForm, write_request_head,
+    write_response_head,
 };
+pub use uri::{AbsoluteUri, Scheme, UriError};
 
 use crate::error::ProxyError;
 

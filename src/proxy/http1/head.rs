@@ -5,7 +5,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::framing::{Facts, request_framing, response_framing};
-use super::rewrite::{AbsoluteUri, UriError};
+use super::uri::{AbsoluteUri, UriError};
 use super::{BodyFraming, FramingError, MAX_HEADERS, is, is_field_byte, is_token, is_vchar};
 
 /// Where a part of a head lies in its raw bytes.
