@@ -295,7 +295,7 @@ pub enum BodyError {
     /// The source ended before the body did.
     #[error("body truncated")]
     Truncated,
-    /// No read or write completed within the idle timeout.
+    /// A read or write call made no progress within the idle timeout.
     #[error("body idle")]
     Idle,
 }
@@ -303,7 +303,8 @@ pub enum BodyError {
 /// Copies one body framed by `framing` from `buffered` (bytes already read past the head) and
 /// then `src` to `dst`, unchanged (chunk lines and trailers included), and returns how many
 /// bytes it wrote. Bytes past the body stay in `buffered`, for the next message. No read or
-/// write may wait longer than `idle`.
+/// write call may wait longer than `idle`. On an error, what was already forwarded stays
+/// forwarded: neither connection can carry another message, close both.
 pub async fn copy_body<R, W>(
     src: &mut R,
     buffered: &mut BytesMut,
@@ -393,14 +394,19 @@ where
             .map_err(BodyError::Source)
     }
 
-    /// Writes the first `n` buffered bytes and drops them from the buffer.
+    /// Writes the first `n` buffered bytes and drops them from the buffer; each write call
+    /// must make progress within the idle time (a slow but steady sink is not idle).
     async fn send(&mut self, n: usize) -> Result<(), BodyError> {
-        if n == 0 {
-            return Ok(());
+        let mut sent = 0;
+        while sent < n {
+            let wrote = timed(self.idle, self.dst.write(&self.buffered[sent..n]))
+                .await?
+                .map_err(BodyError::Sink)?;
+            if wrote == 0 {
+                return Err(BodyError::Sink(io::ErrorKind::WriteZero.into()));
+            }
+            sent += wrote;
         }
-        timed(self.idle, self.dst.write_all(&self.buffered[..n]))
-            .await?
-            .map_err(BodyError::Sink)?;
         self.buffered.advance(n);
         self.copied += n as u64;
         Ok(())
@@ -799,6 +805,32 @@ mod tests {
         )
         .await;
         assert!(matches!(r, Err(BodyError::Idle)), "{r:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_but_steady_sink_is_not_idle() {
+        let (mut sink, mut client) = duplex(4);
+        let reader = async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4];
+            while got.len() < 20 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let n = client.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        };
+        let (mut buffered, mut src) = (BytesMut::from(&[7u8; 20][..]), Broken);
+        let idle = Some(Duration::from_secs(5));
+        let copy = copy_body(
+            &mut src,
+            &mut buffered,
+            &mut sink,
+            BodyFraming::Length(20),
+            idle,
+        );
+        let (copied, got) = tokio::join!(copy, reader);
+        assert_eq!((copied.unwrap(), got), (20, vec![7u8; 20]));
     }
 
     /// A source that fails.
