@@ -304,17 +304,15 @@ fn is_hop(name: &[u8], named: &[&[u8]]) -> bool {
 /// `Content-Length` or `Transfer-Encoding`, also spelt with `_` (which some servers read as
 /// `-`): never forwarded from a client, whose framing is re-stated.
 fn is_framing_alias(name: &[u8]) -> bool {
-    let canonical = |want: &str| {
-        name.len() == want.len()
-            && name.iter().zip(want.bytes()).all(|(&b, w)| {
-                (if b == b'_' {
-                    b'-'
-                } else {
-                    b.to_ascii_lowercase()
-                }) == w
-            })
+    let folded = |b: &u8| {
+        if *b == b'_' {
+            b'-'
+        } else {
+            b.to_ascii_lowercase()
+        }
     };
-    canonical("content-length") || canonical("transfer-encoding")
+    let spells = |want: &str| name.len() == want.len() && name.iter().map(folded).eq(want.bytes());
+    spells("content-length") || spells("transfer-encoding")
 }
 
 #[cfg(test)]
