@@ -24,9 +24,13 @@ pub enum ProxyError {
     /// A request that cannot be handled.
     #[error("bad request: {0}")]
     BadRequest(String),
-    /// A request head larger than `limits.max_head_bytes`.
-    #[error("request head larger than {0} bytes")]
-    HeadTooLarge(usize),
+    /// A request head over the size limit (431, code `bad_request`).
+    #[error("request head too large: {0}")]
+    HeadTooLarge(String),
+    /// A request framed with a transfer coding pharox does not implement (501, code
+    /// `bad_request`; still the client's fault).
+    #[error("not implemented: {0}")]
+    NotImplemented(String),
     /// A username that does not follow the grammar, or a bad parameter value.
     #[error("bad user name: {0}")]
     BadUsername(String),
@@ -87,6 +91,7 @@ impl ProxyError {
             ProxyError::AuthRequired | ProxyError::AuthFailed => 407,
             ProxyError::BadRequest(_) | ProxyError::BadUsername(_) => 400,
             ProxyError::HeadTooLarge(_) => 431,
+            ProxyError::NotImplemented(_) => 501,
             ProxyError::PoolForbidden(_)
             | ProxyError::UnknownPool(_)
             | ProxyError::DestinationDenied(_) => 403,
@@ -105,7 +110,9 @@ impl ProxyError {
         match self {
             ProxyError::AuthRequired => "auth_required",
             ProxyError::AuthFailed => "auth_failed",
-            ProxyError::BadRequest(_) | ProxyError::HeadTooLarge(_) => "bad_request",
+            ProxyError::BadRequest(_)
+            | ProxyError::HeadTooLarge(_)
+            | ProxyError::NotImplemented(_) => "bad_request",
             ProxyError::BadUsername(_) => "bad_username",
             ProxyError::PoolForbidden(_) => "pool_forbidden",
             ProxyError::UnknownPool(_) => "unknown_pool",
@@ -156,7 +163,7 @@ impl ProxyError {
 
     /// True when the fault is the client's (logged at debug), false for upstream trouble.
     pub fn is_client_fault(&self) -> bool {
-        self.status() < 500
+        self.status() < 500 || matches!(self, ProxyError::NotImplemented(_))
     }
 
     /// The short text body.
@@ -193,6 +200,7 @@ pub fn reason(status: u16) -> &'static str {
         410 => "Gone",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",

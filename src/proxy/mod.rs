@@ -8,6 +8,7 @@ pub mod forward;
 pub mod head;
 pub mod headers;
 pub mod held;
+pub mod http1;
 mod lease;
 pub mod session;
 pub mod socks;

@@ -1,0 +1,238 @@
+//! pharox's own HTTP/1 framing (RFC 9112), the core of the plain-HTTP relay: everything
+//! about where messages start and end on a connection, and nothing about leases or upstreams.
+//!
+//! - `head`: strict request and response head parsing ([`parse_request`], [`take_request`],
+//!   [`parse_response`]), spans over the raw bytes instead of a copy per header.
+//! - `framing`: how long each body is ([`BodyFraming`]), refusing every ambiguous form that
+//!   request smuggling lives on.
+//! - `chunked`: [`ChunkedDecoder`] validates a chunked body and only measures it, so the relay
+//!   forwards bodies byte for byte; [`copy_body`] moves one body between two streams.
+//! - `rewrite`: [`write_request_head`] and [`write_response_head`] never emit an invalid head
+//!   from their input; [`RequestRewrite`] and [`ResponseRewrite`] turn a client's request into
+//!   the upstream's and an upstream's response into the client's.
+//! - `uri`: [`AbsoluteUri`] parses an absolute-form target strictly.
+//!
+//! Everything refuses rather than guesses: a message two implementations could read two ways
+//! is an error. A client's error answers 400, 431 (head over the limit) or 501 (a transfer
+//! coding other than `chunked`), all with code `bad_request`, through
+//! `From<FramingError> for ProxyError`; the connection closes after it. An upstream's faulty
+//! response is the caller's 502.
+
+mod chunked;
+mod framing;
+mod head;
+mod rewrite;
+mod uri;
+
+pub use chunked::{
+    BodyError, ChunkFault, ChunkedDecoder, MAX_EXTENSIONS, MAX_TRAILERS, Progress, copy_body,
+};
+pub use head::{
+    RequestHead, ResponseHead, parse_request, parse_response, take_request, take_response,
+};
+pub use rewrite::{
+    BuildError, RequestRewrite, ResponseRewrite, TargetForm, write_request_head,
+    write_response_head,
+};
+pub use uri::{AbsoluteUri, Scheme, UriError};
+
+use crate::error::ProxyError;
+
+/// Most header lines accepted in one head.
+pub const MAX_HEADERS: usize = 128;
+
+/// Why a head or a body cannot be relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FramingError {
+    /// No complete head within the size limit (431).
+    #[error("head larger than {limit} bytes")]
+    HeadTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// A line of the head ends in LF without CR.
+    #[error("line ending without CR")]
+    BareLf,
+    /// A header line starts with whitespace (obsolete line folding).
+    #[error("obsolete line folding")]
+    ObsFold,
+    /// Whitespace between a header name and its colon.
+    #[error("whitespace before a header colon")]
+    SpaceBeforeColon,
+    /// A header name that is not a token, or a line without a colon.
+    #[error("invalid header name")]
+    InvalidHeaderName,
+    /// A control byte (NUL, CR, LF, ...) in a header value.
+    #[error("invalid byte in a header value")]
+    InvalidHeaderValue,
+    /// More than [`MAX_HEADERS`] header lines.
+    #[error("more than {MAX_HEADERS} header lines")]
+    TooManyHeaders,
+    /// A start line that is not three parts separated by single spaces.
+    #[error("malformed start line")]
+    InvalidStartLine,
+    /// A method that is not a token.
+    #[error("invalid method")]
+    InvalidMethod,
+    /// A request target that is empty or not visible ASCII.
+    #[error("invalid request target")]
+    InvalidTarget,
+    /// A version other than HTTP/1.0 and HTTP/1.1.
+    #[error("unsupported HTTP version")]
+    UnsupportedVersion,
+    /// A status code that is not three digits from 100.
+    #[error("invalid status code")]
+    InvalidStatus,
+    /// A control byte in the reason phrase.
+    #[error("invalid reason phrase")]
+    InvalidReason,
+    /// More than one `Host` header in a request.
+    #[error("more than one Host header")]
+    DuplicateHost,
+    /// `Content-Length` and `Transfer-Encoding` in one message.
+    #[error("Content-Length together with Transfer-Encoding")]
+    ContentLengthWithTransferEncoding,
+    /// More than one `Content-Length` header, even with equal values.
+    #[error("more than one Content-Length header")]
+    DuplicateContentLength,
+    /// A `Content-Length` that is a list (`5, 6`, even `5, 5`).
+    #[error("Content-Length is a list")]
+    ContentLengthList,
+    /// A `Content-Length` that is not a u64 in ASCII digits.
+    #[error("invalid Content-Length")]
+    InvalidContentLength,
+    /// More than one `Transfer-Encoding` header.
+    #[error("more than one Transfer-Encoding header")]
+    DuplicateTransferEncoding,
+    /// A `Transfer-Encoding` that is not a list of tokens, or names `chunked` twice.
+    #[error("malformed Transfer-Encoding")]
+    InvalidTransferEncoding,
+    /// A request whose final transfer coding is not `chunked`.
+    #[error("Transfer-Encoding does not end in chunked")]
+    NotChunked,
+    /// A request with transfer codings besides `chunked` (501).
+    #[error("transfer coding other than chunked")]
+    UnsupportedTransferCoding,
+    /// `Transfer-Encoding` in an HTTP/1.0 message.
+    #[error("Transfer-Encoding in an HTTP/1.0 message")]
+    TransferEncodingHttp10,
+    /// A chunked body that breaks the grammar at byte `offset` of the body.
+    #[error("malformed chunked body at byte {offset}: {fault}")]
+    Chunked {
+        /// Position of the offending byte, counted from the first byte of the body.
+        offset: u64,
+        /// What is wrong there.
+        fault: ChunkFault,
+    },
+}
+
+impl FramingError {
+    /// The status answered to a client whose request this is: 431 for a head over the limit,
+    /// 501 for a transfer coding other than `chunked`, 400 for everything else.
+    pub fn status(&self) -> u16 {
+        match self {
+            FramingError::HeadTooLarge { .. } => 431,
+            FramingError::UnsupportedTransferCoding => 501,
+            _ => 400,
+        }
+    }
+}
+
+impl From<FramingError> for ProxyError {
+    fn from(e: FramingError) -> Self {
+        match e {
+            FramingError::HeadTooLarge { .. } => ProxyError::HeadTooLarge(e.to_string()),
+            FramingError::UnsupportedTransferCoding => ProxyError::NotImplemented(e.to_string()),
+            _ => ProxyError::BadRequest(e.to_string()),
+        }
+    }
+}
+
+/// How a message body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// No body.
+    None,
+    /// Exactly this many bytes (`Content-Length`).
+    Length(u64),
+    /// `Transfer-Encoding` ending in `chunked`.
+    Chunked,
+    /// Until the sender closes (responses only).
+    UntilClose,
+}
+
+/// A name equal to `lower` (given in lower case), ignoring ASCII case.
+fn is(name: &[u8], lower: &str) -> bool {
+    name.eq_ignore_ascii_case(lower.as_bytes())
+}
+
+/// The non-empty elements of a comma-separated value, whitespace trimmed.
+fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(trim_ows)
+        .filter(|t| !t.is_empty())
+}
+
+/// `value` without leading and trailing SP / HTAB.
+fn trim_ows(mut value: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = value {
+        value = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = value {
+        value = rest;
+    }
+    value
+}
+
+/// `tchar` (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A non-empty run of `tchar`.
+fn is_token(s: &[u8]) -> bool {
+    !s.is_empty() && s.iter().all(|&b| is_tchar(b))
+}
+
+/// Visible ASCII.
+fn is_vchar(b: u8) -> bool {
+    (b'!'..=b'~').contains(&b)
+}
+
+/// A byte of field content: HTAB, SP, visible ASCII or obs-text (no other control, no DEL).
+fn is_field_byte(b: u8) -> bool {
+    b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_proxy_errors() {
+        let cases = [
+            (FramingError::HeadTooLarge { limit: 1 }, 431),
+            (FramingError::UnsupportedTransferCoding, 501),
+            (FramingError::ContentLengthWithTransferEncoding, 400),
+            (FramingError::BareLf, 400),
+        ];
+        for (e, status) in cases {
+            assert_eq!(e.status(), status);
+            let p = ProxyError::from(e);
+            let seen = (p.status(), p.code(), p.is_client_fault());
+            assert_eq!(seen, (status, "bad_request", true), "{e}");
+            assert!(p.to_http().starts_with(&format!("HTTP/1.1 {status} ")));
+        }
+    }
+
+    #[test]
+    fn value_helpers() {
+        assert_eq!(trim_ows(b" \t a b\t "), b"a b");
+        assert_eq!(trim_ows(b" \t "), b"");
+        let tokens: Vec<&[u8]> = list(b" close ,, Keep-Alive,\tx ").collect();
+        assert_eq!(tokens, [&b"close"[..], b"Keep-Alive", b"x"]);
+        assert!(is_token(b"X-a_b.~!") && !is_token(b"") && !is_token(b"a b"));
+        assert!(is_field_byte(b'\t') && is_field_byte(0x80) && !is_field_byte(0x7f));
+    }
+}

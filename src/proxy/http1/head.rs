@@ -1,0 +1,755 @@
+//! Request and response heads: where a head ends in the read buffer, the shape of every line
+//! (CRLF only, no obs-fold, no whitespace before a colon), the start line's parts, and the
+//! header lines (httparse tokenises), kept as spans of the raw bytes.
+
+use bytes::{Bytes, BytesMut};
+
+use super::framing::{Facts, request_framing, response_framing};
+use super::uri::{AbsoluteUri, UriError};
+use super::{BodyFraming, FramingError, MAX_HEADERS, is, is_field_byte, is_token, is_vchar};
+
+/// Where a part of a head lies in its raw bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+impl Span {
+    fn of(self, raw: &[u8]) -> &[u8] {
+        &raw[self.start..self.end]
+    }
+
+    /// Where `part`, a slice of `base`, lies in it.
+    fn within(base: &[u8], part: &[u8]) -> Option<Span> {
+        let start = (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;
+        let end = start + part.len();
+        (end <= base.len()).then_some(Span { start, end })
+    }
+}
+
+/// A parsed request head: its raw bytes, where each part lies in them (no copy per header),
+/// and what they mean for the connection.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    raw: Bytes,
+    headers: Vec<(Span, Span)>,
+    method: Span,
+    target: Span,
+    minor: u8,
+    framing: BodyFraming,
+    keep_alive: bool,
+    expect_continue: bool,
+    upgrade: Option<usize>,
+}
+
+impl RequestHead {
+    /// The raw head, request line to blank line (leading empty lines excluded).
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+
+    /// The method (a token).
+    pub fn method(&self) -> &str {
+        ascii(self.method.of(&self.raw))
+    }
+
+    /// The request target as sent (visible ASCII).
+    pub fn target(&self) -> &str {
+        ascii(self.target.of(&self.raw))
+    }
+
+    /// The minor version: 0 or 1.
+    pub fn version(&self) -> u8 {
+        self.minor
+    }
+
+    /// The header lines in order, names as sent, values without surrounding whitespace.
+    pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        fields(&self.raw, &self.headers)
+    }
+
+    /// The first value of a header (name matched case-insensitively).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        find(&self.raw, &self.headers, name)
+    }
+
+    /// How the body is delimited: never [`BodyFraming::UntilClose`].
+    pub fn framing(&self) -> BodyFraming {
+        self.framing
+    }
+
+    /// Whether the client wants the connection kept after this exchange (`Connection` and
+    /// `Proxy-Connection`; HTTP/1.1 keeps it unless `close`, HTTP/1.0 only on `keep-alive`).
+    pub fn keep_alive(&self) -> bool {
+        self.keep_alive
+    }
+
+    /// `Expect: 100-continue` on an HTTP/1.1 request.
+    pub fn expect_continue(&self) -> bool {
+        self.expect_continue
+    }
+
+    /// The `Upgrade` header's value when `Connection` lists `upgrade` (HTTP/1.1 only).
+    pub fn upgrade(&self) -> Option<&[u8]> {
+        self.upgrade.map(|i| self.headers[i].1.of(&self.raw))
+    }
+
+    /// The target parsed as an absolute URI.
+    pub fn absolute_uri(&self) -> Result<AbsoluteUri<'_>, UriError> {
+        AbsoluteUri::parse(self.target())
+    }
+}
+
+/// A parsed response head.
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    raw: Bytes,
+    headers: Vec<(Span, Span)>,
+    minor: u8,
+    code: u16,
+    reason: Span,
+    framing: BodyFraming,
+    keep_alive: bool,
+}
+
+impl ResponseHead {
+    /// The raw head, status line to blank line.
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+
+    /// The status code (100 to 999).
+    pub fn code(&self) -> u16 {
+        self.code
+    }
+
+    /// The reason phrase (possibly empty).
+    pub fn reason(&self) -> &[u8] {
+        self.reason.of(&self.raw)
+    }
+
+    /// The minor version: 0 or 1.
+    pub fn version(&self) -> u8 {
+        self.minor
+    }
+
+    /// The header lines in order, names as sent, values without surrounding whitespace.
+    pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        fields(&self.raw, &self.headers)
+    }
+
+    /// The first value of a header (name matched case-insensitively).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        find(&self.raw, &self.headers, name)
+    }
+
+    /// How the body is delimited.
+    pub fn framing(&self) -> BodyFraming {
+        self.framing
+    }
+
+    /// Whether another response can follow on this upstream connection.
+    pub fn keep_alive(&self) -> bool {
+        self.keep_alive
+    }
+
+    /// A 1xx other than 101: relay it and read the next head.
+    pub fn is_interim(&self) -> bool {
+        (100..200).contains(&self.code) && self.code != 101
+    }
+
+    /// 101: the connection now speaks another protocol.
+    pub fn is_switching_protocols(&self) -> bool {
+        self.code == 101
+    }
+}
+
+/// Parses a request head at the start of `buf`: `Ok(None)` while it is incomplete and shorter
+/// than `max_head`; else the head and its length in `buf` (body bytes follow).
+pub fn parse_request(
+    buf: &[u8],
+    max_head: usize,
+) -> Result<Option<(RequestHead, usize)>, FramingError> {
+    let Some((start, end)) = locate_head(buf, max_head)? else {
+        return Ok(None);
+    };
+    let mut head = request_layout(&buf[start..end])?;
+    head.raw = Bytes::copy_from_slice(&buf[start..end]);
+    Ok(Some((head, end)))
+}
+
+/// Like [`parse_request`], but takes the head out of `buf` without copying it (on an error
+/// `buf` is left as it was).
+pub fn take_request(
+    buf: &mut BytesMut,
+    max_head: usize,
+) -> Result<Option<RequestHead>, FramingError> {
+    let Some((start, end)) = locate_head(buf, max_head)? else {
+        return Ok(None);
+    };
+    let mut head = request_layout(&buf[start..end])?;
+    head.raw = buf.split_to(end).freeze().slice(start..);
+    Ok(Some(head))
+}
+
+/// Parses a response head at the start of `buf` (see [`parse_request`]); `head_request` says
+/// whether it answers a HEAD request (no body, whatever the headers say).
+pub fn parse_response(
+    buf: &[u8],
+    max_head: usize,
+    head_request: bool,
+) -> Result<Option<(ResponseHead, usize)>, FramingError> {
+    let Some((start, end)) = locate_head(buf, max_head)? else {
+        return Ok(None);
+    };
+    let mut head = response_layout(&buf[start..end], head_request)?;
+    head.raw = Bytes::copy_from_slice(&buf[start..end]);
+    Ok(Some((head, end)))
+}
+
+/// Like [`parse_response`], but takes the head out of `buf` without copying it.
+pub fn take_response(
+    buf: &mut BytesMut,
+    max_head: usize,
+    head_request: bool,
+) -> Result<Option<ResponseHead>, FramingError> {
+    let Some((start, end)) = locate_head(buf, max_head)? else {
+        return Ok(None);
+    };
+    let mut head = response_layout(&buf[start..end], head_request)?;
+    head.raw = buf.split_to(end).freeze().slice(start..);
+    Ok(Some(head))
+}
+
+/// Finds the head in `buf` (after any empty lines, RFC 9112 §2.2) and checks each line's
+/// shape: CRLF endings, no obs-fold, no whitespace before a colon, at most [`MAX_HEADERS`]
+/// header lines (counted as they come, so a head never holds more than that many LFs and a
+/// caller re-parsing after each read that brought an LF scans a bounded number of times).
+/// `(start, end)` of the head.
+fn locate_head(buf: &[u8], max: usize) -> Result<Option<(usize, usize)>, FramingError> {
+    let window = &buf[..buf.len().min(max)];
+    let mut start = 0;
+    while window[start..].starts_with(b"\r\n") {
+        start += 2;
+    }
+    let (mut line, mut fields) = (start, 0);
+    while let Some(lf) = window[line..].iter().position(|&b| b == b'\n') {
+        let lf = line + lf;
+        if lf == line || window[lf - 1] != b'\r' {
+            return Err(FramingError::BareLf);
+        }
+        let content = &window[line..lf - 1];
+        if content.is_empty() {
+            return Ok(Some((start, lf + 1)));
+        }
+        if line != start {
+            check_field_line(content)?;
+            fields += 1;
+            if fields > MAX_HEADERS {
+                return Err(FramingError::TooManyHeaders);
+            }
+        }
+        line = lf + 1;
+    }
+    if buf.len() >= max {
+        return Err(FramingError::HeadTooLarge { limit: max });
+    }
+    Ok(None)
+}
+
+fn check_field_line(line: &[u8]) -> Result<(), FramingError> {
+    if matches!(line[0], b' ' | b'\t') {
+        return Err(FramingError::ObsFold);
+    }
+    match line.iter().position(|&b| b == b':') {
+        Some(colon) if colon > 0 && matches!(line[colon - 1], b' ' | b'\t') => {
+            Err(FramingError::SpaceBeforeColon)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The first line of a located head, without its CRLF, and where the header lines start.
+fn start_line(head: &[u8]) -> (&[u8], usize) {
+    let lf = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
+    (&head[..lf.saturating_sub(1)], lf + 1)
+}
+
+fn request_layout(head: &[u8]) -> Result<RequestHead, FramingError> {
+    let (line, fields_at) = start_line(head);
+    let (method, target, minor) = request_line(line)?;
+    let headers = header_spans(head, fields_at)?;
+    let facts = Facts::of(fields(head, &headers), true);
+    if facts.hosts > 1 {
+        return Err(FramingError::DuplicateHost);
+    }
+    Ok(RequestHead {
+        framing: request_framing(&facts, minor)?,
+        keep_alive: !facts.close && (minor == 1 || facts.keep_alive),
+        expect_continue: minor == 1 && facts.expect_continue,
+        upgrade: facts.upgrade.filter(|_| minor == 1 && facts.upgrade_token),
+        raw: Bytes::new(),
+        headers,
+        method,
+        target,
+        minor,
+    })
+}
+
+fn response_layout(head: &[u8], head_request: bool) -> Result<ResponseHead, FramingError> {
+    let (line, fields_at) = start_line(head);
+    let (minor, code, reason) = status_line(line)?;
+    let headers = header_spans(head, fields_at)?;
+    let facts = Facts::of(fields(head, &headers), false);
+    let framing = response_framing(&facts, minor, code, head_request)?;
+    let reusable = framing != BodyFraming::UntilClose && code != 101;
+    Ok(ResponseHead {
+        keep_alive: reusable && !facts.close && (minor == 1 || facts.keep_alive),
+        raw: Bytes::new(),
+        headers,
+        minor,
+        code,
+        reason,
+        framing,
+    })
+}
+
+/// `method SP target SP version`: each part checked, single spaces only.
+fn request_line(line: &[u8]) -> Result<(Span, Span, u8), FramingError> {
+    let first = line.iter().position(|&b| b == b' ');
+    let last = line.iter().rposition(|&b| b == b' ');
+    let (Some(first), Some(last)) = (first, last.filter(|&l| Some(l) != first)) else {
+        return Err(FramingError::InvalidStartLine);
+    };
+    let (method, target) = (&line[..first], &line[first + 1..last]);
+    if !is_token(method) {
+        return Err(FramingError::InvalidMethod);
+    }
+    if target.is_empty() || !target.iter().all(|&b| is_vchar(b)) {
+        return Err(FramingError::InvalidTarget);
+    }
+    let minor = version(&line[last + 1..])?;
+    let span = |start, end| Span { start, end };
+    Ok((span(0, first), span(first + 1, last), minor))
+}
+
+/// `version SP 3DIGIT [SP reason]`.
+fn status_line(line: &[u8]) -> Result<(u8, u16, Span), FramingError> {
+    let minor = version(line.get(..8).unwrap_or(line))?;
+    let code = match line.get(8..12) {
+        Some([b' ', digits @ ..]) if digits.iter().all(u8::is_ascii_digit) => digits
+            .iter()
+            .fold(0u16, |n, d| n * 10 + u16::from(d - b'0')),
+        _ => return Err(FramingError::InvalidStatus),
+    };
+    if code < 100 {
+        return Err(FramingError::InvalidStatus);
+    }
+    let reason = match line.get(12) {
+        None => Span { start: 12, end: 12 },
+        Some(b' ') if line[13..].iter().all(|&b| is_field_byte(b)) => Span {
+            start: 13,
+            end: line.len(),
+        },
+        Some(b' ') => return Err(FramingError::InvalidReason),
+        Some(_) => return Err(FramingError::InvalidStatus),
+    };
+    Ok((minor, code, reason))
+}
+
+fn version(v: &[u8]) -> Result<u8, FramingError> {
+    match v {
+        b"HTTP/1.1" => Ok(1),
+        b"HTTP/1.0" => Ok(0),
+        _ => Err(FramingError::UnsupportedVersion),
+    }
+}
+
+/// The header lines of `head` from `from` (httparse tokenises; names are tokens, values
+/// field content), as spans of `head`.
+fn header_spans(head: &[u8], from: usize) -> Result<Vec<(Span, Span)>, FramingError> {
+    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let block = &head[from.min(head.len())..];
+    let headers = match httparse::parse_headers(block, &mut parsed) {
+        Ok(httparse::Status::Complete((len, headers))) if len == block.len() => headers,
+        Ok(_) | Err(httparse::Error::HeaderName) => return Err(FramingError::InvalidHeaderName),
+        Err(httparse::Error::TooManyHeaders) => return Err(FramingError::TooManyHeaders),
+        Err(_) => return Err(FramingError::InvalidHeaderValue),
+    };
+    headers
+        .iter()
+        .map(|h| {
+            let name = Span::within(head, h.name.as_bytes());
+            let value = Span::within(head, h.value);
+            name.zip(value).ok_or(FramingError::InvalidHeaderName)
+        })
+        .collect()
+}
+
+fn fields<'a>(
+    raw: &'a [u8],
+    headers: &'a [(Span, Span)],
+) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+    headers.iter().map(|(n, v)| (n.of(raw), v.of(raw)))
+}
+
+fn find<'a>(raw: &'a [u8], headers: &'a [(Span, Span)], name: &str) -> Option<&'a [u8]> {
+    fields(raw, headers)
+        .find(|(n, _)| is(n, name))
+        .map(|(_, v)| v)
+}
+
+/// Bytes checked to be ASCII by the parser, as text.
+fn ascii(b: &[u8]) -> &str {
+    std::str::from_utf8(b).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use FramingError::*;
+    use proptest::prelude::*;
+
+    const MAX: usize = 64 * 1024;
+
+    fn request(head: &[u8]) -> Result<RequestHead, FramingError> {
+        let (head, len) = parse_request(head, MAX)?.expect("complete");
+        assert_eq!(len, head.raw().len());
+        Ok(head)
+    }
+
+    fn response(head: &[u8]) -> Result<ResponseHead, FramingError> {
+        Ok(parse_response(head, MAX, false)?.expect("complete").0)
+    }
+
+    #[test]
+    fn refuses_malformed_request_heads() {
+        let cases: &[(FramingError, &[&[u8]])] = &[
+            (
+                BareLf,
+                &[
+                    b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+                    b"GET / HTTP/1.1\r\nHost: a\r\n\n",
+                    b"\nGET / HTTP/1.1\r\n\r\n",
+                ],
+            ),
+            (
+                ObsFold,
+                &[
+                    b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nX: a\r\n\tb\r\n\r\n",
+                    b"GET / HTTP/1.1\r\n Host: a\r\n\r\n",
+                ],
+            ),
+            (
+                SpaceBeforeColon,
+                &[
+                    b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nHost\t: a\r\n\r\n",
+                    b"POST / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
+                ],
+            ),
+            (
+                InvalidHeaderValue,
+                &[
+                    b"GET / HTTP/1.1\r\nX: a\0b\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nX: a\x7fb\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nX: \x0b\r\n\r\n",
+                ],
+            ),
+            (
+                InvalidHeaderName,
+                &[
+                    b"GET / HTTP/1.1\r\nX(y): a\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nno-colon\r\n\r\n",
+                    b"GET / HTTP/1.1\r\n: a\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nX\xff: a\r\n\r\n",
+                ],
+            ),
+            (
+                InvalidMethod,
+                &[
+                    b"G@T / HTTP/1.1\r\n\r\n",
+                    b" / HTTP/1.1\r\n\r\n",
+                    b"G\0T / HTTP/1.1\r\n\r\n",
+                ],
+            ),
+            (
+                InvalidTarget,
+                &[
+                    b"GET  / HTTP/1.1\r\n\r\n",
+                    b"GET /a b HTTP/1.1\r\n\r\n",
+                    b"GET /\x80 HTTP/1.1\r\n\r\n",
+                    b"GET /\tx HTTP/1.1\r\n\r\n",
+                    b"GET /\rx HTTP/1.1\r\n\r\n",
+                    b"GET / HTTP/1.1 \r\n\r\n",
+                ],
+            ),
+            (InvalidStartLine, &[b"GET /\r\n\r\n", b"GET\r\n\r\n"]),
+            (
+                UnsupportedVersion,
+                &[
+                    b"GET / HTTP/2.0\r\n\r\n",
+                    b"GET / HTTP/1.2\r\n\r\n",
+                    b"GET / http/1.1\r\n\r\n",
+                    b"GET / HTTP/0.9\r\n\r\n",
+                ],
+            ),
+            (
+                DuplicateHost,
+                &[b"GET http://a/ HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n"],
+            ),
+        ];
+        for (want, heads) in cases {
+            for head in *heads {
+                let got = parse_request(head, MAX).map(|_| ());
+                assert_eq!(got, Err(*want), "{:?}", String::from_utf8_lossy(head));
+            }
+        }
+    }
+
+    #[test]
+    fn parses_a_get_and_its_parts() {
+        let raw = b"GET http://example.com/a?b HTTP/1.1\r\nHost: example.com\r\nX-Empty:\r\n\
+            X-Sp: \r\nAccept: */*\r\nX-Obs: caf\xc3\xa9\r\n\r\n";
+        let head = request(raw).unwrap();
+        assert_eq!(head.method(), "GET");
+        assert_eq!(head.target(), "http://example.com/a?b");
+        assert_eq!(head.version(), 1);
+        assert_eq!(head.raw().as_ref(), raw);
+        let headers: Vec<_> = head.headers().collect();
+        let want: [(&[u8], &[u8]); 5] = [
+            (b"Host", b"example.com"),
+            (b"X-Empty", b""),
+            (b"X-Sp", b""),
+            (b"Accept", b"*/*"),
+            (b"X-Obs", b"caf\xc3\xa9"),
+        ];
+        assert_eq!(headers, want);
+        assert_eq!(head.header("accept"), Some(&b"*/*"[..]));
+        assert_eq!(head.header("ACCEPT"), Some(&b"*/*"[..]));
+        assert_eq!(head.header("missing"), None);
+        assert_eq!(head.framing(), BodyFraming::None);
+        assert!(head.keep_alive() && !head.expect_continue() && head.upgrade().is_none());
+        assert_eq!(head.absolute_uri().unwrap().host, "example.com");
+    }
+
+    #[test]
+    fn connection_options() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("1.1", "", true),
+            ("1.1", "Connection: close\r\n", false),
+            ("1.1", "Connection: keep-alive, Close\r\n", false),
+            ("1.1", "Proxy-Connection: close\r\n", false),
+            ("1.0", "", false),
+            ("1.0", "Connection: keep-alive\r\n", true),
+            ("1.0", "Connection: foo, Keep-Alive\r\n", true),
+            ("1.0", "Proxy-Connection: keep-alive\r\n", true),
+            (
+                "1.0",
+                "Connection: keep-alive\r\nProxy-Connection: close\r\n",
+                false,
+            ),
+        ];
+        for (v, lines, want) in cases {
+            let head = request(format!("GET / HTTP/{v}\r\n{lines}\r\n").as_bytes()).unwrap();
+            assert_eq!(head.keep_alive(), *want, "{v} {lines:?}");
+        }
+    }
+
+    #[test]
+    fn expect_and_upgrade() {
+        let get = |v: &str, lines: &str| {
+            request(format!("GET / HTTP/{v}\r\n{lines}\r\n").as_bytes()).unwrap()
+        };
+        assert!(get("1.1", "Expect: 100-Continue\r\n").expect_continue());
+        assert!(!get("1.0", "Expect: 100-continue\r\n").expect_continue());
+        assert!(!get("1.1", "Expect: 100-continue-x\r\n").expect_continue());
+        let ws = "Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n";
+        assert_eq!(get("1.1", ws).upgrade(), Some(&b"websocket"[..]));
+        assert_eq!(get("1.0", ws).upgrade(), None);
+        assert_eq!(get("1.1", "Upgrade: websocket\r\n").upgrade(), None);
+        assert_eq!(get("1.1", "Connection: upgrade\r\n").upgrade(), None);
+    }
+
+    #[test]
+    fn leaves_the_body_and_pipelined_requests_in_the_buffer() {
+        let buf = b"\r\nPOST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
+            GET /next HTTP/1.1\r\n\r\nGET";
+        let (first, len) = parse_request(buf, MAX).unwrap().unwrap();
+        assert_eq!(first.framing(), BodyFraming::Length(5));
+        assert!(
+            first.raw().starts_with(b"POST"),
+            "leading empty lines skipped"
+        );
+        assert_eq!(&buf[len..len + 5], b"hello");
+        let (second, len2) = parse_request(&buf[len + 5..], MAX).unwrap().unwrap();
+        assert_eq!(second.target(), "/next");
+        let third = parse_request(&buf[len + 5 + len2..], MAX).unwrap();
+        assert!(third.is_none());
+
+        let mut bytes = BytesMut::from(&buf[..]);
+        let head = take_request(&mut bytes, MAX).unwrap().unwrap();
+        assert_eq!(head.raw(), first.raw());
+        assert!(bytes.starts_with(b"helloGET /next"));
+        let refused = &b"GET / HTTP/1.1\r\nX : y\r\n\r\nrest"[..];
+        let mut bad = BytesMut::from(refused);
+        assert_eq!(
+            take_request(&mut bad, MAX).map(|_| ()),
+            Err(SpaceBeforeColon)
+        );
+        assert_eq!(bad, refused, "an error leaves the buffer alone");
+        let mut resp = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..]);
+        let head = take_response(&mut resp, MAX, false).unwrap().unwrap();
+        assert_eq!(
+            (head.framing(), &resp[..]),
+            (BodyFraming::Length(2), &b"ok"[..])
+        );
+    }
+
+    #[test]
+    fn size_limit_and_incomplete_heads() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        for cut in 0..head.len() {
+            assert_eq!(
+                parse_request(&head[..cut], MAX).map(|r| r.is_none()),
+                Ok(true)
+            );
+        }
+        assert!(parse_request(head, head.len()).unwrap().is_some());
+        let limit = head.len() - 1;
+        assert_eq!(
+            parse_request(head, limit).map(|_| ()),
+            Err(HeadTooLarge { limit })
+        );
+        assert_eq!(
+            parse_request(b"", 0).map(|_| ()),
+            Err(HeadTooLarge { limit: 0 })
+        );
+        let long = [b'a'; 100];
+        assert_eq!(
+            parse_request(&long, 100).map(|_| ()),
+            Err(HeadTooLarge { limit: 100 })
+        );
+        assert_eq!(
+            parse_request(&long[..99], 100).map(|r| r.is_none()),
+            Ok(true)
+        );
+        let many = |n: usize| {
+            let lines: String = (0..n).map(|i| format!("X-{i}: v\r\n")).collect();
+            parse_request(format!("GET / HTTP/1.1\r\n{lines}\r\n").as_bytes(), MAX).map(|_| ())
+        };
+        assert_eq!(many(MAX_HEADERS), Ok(()));
+        assert_eq!(many(MAX_HEADERS + 1), Err(TooManyHeaders));
+        let lines = "X: v\r\n".repeat(MAX_HEADERS + 1);
+        let unfinished = format!("GET / HTTP/1.1\r\n{lines}");
+        let early = parse_request(unfinished.as_bytes(), MAX).map(|_| ());
+        assert_eq!(
+            early,
+            Err(TooManyHeaders),
+            "refused before the head is complete"
+        );
+    }
+
+    #[test]
+    fn status_lines() {
+        let r = response(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n").unwrap();
+        assert_eq!(
+            (r.code(), r.reason(), r.version()),
+            (404, &b"Not Found"[..], 1)
+        );
+        assert_eq!(r.header("content-length"), Some(&b"0"[..]));
+        assert_eq!(response(b"HTTP/1.1 200\r\n\r\n").unwrap().reason(), b"");
+        assert_eq!(response(b"HTTP/1.1 200 \r\n\r\n").unwrap().reason(), b"");
+        assert_eq!(
+            response(b"HTTP/1.0 200 \xe9\r\n\r\n").unwrap().reason(),
+            b"\xe9"
+        );
+        let r = response(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
+        assert!(r.is_interim() && !r.is_switching_protocols());
+        let r = response(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").unwrap();
+        assert!(!r.is_interim() && r.is_switching_protocols() && !r.keep_alive());
+        let cases: &[(FramingError, &[&[u8]])] = &[
+            (
+                InvalidStatus,
+                &[
+                    b"HTTP/1.1 20 OK",
+                    b"HTTP/1.1 099 Low",
+                    b"HTTP/1.1 2000 OK",
+                    b"HTTP/1.1  200 OK",
+                    b"HTTP/1.1 2x0 OK",
+                    b"HTTP/1.1",
+                ],
+            ),
+            (
+                InvalidReason,
+                &[b"HTTP/1.1 200 O\x01K", b"HTTP/1.1 200 O\x7fK"],
+            ),
+            (
+                UnsupportedVersion,
+                &[b"HTTP/2 200 OK", b"HTTP/1.2 200 OK", b"ICY 200 OK"],
+            ),
+            (ObsFold, &[b"HTTP/1.1 200 OK\r\nX: a\r\n b"]),
+            (BareLf, &[b"HTTP/1.1 200 OK\nX: a"]),
+        ];
+        for (want, lines) in cases {
+            for line in *lines {
+                let head = [line, &b"\r\n\r\n"[..]].concat();
+                let got = response(&head).map(|_| ());
+                assert_eq!(got, Err(*want), "{:?}", String::from_utf8_lossy(line));
+            }
+        }
+    }
+
+    /// A valid head with a few random bytes overwritten.
+    fn mangled_head() -> impl Strategy<Value = Vec<u8>> {
+        let base = b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\
+            Content-Length: 5\r\nConnection: keep-alive, Upgrade\r\n\r\n"
+            .to_vec();
+        let edits = proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8);
+        edits.prop_map(move |edits| {
+            let mut head = base.clone();
+            for (at, b) in edits {
+                let i = at.index(head.len());
+                head[i] = b;
+            }
+            head
+        })
+    }
+
+    fn never_panics(buf: &[u8], max: usize) {
+        match parse_request(buf, max) {
+            Ok(Some((head, len))) => {
+                assert!(len <= buf.len() && len <= max);
+                assert!(buf[..len].ends_with(head.raw()));
+                let _ = (head.method(), head.target(), head.headers().count());
+                let _ = (head.upgrade(), head.absolute_uri());
+            }
+            Ok(None) => assert!(buf.len() < max),
+            Err(_) => {}
+        }
+        for head_request in [false, true] {
+            if let Ok(Some((head, len))) = parse_response(buf, max, head_request) {
+                assert!(len <= buf.len() && len <= max && head.code() >= 100);
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            buf in proptest::collection::vec(any::<u8>(), 0..600),
+            max in prop_oneof![0usize..700, any::<usize>()],
+        ) {
+            never_panics(&buf, max);
+        }
+
+        #[test]
+        fn mangled_heads_never_panic(buf in mangled_head(), max in 0usize..200) {
+            never_panics(&buf, max);
+        }
+    }
+}
