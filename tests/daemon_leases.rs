@@ -137,7 +137,8 @@ async fn keep_alive_requests_share_one_lease() {
 }
 
 /// Every request of a keep-alive connection is authenticated: a wrong password after good
-/// requests is refused (and the lease kept for the connection), the right one works again.
+/// requests is refused (and, like every error answer, closes the connection); the right one
+/// works again on the next connection.
 #[tokio::test]
 async fn keep_alive_requests_are_each_authenticated() {
     let origin = Origin::start().await;
@@ -149,6 +150,11 @@ async fn keep_alive_requests_are_each_authenticated() {
     let (head, _) = get_keep_alive(&mut c, &target, "/b", &basic("w", "wrong")).await;
     assert_eq!(status(&head), 407, "{head}");
     assert_eq!(header(&head, "x-pharox-error"), Some("auth_failed"));
+    assert_eq!(header(&head, "connection"), Some("close"));
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "closed after the answer");
+    let mut c = TcpStream::connect(d.addr).await.unwrap();
     let (head, body) = get_keep_alive(&mut c, &target, "/c", &auth()).await;
     assert_eq!(status(&head), 200, "{head}");
     assert_eq!(body, "origin:/c");
@@ -292,7 +298,8 @@ async fn an_oversized_head_is_refused() {
     );
     let _ = c.write_all(big.as_bytes()).await;
     let head = read_head(&mut c).await;
-    assert_eq!(status(&head), 400, "{head}");
+    assert_eq!(status(&head), 431, "{head}");
+    assert_eq!(header(&head, "x-pharox-error"), Some("bad_request"));
     d.stop().await;
 }
 

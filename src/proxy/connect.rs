@@ -8,19 +8,27 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{Span, debug};
 
-use super::head::Head;
+use bytes::BytesMut;
+
+use super::http1::RequestHead;
 use super::splice::Transferred;
 use super::target::Target;
 use super::tunnel::{self, Open, Reply};
 use super::{DialMode, ProxyState, Runtime, finish, record_identity, reply_error};
 
 /// Handles a CONNECT whose head has been read.
-pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream, head: Head) {
+pub async fn handle(
+    state: &Arc<ProxyState>,
+    rt: &Runtime,
+    mut client: TcpStream,
+    head: RequestHead,
+    rest: BytesMut,
+) {
     let started = Instant::now();
     Span::current().record("kind", "connect");
     let prepared = async {
         let target = Target::parse_authority(head.target())?;
-        let id = head.identify(&rt.auth)?;
+        let id = super::identify(&rt.auth, &head)?;
         record_identity(&id, &target, None);
         let (lease, upstream, early) = state
             .lease_and_dial(rt, &id, &target, DialMode::Tunnel, &[])
@@ -51,7 +59,7 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
     };
     let open = Open {
         client,
-        client_early: head.rest,
+        client_early: rest.freeze(),
         lease,
         upstream,
         upstream_early,

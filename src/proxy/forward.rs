@@ -1,625 +1,830 @@
-//! Plain HTTP (absolute-form requests) with keep-alive, served by hyper. The connection leases
-//! one upstream at its first request and keeps it for every request after (a request with a
-//! different identity swaps the lease); the lease is released when the connection ends. A
-//! CONNECT later on the same connection becomes a tunnel with a lease of its own.
+//! Plain HTTP (absolute-form requests, `GET http://host/path`) with keep-alive, relayed by
+//! pharox's own HTTP/1 code ([`http1`](super::http1)): heads are parsed strictly and rebuilt
+//! from their validated parts, bodies pass through byte for byte by their framing.
+//!
+//! A connection leases one upstream at its first request and keeps it for every request after
+//! (a request with another identity swaps the lease); the lease is released when the
+//! connection ends. Per request:
+//!
+//! - the head is read within `limits.max_head_bytes` and `limits.head_timeout_ms` (the wait
+//!   for the first byte of a later request is the idle timeout), its identity checked, and
+//!   the head rewritten for the upstream (absolute form with the upstream's credentials for
+//!   an HTTP proxy, origin form for `direct` and SOCKS5; `Host` from the URI; hop-by-hop,
+//!   `Proxy-Authorization` and `X-Pharox-*` removed);
+//! - the request body goes to the upstream (after a `100 Continue`, or after a second without
+//!   an answer, for `Expect: 100-continue`), then the response head is awaited for at most
+//!   `limits.response_timeout_ms` (504 `upstream_timeout`), interim responses are relayed, and
+//!   the response goes to the client stamped with `X-Pharox-Proxy-Id` / `X-Pharox-Lease-Id`;
+//!   a body that stalls for the idle timeout is cut (with a reset, so it never looks
+//!   complete);
+//! - a request that reached no upstream's answer is sent again once on a fresh connection, if
+//!   it has no body: on the same upstream when its kept-alive connection had closed, on
+//!   another when the upstream failed (it refused, closed a new connection, timed out, or
+//!   answered 407: our credentials for it are wrong), counting the failure against it;
+//! - every error is answered with its code (SPEC §4) and closes the connection.
+//!
+//! A `101 Switching Protocols` turns the connection into a tunnel through the same lease; a
+//! CONNECT on the connection becomes a tunnel with a lease of its own.
 
-use std::convert::Infallible;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HOST, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHORIZATION};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, Uri};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Mutex;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, Span, debug};
+use tracing::{Span, debug, warn};
 
-use super::head::{Head, Rewind};
-use super::headers::{strip_hop_by_hop, strip_identity};
+use super::connect::client_gone;
+use super::head::{HeadError, read_request};
 use super::held::LeaseUse;
-use super::splice::Transferred;
-use super::splice::splice;
+use super::http1::{
+    AbsoluteUri, BodyError, BodyFraming, ChunkedDecoder, RequestHead, RequestRewrite, ResponseHead,
+    ResponseRewrite, Scheme, TargetForm, copy_body, take_response,
+};
+use super::splice::{SpliceEnd, Transferred, splice_upstream};
 use super::target::{Host, Target};
-use super::tunnel::outcome;
-use super::upstream;
-use super::{DialMode, ProxyState, Runtime, finish, log_error, record_identity};
+use super::tunnel;
+use super::upstream::{DialError, UpstreamIo, basic_auth};
+use super::{DialMode, ProxyState, Runtime, finish, identify, log_error, record_identity};
 use crate::error::ProxyError;
 use crate::identity::Identity;
 use crate::model::{ProxyId, ProxyProtocol};
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// How long an `Expect: 100-continue` request waits for the upstream's answer before its
+/// body is sent anyway (as clients do).
+const EXPECT_WAIT: Duration = Duration::from_secs(1);
+/// Largest response head accepted from an upstream.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Sends of one request at most (the first and the resends).
+const MAX_SENDS: usize = 3;
 
-/// What one client connection holds between requests.
-#[derive(Default)]
-struct ConnLease {
-    /// The identity the lease was taken for: (consumer, pool, filter key).
-    key: Option<Arc<str>>,
-    held: Option<LeaseUse>,
-    /// The open upstream connection and the target it is bound to (`None`: an HTTP proxy,
-    /// which takes requests for any target).
-    sender: Option<(Option<Target>, SendRequest<Body>)>,
-    /// The pool of the lease, for metrics.
-    pool: Option<Arc<str>>,
-    /// The code of the last refused request, for metrics.
-    last_error: Option<&'static str>,
-    /// Headers every response of this lease carries (`X-Pharox-Proxy-Id`, ...).
-    stamp: Vec<(HeaderName, HeaderValue)>,
-    /// `Proxy-Authorization` for the leased upstream, if it is an HTTP proxy with credentials.
-    upstream_auth: Option<HeaderValue>,
-    /// The last identity that authenticated on this connection, and what it came from.
-    known: Option<Known>,
+/// Serves the rest of a connection whose first request head has been read (`buf`: what the
+/// client sent after it).
+pub async fn serve(
+    state: Arc<ProxyState>,
+    rt: Arc<Runtime>,
+    mut client: TcpStream,
+    head: RequestHead,
+    buf: BytesMut,
+) {
+    let started = Instant::now();
+    Span::current().record("kind", "http");
+    let mut relay = Relay {
+        state: &state,
+        rt: &rt,
+        client: &mut client,
+        cbuf: buf,
+        lease: None,
+        known: None,
+        bytes: Transferred::default(),
+    };
+    let end = relay.run(head).await;
+    let pool = relay
+        .lease
+        .as_ref()
+        .map(|l| l.lease.held().lease().pool_name.clone());
+    let bytes = relay.bytes;
+    let cbuf = std::mem::take(&mut relay.cbuf);
+    drop(relay);
+    match end {
+        End::Done(outcome) => finish(&state, "http", pool.as_deref(), outcome, bytes, started),
+        End::Connect(head) => {
+            finish(&state, "http", pool.as_deref(), "ok", bytes, started);
+            connect_after(&state, &rt, client, head, cbuf).await;
+        }
+    }
+}
+
+/// How a relayed connection ended.
+enum End {
+    /// Closed; the metric outcome.
+    Done(&'static str),
+    /// A CONNECT came: the connection becomes a tunnel.
+    Connect(RequestHead),
+}
+
+/// Why an exchange stopped the connection.
+enum Stop {
+    /// Answer the client with this error, then close.
+    Answer(ProxyError),
+    /// Close without a word (the client left, or a response was cut); the metric outcome.
+    Quiet(&'static str),
+}
+
+impl From<ProxyError> for Stop {
+    fn from(e: ProxyError) -> Self {
+        Stop::Answer(e)
+    }
+}
+
+/// Why one send of a request got no answer to relay.
+enum Failed {
+    /// Nothing reached the client and nothing of the request is lost: it may be sent again.
+    /// `fault`: the upstream is to blame (count it, try another).
+    Retry { error: ProxyError, fault: bool },
+    /// The connection cannot go on.
+    Stop(Stop),
+}
+
+/// The connection's lease and what comes with it.
+struct Leased {
+    /// The identity the lease was taken for.
+    key: Arc<str>,
+    lease: LeaseUse,
+    /// Headers every response of this lease carries.
+    stamp: Vec<(&'static str, String)>,
+    /// `Proxy-Authorization` for the upstream (an HTTP proxy with credentials).
+    auth: Option<String>,
+    upstream: Option<Upstream>,
+}
+
+impl Leased {
+    fn new(key: Arc<str>, lease: LeaseUse) -> Self {
+        let via_proxy = via_proxy(lease.proxy().protocol);
+        Self {
+            stamp: lease.stamp(),
+            auth: via_proxy.then(|| basic_auth(lease.proxy())).flatten(),
+            key,
+            lease,
+            upstream: None,
+        }
+    }
+}
+
+/// An open connection to the upstream (or, for `direct` and SOCKS5, to the target).
+struct Upstream {
+    io: UpstreamIo,
+    /// Bytes read from it past the last response.
+    buf: BytesMut,
+    /// The target it reaches (`None`: an HTTP proxy, which takes requests for any target).
+    bound: Option<Target>,
+    /// True once it carried a response (a kept-alive connection may close before the next).
+    used: bool,
 }
 
 /// An identity already authenticated on this connection: a request with the same
 /// `Proxy-Authorization` and `X-Pharox-*` headers has the same identity (the runtime is the
 /// connection's snapshot), so keep-alive requests skip decoding and the password check.
 struct Known {
-    auth: Option<HeaderValue>,
-    pharox: Vec<(HeaderName, HeaderValue)>,
+    auth: Option<Vec<u8>>,
+    pharox: Vec<(Vec<u8>, Vec<u8>)>,
     id: Identity,
     key: Arc<str>,
 }
 
-impl ConnLease {
-    /// Takes `held` for this connection: the response stamp and upstream credentials are
-    /// computed once per lease.
-    fn take(&mut self, held: LeaseUse, key: Arc<str>, pool: Arc<str>) {
-        self.stamp = stamp(&held);
-        self.upstream_auth = upstream::basic_auth(held.proxy()).and_then(|a| {
-            let mut v = HeaderValue::from_str(&a).ok()?;
-            v.set_sensitive(true);
-            Some(v)
-        });
-        self.held = Some(held);
-        self.key = Some(key);
-        self.pool = Some(pool);
-    }
-
-    /// Gives the lease (and the upstream connection) back, keeping the known identity.
-    fn clear(&mut self) {
-        let known = self.known.take();
-        *self = ConnLease::default();
-        self.known = known;
+impl Known {
+    fn matches(&self, head: &RequestHead) -> bool {
+        self.auth.as_deref() == head.header("proxy-authorization")
+            && self
+                .pharox
+                .iter()
+                .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                .eq(pharox_headers(head))
     }
 }
 
 /// The `X-Pharox-*` headers of a request, in order.
-fn pharox_headers(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
-    headers
-        .iter()
-        .filter(|(k, _)| k.as_str().starts_with("x-pharox-"))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+fn pharox_headers(head: &RequestHead) -> impl Iterator<Item = (&[u8], &[u8])> {
+    head.headers()
+        .filter(|(k, _)| k.len() > 9 && k[..9].eq_ignore_ascii_case(b"x-pharox-"))
 }
 
-/// Counts the bytes a client connection reads and writes.
-struct Metered<T> {
-    inner: T,
-    read: Arc<AtomicU64>,
-    written: Arc<AtomicU64>,
+/// One client connection being relayed.
+struct Relay<'a> {
+    state: &'a Arc<ProxyState>,
+    rt: &'a Runtime,
+    client: &'a mut TcpStream,
+    /// Bytes read from the client past the current head.
+    cbuf: BytesMut,
+    lease: Option<Leased>,
+    known: Option<Known>,
+    /// tx: bytes from the client; rx: bytes to it.
+    bytes: Transferred,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read
-            .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            self.written.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// Serves the rest of a connection whose first head has been read.
-pub async fn serve(state: Arc<ProxyState>, rt: Arc<Runtime>, stream: TcpStream, head: Head) {
-    let started = Instant::now();
-    Span::current().record("kind", "http");
-    let mut prefix = head.raw.to_vec();
-    prefix.extend_from_slice(&head.rest);
-    let (read, written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let metered = Metered {
-        inner: Rewind::new(Bytes::from(prefix), stream),
-        read: read.clone(),
-        written: written.clone(),
-    };
-    let conn_lease = Arc::new(Mutex::new(ConnLease::default()));
-    // Cancelled at hard shutdown, or when an operator closes this connection's lease.
-    let cancel = CancellationToken::new();
-    let service = service_fn({
-        let (state, rt, conn_lease, cancel) = (
-            state.clone(),
-            rt.clone(),
-            conn_lease.clone(),
-            cancel.clone(),
-        );
-        move |req| {
-            let (state, rt, conn_lease, cancel) = (
-                state.clone(),
-                rt.clone(),
-                conn_lease.clone(),
-                cancel.clone(),
-            );
-            async move { Ok::<_, Infallible>(handle(state, rt, conn_lease, cancel, req).await) }
-        }
-    });
-    let limits = rt.limits();
-    // The hyper connection owns the in-flight request's future, which holds `conn_lease`:
-    // it must be dropped (here, at the end of this block) before the lease is looked at, or a
-    // client leaving mid-request would leave this task waiting on its own lock.
-    let mut outcome = {
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.head_timeout())
-            .max_buf_size(limits.max_head_bytes.max(8192))
-            .preserve_header_case(true)
-            .title_case_headers(true)
-            .serve_connection(TokioIo::new(metered), service)
-            .with_upgrades();
-        tokio::pin!(conn);
-        let mut draining = false;
+impl Relay<'_> {
+    async fn run(&mut self, first: RequestHead) -> End {
+        let mut head = first;
         loop {
-            tokio::select! {
-                biased;
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        debug!(error = %e, "client connection ended with an error");
-                        break "error";
-                    }
-                    break "ok";
-                }
-                () = state.drain.cancelled(), if !draining => {
-                    // Finish the request in flight, then close.
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                () = cancel.cancelled() => break "closed_by_proxy",
+            if head.method() == "CONNECT" {
+                return End::Connect(head);
             }
-        }
-    };
-    let mut lease = conn_lease.lock().await;
-    let pool = lease.pool.clone();
-    if outcome == "ok" && pool.is_none() {
-        outcome = lease.last_error.unwrap_or("ok");
-    }
-    *lease = ConnLease::default();
-    drop(lease);
-    let bytes = Transferred {
-        tx: read.load(Ordering::Relaxed),
-        rx: written.load(Ordering::Relaxed),
-    };
-    cancel.cancel(); // ends the lease watcher, if one runs
-    finish(&state, "http", pool.as_deref(), outcome, bytes, started);
-}
-
-async fn handle(
-    state: Arc<ProxyState>,
-    rt: Arc<Runtime>,
-    conn: Arc<Mutex<ConnLease>>,
-    cancel: CancellationToken,
-    req: Request<Incoming>,
-) -> Response<Body> {
-    let result = if req.method() == Method::CONNECT {
-        tunnel(&state, &rt, req).await
-    } else {
-        forward(&state, &rt, &conn, cancel, req).await
-    };
-    result.unwrap_or_else(|e| {
-        if let Ok(mut c) = conn.try_lock() {
-            c.last_error = Some(e.code());
-        }
-        log_error(&e);
-        error_response(&e)
-    })
-}
-
-/// The request's identity: the connection's known one if the request carries the same
-/// credentials and identity headers, else authenticated afresh (and remembered).
-fn known_identity(
-    rt: &Runtime,
-    conn: &mut ConnLease,
-    req: &Request<Incoming>,
-) -> Result<(Identity, Arc<str>), ProxyError> {
-    let auth = req.headers().get(PROXY_AUTHORIZATION);
-    let pharox = pharox_headers(req.headers());
-    if let Some(k) = &conn.known
-        && k.auth.as_ref() == auth
-        && k.pharox == pharox
-    {
-        return Ok((k.id.clone(), k.key.clone()));
-    }
-    let id = identify(rt, req)?;
-    let key: Arc<str> = Arc::from(format!(
-        "{}\n{}\n{:?}\n{:?}",
-        id.consumer,
-        id.pool,
-        id.filter.as_ref().map(|f| f.index_key()),
-        id.session
-    ));
-    conn.known = Some(Known {
-        auth: auth.cloned(),
-        pharox,
-        id: id.clone(),
-        key: key.clone(),
-    });
-    Ok((id, key))
-}
-
-fn identify(rt: &Runtime, req: &Request<Incoming>) -> Result<Identity, ProxyError> {
-    let headers = req.headers();
-    let lookup = |name: &str| headers.get(name).map(HeaderValue::as_bytes);
-    rt.auth.identify(
-        headers.get(PROXY_AUTHORIZATION).map(HeaderValue::as_bytes),
-        &lookup,
-    )
-}
-
-/// CONNECT on a connection already served by hyper: lease and dial, answer 200, then splice
-/// the upgraded connection in a task that owns the lease.
-async fn tunnel(
-    state: &Arc<ProxyState>,
-    rt: &Runtime,
-    mut req: Request<Incoming>,
-) -> Result<Response<Body>, ProxyError> {
-    let started = Instant::now();
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let target = Target::parse_authority(&authority)?;
-    let id = identify(rt, &req)?;
-    let (held, mut upstream, early) = state
-        .lease_and_dial(rt, &id, &target, DialMode::Tunnel, &[])
-        .await?;
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let response = success(Response::new(empty()), &held);
-    let (state2, idle) = (state.clone(), rt.limits().idle_timeout());
-    let span = tracing::info_span!("tunnel", consumer = %id.consumer, pool = %id.pool, proxy = %held.proxy().id, target = %target.authority());
-    state.tracker.spawn(
-        async move {
-            let state = state2;
-            let spliced = async {
-                let mut client = TokioIo::new(on_upgrade.await.ok()?);
-                if !early.is_empty() {
-                    tokio::io::AsyncWriteExt::write_all(&mut client, &early)
-                        .await
-                        .ok()?;
-                }
-                Some(splice(&mut client, &mut upstream, idle, held.cancelled()).await)
+            self.bytes.tx += head.raw().len() as u64;
+            match self.exchange(&head).await {
+                Ok(true) => {}
+                Ok(false) => return End::Done("ok"),
+                Err(Stop::Quiet(outcome)) => return End::Done(outcome),
+                Err(Stop::Answer(e)) => return End::Done(self.answer(&e).await),
             }
-            .await;
-            drop(held);
-            let (how, bytes) = match spliced {
-                Some((end, bytes)) => (outcome(end), bytes),
-                None => ("client_closed", Transferred::default()),
+            head = match self.next_request().await {
+                Ok(Some(h)) => h,
+                Ok(None) => return End::Done("ok"),
+                Err(Stop::Quiet(outcome)) => return End::Done(outcome),
+                Err(Stop::Answer(e)) => return End::Done(self.answer(&e).await),
             };
-            finish(&state, "connect", Some(&id.pool), how, bytes, started);
         }
-        .instrument(span),
-    );
-    Ok(response)
-}
+    }
 
-async fn forward(
-    state: &Arc<ProxyState>,
-    rt: &Runtime,
-    conn: &Mutex<ConnLease>,
-    cancel: CancellationToken,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ProxyError> {
-    let uri = req.uri().clone();
-    if uri.scheme_str() != Some("http") {
-        return Err(ProxyError::BadRequest(
-            "only http:// URLs are forwarded; use CONNECT for https".into(),
+    /// Waits for the next request of a keep-alive connection; `None` when the client closes,
+    /// stays idle, or the daemon drains.
+    async fn next_request(&mut self) -> Result<Option<RequestHead>, Stop> {
+        let limits = self.rt.limits();
+        let cancel = self.lease.as_ref().map(|l| l.lease.cancelled().clone());
+        let lost = async {
+            match &cancel {
+                Some(c) => c.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let read = read_request(
+            &mut *self.client,
+            &mut self.cbuf,
+            limits.max_head_bytes,
+            limits.idle_timeout(),
+            limits.head_timeout(),
+        );
+        tokio::select! {
+            biased;
+            () = self.state.drain.cancelled() => Ok(None),
+            () = lost => Err(Stop::Quiet("closed_by_proxy")),
+            r = read => match r {
+                Ok(head) => Ok(head),
+                Err(HeadError::Closed | HeadError::Io(_)) => Ok(None),
+                Err(HeadError::Bad(e)) => Err(Stop::Answer(e)),
+            },
+        }
+    }
+
+    /// Writes an error answer (which closes the connection); returns its code.
+    async fn answer(&mut self, e: &ProxyError) -> &'static str {
+        log_error(e);
+        let text = e.to_http();
+        self.bytes.rx += text.len() as u64;
+        let _ = self.client.write_all(text.as_bytes()).await;
+        let _ = self.client.shutdown().await;
+        e.code()
+    }
+
+    /// The request's identity: the connection's known one if the request carries the same
+    /// credentials and identity headers, else authenticated afresh (and remembered).
+    fn identity(&mut self, head: &RequestHead) -> Result<(Identity, Arc<str>), ProxyError> {
+        if let Some(k) = &self.known
+            && k.matches(head)
+        {
+            return Ok((k.id.clone(), k.key.clone()));
+        }
+        let id = identify(&self.rt.auth, head)?;
+        let key: Arc<str> = Arc::from(format!(
+            "{}\n{}\n{:?}\n{:?}",
+            id.consumer,
+            id.pool,
+            id.filter.as_ref().map(|f| f.index_key()),
+            id.session
         ));
+        self.known = Some(Known {
+            auth: head.header("proxy-authorization").map(<[u8]>::to_vec),
+            pharox: pharox_headers(head)
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect(),
+            id: id.clone(),
+            key: key.clone(),
+        });
+        Ok((id, key))
     }
-    let host = uri
-        .host()
-        .ok_or_else(|| ProxyError::BadRequest("URL without a host".into()))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let target = Target::new(Host::parse(&host)?, uri.port_u16().unwrap_or(80))?;
-    let mut guard = conn.lock().await;
-    let conn = &mut *guard;
-    let (id, key) = known_identity(rt, conn, &req)?;
-    if conn.key.as_deref() != Some(&*key) {
-        conn.clear(); // releases a lease taken for another identity
+
+    /// One request and its response. True when the connection stays open for another.
+    async fn exchange(&mut self, head: &RequestHead) -> Result<bool, Stop> {
+        let uri = head.absolute_uri().map_err(ProxyError::from)?;
+        if uri.scheme == Scheme::Https {
+            return Err(Stop::Answer(ProxyError::BadRequest(
+                "only http:// URLs are forwarded; use CONNECT for https".into(),
+            )));
+        }
+        let target = Target::new(Host::parse(uri.host)?, uri.port)?;
+        let (id, key) = self.identity(head)?;
+        if self.lease.as_ref().is_some_and(|l| l.key != key) {
+            self.lease = None; // another identity: give the lease back
+        }
+        let resendable = head.framing() == BodyFraming::None;
+        let mut failed: Vec<ProxyId> = Vec::new();
+        for send in 1..=MAX_SENDS {
+            self.ensure_upstream(&id, &key, &target, &mut failed)
+                .await?;
+            let cancel = self.leased().lease.cancelled().clone();
+            let sent = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Err(Stop::Quiet("closed_by_proxy")),
+                r = self.send(head, &uri) => r,
+            };
+            match sent {
+                Ok(keep) => return Ok(keep),
+                Err(Failed::Stop(stop)) => return Err(stop),
+                Err(Failed::Retry { error, fault }) => {
+                    let leased = self.leased();
+                    leased.upstream = None;
+                    if fault {
+                        let proxy = leased.lease.proxy().id.clone();
+                        self.upstream_failed(&id, &proxy, &error).await;
+                        failed.push(proxy);
+                        self.lease = None;
+                    }
+                    if !resendable || send == MAX_SENDS {
+                        return Err(Stop::Answer(error));
+                    }
+                }
+            }
+        }
+        unreachable!("the last send returns")
     }
-    // A keep-alive upstream connection can close just as a request goes out. A request that
-    // was never sent, or a bodiless idempotent one, is sent again once, on a fresh connection
-    // (failing over if need be).
-    let replay = replayable(&req);
-    let mut req = req.map(|b| b.boxed());
-    let mut resp = None;
-    let mut failed: Vec<ProxyId> = Vec::new();
-    for attempt in 0..3 {
-        let fresh = ensure_sender(
-            state,
-            rt,
-            conn,
-            &cancel,
-            &id,
-            key.clone(),
-            &target,
-            &mut failed,
+
+    fn leased(&mut self) -> &mut Leased {
+        self.lease
+            .as_mut()
+            .expect("a lease is held once an upstream is open")
+    }
+
+    /// Counts an upstream's failure to answer.
+    async fn upstream_failed(&self, id: &Identity, proxy: &ProxyId, error: &ProxyError) {
+        warn!(%proxy, pool = %id.pool, error = %error, "upstream failed a plain-HTTP request");
+        let reason = match error {
+            ProxyError::UpstreamTimeout(_) => "timeout",
+            _ => "refused",
+        };
+        self.state.metrics.upstream_failure(&id.pool, reason);
+        if let Some(pool) = self.rt.pools.get(&id.pool) {
+            self.state.record_failure(proxy, &pool.health).await;
+        }
+    }
+
+    /// Makes sure the connection has a lease and an open upstream connection for `target`:
+    /// reuses them if possible, re-dials through the same lease, and otherwise gives the
+    /// lease back (counting the failure) and takes another.
+    async fn ensure_upstream(
+        &mut self,
+        id: &Identity,
+        key: &Arc<str>,
+        target: &Target,
+        failed: &mut Vec<ProxyId>,
+    ) -> Result<(), Stop> {
+        if let Some(l) = &mut self.lease {
+            if l.upstream
+                .as_ref()
+                .is_some_and(|u| u.bound.as_ref().is_none_or(|b| b == target))
+            {
+                return Ok(());
+            }
+            l.upstream = None;
+            let proxy = l.lease.proxy().clone();
+            match self
+                .state
+                .dial(self.rt, &proxy, target, DialMode::Forward)
+                .await
+            {
+                Ok((io, early)) => {
+                    l.upstream = Some(Upstream::new(io, early, &proxy.protocol, target));
+                    return Ok(());
+                }
+                Err(e @ (DialError::Denied(_) | DialError::Local(_))) => {
+                    return Err(Stop::Answer(
+                        e.into_proxy_error(proxy.id.to_string(), false),
+                    ));
+                }
+                Err(e) => {
+                    warn!(proxy = %proxy.id, error = %e, "upstream of a keep-alive connection failed");
+                    self.state.metrics.upstream_failure(&id.pool, e.reason());
+                    if e.is_upstream_fault(proxy.protocol)
+                        && let Some(pool) = self.rt.pools.get(&id.pool)
+                    {
+                        self.state.record_failure(&proxy.id, &pool.health).await;
+                    }
+                    failed.push(proxy.id.clone());
+                    self.lease = None;
+                }
+            }
+        }
+        let (lease, io, early) = self
+            .state
+            .lease_and_dial(self.rt, id, target, DialMode::Forward, failed)
+            .await?;
+        record_identity(id, target, Some(&lease.proxy().id));
+        let protocol = lease.proxy().protocol;
+        let mut leased = Leased::new(key.clone(), lease);
+        leased.upstream = Some(Upstream::new(io, early, &protocol, target));
+        self.lease = Some(leased);
+        Ok(())
+    }
+
+    /// Sends the request on the current upstream connection and relays the answer.
+    async fn send(&mut self, head: &RequestHead, uri: &AbsoluteUri<'_>) -> Result<bool, Failed> {
+        let limits = self.rt.limits();
+        let idle = limits.idle_timeout();
+        let Leased {
+            lease,
+            stamp,
+            auth,
+            upstream,
+            ..
+        } = self.lease.as_mut().expect("ensured");
+        let up = upstream.as_mut().expect("ensured");
+        let rewrite = RequestRewrite {
+            form: match up.bound {
+                None => TargetForm::Absolute,
+                Some(_) => TargetForm::Origin,
+            },
+            keep_alive: head.keep_alive(),
+            proxy_authorization: auth.as_deref().map(str::as_bytes),
+        };
+        let mut out = BytesMut::new();
+        rewrite
+            .write(head, uri, &mut out)
+            .map_err(|e| stop(ProxyError::BadRequest(format!("request head: {e}"))))?;
+        let stale = up.used;
+        if let Err(e) = up.io.write_all(&out).await {
+            return Err(no_answer(stale, format!("sending the request: {e}")));
+        }
+        // The body: at once, or once the upstream agreed to it.
+        let framing = head.framing();
+        let mut body_sent = framing == BodyFraming::None;
+        if !body_sent && !head.expect_continue() {
+            send_body(
+                &mut *self.client,
+                &mut self.cbuf,
+                up,
+                framing,
+                idle,
+                &mut self.bytes,
+            )
+            .await?;
+            body_sent = true;
+        }
+        let head_request = head.method() == "HEAD";
+        let via_proxy = up.bound.is_none();
+        let resp = loop {
+            let wait = if body_sent {
+                limits.response_timeout()
+            } else {
+                EXPECT_WAIT
+            };
+            let read = tokio::select! {
+                biased;
+                r = read_response(up, head_request, wait) => r,
+                () = client_gone(self.client) => return Err(Failed::Stop(Stop::Quiet("client_closed"))),
+            };
+            let resp = match read {
+                Ok(r) => r,
+                Err(ReadFail::Timeout) if !body_sent => {
+                    send_body(
+                        &mut *self.client,
+                        &mut self.cbuf,
+                        up,
+                        framing,
+                        idle,
+                        &mut self.bytes,
+                    )
+                    .await?;
+                    body_sent = true;
+                    continue;
+                }
+                Err(ReadFail::Timeout) => {
+                    return Err(Failed::Retry {
+                        error: ProxyError::UpstreamTimeout(format!(
+                            "{}: no response within {:?}",
+                            lease.proxy().id,
+                            wait
+                        )),
+                        fault: true,
+                    });
+                }
+                Err(ReadFail::Closed) => {
+                    return Err(no_answer(stale, "closed without answering".into()));
+                }
+                Err(ReadFail::Bad(why)) => {
+                    return Err(Failed::Retry {
+                        error: ProxyError::upstream(format!("{}: {why}", lease.proxy().id)),
+                        fault: true,
+                    });
+                }
+            };
+            if via_proxy && resp.code() == 407 {
+                return Err(Failed::Retry {
+                    error: ProxyError::upstream(format!(
+                        "{}: rejected our credentials (407)",
+                        lease.proxy().id
+                    )),
+                    fault: true,
+                });
+            }
+            if resp.is_interim() && !resp.is_switching_protocols() {
+                if head.version() == 1 {
+                    write_interim(&mut *self.client, &resp, &mut self.bytes).await?;
+                }
+                if resp.code() == 100 && !body_sent {
+                    send_body(
+                        &mut *self.client,
+                        &mut self.cbuf,
+                        up,
+                        framing,
+                        idle,
+                        &mut self.bytes,
+                    )
+                    .await?;
+                    body_sent = true;
+                }
+                continue;
+            }
+            break resp;
+        };
+        // A final answer before the body: the client may still send it; this connection
+        // cannot carry another request.
+        let early_final = !body_sent;
+        up.used = true;
+        if resp.is_switching_protocols() {
+            let up = upstream.take().expect("open");
+            let cancel = lease.cancelled().clone();
+            let mut to = Switch {
+                client: &mut *self.client,
+                cbuf: &mut self.cbuf,
+                bytes: &mut self.bytes,
+            };
+            return to.switch(resp, up, stamp, &cancel, limits).await;
+        }
+        let keep_client = head.keep_alive()
+            && !early_final
+            && resp.framing() != BodyFraming::UntilClose
+            && !self.state.drain.is_cancelled();
+        let keep_upstream = resp.keep_alive() && head.keep_alive() && !early_final;
+        relay_response(
+            &mut *self.client,
+            up,
+            &resp,
+            &ResponseRewrite {
+                keep_alive: keep_client,
+                stamp: &stamp_bytes(stamp),
+            },
+            idle,
+            &mut self.bytes,
         )
         .await?;
-        let held = conn
-            .held
-            .as_ref()
-            .expect("a lease is held once a sender exists");
-        prepare_request(&mut req, &uri, &target, held, conn.upstream_auth.as_ref())?;
-        let (_, sender) = conn.sender.as_mut().expect("sender set above");
-        let sent = match sender.ready().await {
-            Ok(()) => sender.try_send_request(req).await,
-            Err(e) => {
-                return Err(ProxyError::upstream(format!("upstream connection: {e}")));
-            }
+        if !keep_upstream {
+            *upstream = None;
+        }
+        Ok(keep_client)
+    }
+}
+
+/// The client side of a connection switching protocols.
+struct Switch<'a> {
+    client: &'a mut TcpStream,
+    cbuf: &'a mut BytesMut,
+    bytes: &'a mut Transferred,
+}
+
+impl Switch<'_> {
+    /// Relays a `101 Switching Protocols` and splices the connection with the upstream.
+    async fn switch(
+        &mut self,
+        resp: ResponseHead,
+        mut up: Upstream,
+        stamp: &[(&'static str, String)],
+        cancel: &tokio_util::sync::CancellationToken,
+        limits: &crate::config::LimitsConfig,
+    ) -> Result<bool, Failed> {
+        let mut out = BytesMut::new();
+        let rewrite = ResponseRewrite {
+            keep_alive: false,
+            stamp: &stamp_bytes(stamp),
         };
-        let mut e = match sent {
-            Ok(r) => {
-                resp = Some(r);
-                break;
-            }
-            Err(e) => e,
-        };
-        req = match (e.take_message(), &replay) {
-            (Some(unsent), _) if attempt < 2 => unsent,
-            (None, Some(parts)) if attempt < 2 => rebuild(parts),
-            _ => {
-                return Err(ProxyError::upstream(format!(
-                    "upstream request: {}",
-                    e.error()
-                )));
-            }
-        };
-        conn.sender = None;
-        if fresh {
-            // A connection just made failed at once: the upstream is at fault; try another.
-            let proxy = conn.held.as_ref().map(|h| h.proxy().id.clone());
-            if let (Some(proxy), Some(pool)) = (proxy, rt.pools.get(&id.pool)) {
-                tracing::warn!(%proxy, error = %e.error(), "upstream closed a new connection");
-                state.metrics.upstream_failure(&id.pool, "refused");
-                state.record_failure(&proxy, &pool.health).await;
-                failed.push(proxy);
-            }
-            conn.clear();
+        rewrite
+            .write(&resp, &mut out)
+            .map_err(|e| stop(ProxyError::upstream(format!("{e}"))))?;
+        out.extend_from_slice(&up.buf);
+        let sent = self.client.write_all(&out).await.is_ok()
+            && (self.cbuf.is_empty() || up.io.write_all(self.cbuf).await.is_ok());
+        if !sent {
+            return Err(Failed::Stop(Stop::Quiet("client_closed")));
         }
+        self.bytes.rx += out.len() as u64;
+        self.cbuf.clear();
+        let (end, moved) = splice_upstream(self.client, up.io, limits, cancel).await;
+        self.bytes.tx += moved.tx;
+        self.bytes.rx += moved.rx;
+        if end == SpliceEnd::Error {
+            reset(self.client);
+        }
+        Err(Failed::Stop(Stop::Quiet(tunnel::outcome(end))))
     }
-    let mut resp = resp.ok_or_else(|| ProxyError::upstream("upstream connection closed"))?;
-    strip_hop_by_hop(resp.headers_mut());
-    // Our side of the connection speaks HTTP/1.1 whatever the origin spoke (an HTTP/1.0
-    // origin must not close the client's keep-alive connection and its lease).
-    *resp.version_mut() = hyper::Version::HTTP_11;
-    let h = resp.headers_mut();
-    for (k, v) in &conn.stamp {
-        h.insert(k, v.clone());
-    }
-    Ok(resp.map(|b| b.boxed()))
 }
 
-/// The parts of a bodiless idempotent request, to send it again.
-fn replayable(req: &Request<Incoming>) -> Option<(Method, Uri, HeaderMap)> {
-    use hyper::body::Body as _;
-    let idempotent = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    (idempotent && req.body().is_end_stream()).then(|| {
-        (
-            req.method().clone(),
-            req.uri().clone(),
-            req.headers().clone(),
-        )
-    })
-}
-
-fn rebuild((method, uri, headers): &(Method, Uri, HeaderMap)) -> Request<Body> {
-    let mut req = Request::new(empty());
-    *req.method_mut() = method.clone();
-    *req.uri_mut() = uri.clone();
-    *req.headers_mut() = headers.clone();
-    req
-}
-
-/// Makes sure the connection has a lease and an open upstream connection for `target`:
-/// reuses them if possible, re-dials through the same lease if its upstream still answers,
-/// and otherwise gives the lease back (counting the failure) and takes another. True when
-/// the upstream connection is new.
-#[allow(clippy::too_many_arguments)]
-async fn ensure_sender(
-    state: &Arc<ProxyState>,
-    rt: &Runtime,
-    conn: &mut ConnLease,
-    cancel: &CancellationToken,
-    id: &Identity,
-    key: Arc<str>,
-    target: &Target,
-    failed: &mut Vec<ProxyId>,
-) -> Result<bool, ProxyError> {
-    let reusable = conn.sender.as_ref().is_some_and(|(bound, sender)| {
-        !sender.is_closed() && bound.as_ref().is_none_or(|b| b == target)
-    });
-    if reusable {
-        return Ok(false);
-    }
-    conn.sender = None;
-    let mut reused = None;
-    if let Some(held) = &conn.held {
-        let extra = rt.extras.get(&held.proxy().id).cloned().unwrap_or_default();
-        let timeout = rt.limits().connect_timeout();
-        match upstream::open_forward(held.proxy(), &extra, target, &rt.policy, timeout).await {
-            Ok((io, _)) => reused = Some(io),
-            Err(upstream::DialError::Denied(d)) => {
-                return Err(ProxyError::DestinationDenied(d.to_string()));
-            }
-            Err(e) => {
-                tracing::warn!(proxy = %held.proxy().id, error = %e, "upstream of a keep-alive connection failed");
-                state.metrics.upstream_failure(&id.pool, e.reason());
-                if let Some(pool) = rt.pools.get(&id.pool) {
-                    state.record_failure(&held.proxy().id, &pool.health).await;
-                }
-                failed.push(held.proxy().id.clone());
-                conn.clear();
-            }
+impl Upstream {
+    fn new(io: UpstreamIo, early: bytes::Bytes, protocol: &ProxyProtocol, target: &Target) -> Self {
+        Self {
+            io,
+            buf: BytesMut::from(&early[..]),
+            bound: (!via_proxy(*protocol)).then(|| target.clone()),
+            used: false,
         }
     }
-    let io = match reused {
-        Some(io) => io,
-        None => {
-            let (held, io, _) = state
-                .lease_and_dial(rt, id, target, DialMode::Forward, failed)
-                .await?;
-            record_identity(id, target, Some(&held.proxy().id));
-            // An operator closing this lease closes the whole client connection.
-            let (lease_cancel, conn_cancel) = (held.cancelled().clone(), cancel.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = lease_cancel.cancelled() => conn_cancel.cancel(),
-                    () = conn_cancel.cancelled() => {}
-                }
-            });
-            conn.take(held, key, id.pool.clone());
-            io
-        }
-    };
-    let (sender, connection) = hyper::client::conn::http1::Builder::new()
-        .preserve_header_case(true)
-        .title_case_headers(true)
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| ProxyError::upstream(format!("HTTP handshake: {e}")))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            debug!(error = %e, "upstream HTTP connection ended");
-        }
-    });
-    let via_proxy = conn
-        .held
-        .as_ref()
-        .is_some_and(|h| is_http_proxy(h.proxy().protocol));
-    conn.sender = Some(((!via_proxy).then(|| target.clone()), sender));
-    Ok(true)
 }
 
-/// Rewrites a client request for the leased upstream: headers cleaned, the URI in absolute
-/// form for an HTTP proxy (with its credentials) or origin form otherwise, `Host` set.
-fn prepare_request(
-    req: &mut Request<Body>,
-    uri: &Uri,
-    target: &Target,
-    held: &LeaseUse,
-    upstream_auth: Option<&HeaderValue>,
-) -> Result<(), ProxyError> {
-    let headers = req.headers_mut();
-    strip_hop_by_hop(headers);
-    strip_identity(headers);
-    let authority = uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .unwrap_or_else(|| target.authority());
-    if !headers.contains_key(HOST) {
-        let host = HeaderValue::from_str(&authority)
-            .map_err(|_| ProxyError::BadRequest("bad host".into()))?;
-        headers.insert(HOST, host);
-    }
-    *req.version_mut() = hyper::Version::HTTP_11;
-    let proxy = held.proxy();
-    if is_http_proxy(proxy.protocol) {
-        if let Some(auth) = upstream_auth {
-            req.headers_mut().insert(PROXY_AUTHORIZATION, auth.clone());
-        }
-        *req.uri_mut() = uri.clone();
-    } else {
-        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        *req.uri_mut() = path
-            .parse()
-            .map_err(|_| ProxyError::BadRequest("bad path".into()))?;
-    }
-    Ok(())
-}
-
-fn is_http_proxy(p: ProxyProtocol) -> bool {
+/// HTTP and HTTPS upstreams take absolute-form requests for any target; the others give a
+/// connection to one target.
+fn via_proxy(p: ProxyProtocol) -> bool {
     matches!(p, ProxyProtocol::Http | ProxyProtocol::Https)
 }
 
-/// The headers that tell a client which upstream and lease served it.
-fn stamp(held: &LeaseUse) -> Vec<(HeaderName, HeaderValue)> {
-    held.stamp()
-        .into_iter()
-        .filter_map(|(k, v)| {
-            Some((
-                HeaderName::from_bytes(k.as_bytes()).ok()?,
-                HeaderValue::from_str(&v).ok()?,
-            ))
-        })
+fn stamp_bytes<'a>(stamp: &'a [(&'static str, String)]) -> Vec<(&'a [u8], &'a [u8])> {
+    stamp
+        .iter()
+        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
         .collect()
 }
 
-fn success(mut resp: Response<Body>, held: &LeaseUse) -> Response<Body> {
-    let h = resp.headers_mut();
-    for (k, v) in stamp(held) {
-        h.insert(k, v);
-    }
-    resp
+fn stop(e: ProxyError) -> Failed {
+    Failed::Stop(Stop::Answer(e))
 }
 
-fn empty() -> Body {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed()
+/// No answer came: on a reused connection the upstream most likely closed it while idle (send
+/// again on a fresh one, no fault); on a fresh one the upstream is to blame.
+fn no_answer(stale: bool, why: String) -> Failed {
+    Failed::Retry {
+        error: ProxyError::upstream(why),
+        fault: !stale,
+    }
 }
 
-/// The error table as a hyper response.
-pub fn error_response(e: &ProxyError) -> Response<Body> {
-    let mut builder = Response::builder()
-        .status(e.status())
-        .header("x-pharox-error", e.code())
-        .header("content-type", "text/plain; charset=utf-8");
-    for (k, v) in e.extra_headers() {
-        builder = builder.header(k, v);
+/// Sends the request body to the upstream. A client that breaks its body's framing gets 400;
+/// one that leaves or stalls ends the connection.
+async fn send_body(
+    client: &mut TcpStream,
+    cbuf: &mut BytesMut,
+    up: &mut Upstream,
+    framing: BodyFraming,
+    idle: Option<Duration>,
+    bytes: &mut Transferred,
+) -> Result<(), Failed> {
+    match copy_body(client, cbuf, &mut up.io, framing, idle).await {
+        Ok(n) => {
+            bytes.tx += n;
+            Ok(())
+        }
+        Err(BodyError::Malformed(e)) => Err(stop(e.into())),
+        Err(BodyError::Idle) => Err(stop(ProxyError::BadRequest("request body stalled".into()))),
+        Err(BodyError::Source(_) | BodyError::Truncated) => {
+            Err(Failed::Stop(Stop::Quiet("client_closed")))
+        }
+        Err(BodyError::Sink(e)) => Err(stop(ProxyError::upstream(format!(
+            "sending the request body: {e}"
+        )))),
     }
-    builder
-        .body(
-            Full::new(Bytes::from(e.body()))
-                .map_err(|never| match never {})
-                .boxed(),
-        )
-        .expect("static parts are valid")
+}
+
+/// Why no response head came.
+enum ReadFail {
+    Timeout,
+    /// The upstream closed before sending a byte.
+    Closed,
+    Bad(String),
+}
+
+/// Reads a response head within `wait`.
+async fn read_response(
+    up: &mut Upstream,
+    head_request: bool,
+    wait: Duration,
+) -> Result<ResponseHead, ReadFail> {
+    let read = async {
+        loop {
+            match take_response(&mut up.buf, MAX_RESPONSE_HEAD, head_request) {
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(e) => return Err(ReadFail::Bad(format!("malformed response: {e}"))),
+            }
+            up.buf.reserve(16 * 1024);
+            match up.io.read_buf(&mut up.buf).await {
+                Ok(0) if up.buf.is_empty() => return Err(ReadFail::Closed),
+                Ok(0) => return Err(ReadFail::Bad("response head cut short".into())),
+                Ok(_) => {}
+                Err(_) if up.buf.is_empty() => return Err(ReadFail::Closed),
+                Err(e) => return Err(ReadFail::Bad(format!("reading the response: {e}"))),
+            }
+        }
+    };
+    tokio::time::timeout(wait, read)
+        .await
+        .map_err(|_| ReadFail::Timeout)?
+}
+
+/// Relays an interim (1xx) response to an HTTP/1.1 client.
+async fn write_interim(
+    client: &mut TcpStream,
+    resp: &ResponseHead,
+    bytes: &mut Transferred,
+) -> Result<(), Failed> {
+    let mut out = BytesMut::new();
+    ResponseRewrite {
+        keep_alive: true,
+        stamp: &[],
+    }
+    .write(resp, &mut out)
+    .map_err(|e| stop(ProxyError::upstream(format!("interim response: {e}"))))?;
+    bytes.rx += out.len() as u64;
+    client
+        .write_all(&out)
+        .await
+        .map_err(|_| Failed::Stop(Stop::Quiet("client_closed")))
+}
+
+/// Writes the response head and its body to the client: in one write when the whole body is
+/// already here, else the head then the body as it comes. A body cut or stalled on the
+/// upstream's side ends the client connection with a reset.
+async fn relay_response(
+    client: &mut TcpStream,
+    up: &mut Upstream,
+    resp: &ResponseHead,
+    rewrite: &ResponseRewrite<'_>,
+    idle: Option<Duration>,
+    bytes: &mut Transferred,
+) -> Result<(), Failed> {
+    let mut out = BytesMut::with_capacity(resp.raw().len() + 256);
+    rewrite
+        .write(resp, &mut out)
+        .map_err(|e| stop(ProxyError::upstream(format!("response head: {e}"))))?;
+    let framing = resp.framing();
+    let whole = whole_body(&up.buf, framing);
+    if let Some(n) = whole {
+        out.extend_from_slice(&up.buf[..n]);
+        up.buf.advance(n);
+    }
+    bytes.rx += out.len() as u64;
+    if client.write_all(&out).await.is_err() {
+        return Err(Failed::Stop(Stop::Quiet("client_closed")));
+    }
+    if whole.is_some() {
+        return Ok(());
+    }
+    match copy_body(&mut up.io, &mut up.buf, client, framing, idle).await {
+        Ok(n) => {
+            bytes.rx += n;
+            Ok(())
+        }
+        Err(BodyError::Sink(_)) => Err(Failed::Stop(Stop::Quiet("client_closed"))),
+        Err(e) => {
+            debug!(error = %e, "response body cut");
+            reset(client);
+            Err(Failed::Stop(Stop::Quiet(match e {
+                BodyError::Idle => "idle",
+                _ => "upstream_failed",
+            })))
+        }
+    }
+}
+
+/// How many bytes of `buf` make the whole body, if all of it is there.
+fn whole_body(buf: &[u8], framing: BodyFraming) -> Option<usize> {
+    match framing {
+        BodyFraming::None => Some(0),
+        BodyFraming::Length(n) => usize::try_from(n).ok().filter(|n| *n <= buf.len()),
+        BodyFraming::Chunked => {
+            let progress = ChunkedDecoder::new().feed(buf).ok()?;
+            progress.done.then_some(progress.consumed)
+        }
+        BodyFraming::UntilClose => None,
+    }
+}
+
+/// Makes the next close of `client` a reset (a cut transfer must not look complete).
+fn reset(client: &TcpStream) {
+    let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
+}
+
+/// A CONNECT on a connection that carried plain requests: its plain lease is given back, and
+/// the connection becomes a tunnel with a lease of its own.
+async fn connect_after(
+    state: &Arc<ProxyState>,
+    rt: &Runtime,
+    client: TcpStream,
+    head: RequestHead,
+    rest: BytesMut,
+) {
+    super::connect::handle(state, rt, client, head, rest).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_bodies_are_found_in_the_buffer() {
+        assert_eq!(whole_body(b"abc", BodyFraming::None), Some(0));
+        assert_eq!(whole_body(b"abcdef", BodyFraming::Length(3)), Some(3));
+        assert_eq!(whole_body(b"ab", BodyFraming::Length(3)), None);
+        assert_eq!(
+            whole_body(b"3\r\nabc\r\n0\r\n\r\nGET", BodyFraming::Chunked),
+            Some(13)
+        );
+        assert_eq!(whole_body(b"3\r\nabc\r\n", BodyFraming::Chunked), None);
+        assert_eq!(whole_body(b"x\r\n", BodyFraming::Chunked), None);
+        assert_eq!(whole_body(b"abc", BodyFraming::UntilClose), None);
+    }
 }

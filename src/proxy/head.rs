@@ -1,8 +1,8 @@
-//! Reading a client's first request head, within size and time limits, and giving the bytes
-//! back to whoever serves the rest of the connection.
+//! Reading a client's request heads, within size and time limits (the first one tells HTTP
+//! from SOCKS5; later ones come on keep-alive connections), and giving bytes read ahead back
+//! to whoever serves the rest of the connection.
 
 use std::io;
-use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -10,55 +10,15 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
+use super::http1::{RequestHead, take_request};
 use crate::error::ProxyError;
-
-/// Most header lines accepted in one head.
-const MAX_HEADERS: usize = 128;
-
-/// A parsed request head: the raw bytes and where each part lies in them (no copy per
-/// header).
-#[derive(Debug)]
-pub struct Head {
-    /// The raw bytes of the head (request line to blank line).
-    pub raw: Bytes,
-    /// Bytes the client sent after the head.
-    pub rest: Bytes,
-    method: Range<usize>,
-    target: Range<usize>,
-    headers: Vec<(Range<usize>, Range<usize>)>,
-}
-
-impl Head {
-    /// Method, e.g. `CONNECT`.
-    pub fn method(&self) -> &str {
-        self.text(&self.method)
-    }
-
-    /// Request target as sent.
-    pub fn target(&self) -> &str {
-        self.text(&self.target)
-    }
-
-    /// The first value of a header (name matched case-insensitively).
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(k, _)| self.raw[k.clone()].eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| &self.raw[v.clone()])
-    }
-
-    fn text(&self, r: &Range<usize>) -> &str {
-        // Checked as UTF-8 by the parser (method and target are ASCII tokens).
-        std::str::from_utf8(&self.raw[r.clone()]).unwrap_or_default()
-    }
-}
 
 /// Why no head could be read.
 #[derive(Debug)]
 pub enum HeadError {
-    /// The client closed before sending a byte: nothing to answer.
+    /// The client closed (or went quiet) before sending a byte: nothing to answer.
     Closed,
-    /// Too slow, too large or malformed: answer 400.
+    /// Too slow, too large or malformed: answer with this error, then close.
     Bad(ProxyError),
     /// An I/O error: nothing to answer.
     Io(io::Error),
@@ -67,8 +27,8 @@ pub enum HeadError {
 /// How a client opened its connection.
 #[derive(Debug)]
 pub enum Opening {
-    /// An HTTP request head.
-    Http(Head),
+    /// An HTTP request head, and the bytes the client sent after it.
+    Http(RequestHead, BytesMut),
     /// A SOCKS5 greeting (first byte 5; no HTTP method starts with it): the bytes read so far.
     Socks5(Bytes),
 }
@@ -81,86 +41,124 @@ pub async fn read_opening<R: AsyncRead + Unpin>(
     max: usize,
     timeout: Duration,
 ) -> Result<Opening, HeadError> {
-    match tokio::time::timeout(timeout, read_opening_inner(io, max)).await {
-        Ok(r) => r,
-        Err(_) => Err(HeadError::Bad(ProxyError::BadRequest(
-            "request head not received in time".into(),
-        ))),
-    }
-}
-
-async fn read_opening_inner<R: AsyncRead + Unpin>(
-    io: &mut R,
-    max: usize,
-) -> Result<Opening, HeadError> {
     let mut buf = BytesMut::with_capacity(4096.min(max));
-    loop {
-        if buf.len() >= max {
-            return Err(HeadError::Bad(ProxyError::BadRequest(format!(
-                "request head larger than {max} bytes"
-            ))));
+    let first = tokio::time::timeout(timeout, async {
+        loop {
+            let n = read_more(io, &mut buf, max).await?;
+            if n == 0 {
+                return Err(closed(&buf));
+            }
+            if buf[0] == 5 {
+                return Ok(None);
+            }
+            if let Some(head) = parse_new(&mut buf, max, n)? {
+                return Ok(Some(head));
+            }
         }
-        let want = (max - buf.len()).min(8192);
-        buf.reserve(want);
-        let n = io
-            .read_buf(&mut (&mut buf).limit(want))
-            .await
-            .map_err(HeadError::Io)?;
+    })
+    .await
+    .map_err(|_| too_slow())??;
+    Ok(match first {
+        Some(head) => Opening::Http(head, buf),
+        None => Opening::Socks5(buf.freeze()),
+    })
+}
+
+/// Reads the next request head of a keep-alive connection into `buf` (which may already
+/// hold some of it): the first byte may take up to `idle` (`Ok(None)` if none came or the
+/// client closed), the whole head then up to `timeout`.
+pub async fn read_request<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    idle: Option<Duration>,
+    timeout: Duration,
+) -> Result<Option<RequestHead>, HeadError> {
+    if let Some(head) = parse(buf, max)? {
+        return Ok(Some(head));
+    }
+    if buf.is_empty() {
+        let first = async { read_more(io, buf, max).await };
+        let n = match idle {
+            Some(idle) => match tokio::time::timeout(idle, first).await {
+                Ok(r) => r?,
+                Err(_) => return Ok(None),
+            },
+            None => first.await?,
+        };
         if n == 0 {
-            return Err(if buf.is_empty() {
-                HeadError::Closed
-            } else {
-                HeadError::Bad(ProxyError::BadRequest(
-                    "connection closed inside the request head".into(),
-                ))
-            });
+            return Ok(None);
         }
-        if buf[0] == 5 {
-            return Ok(Opening::Socks5(buf.freeze()));
+    }
+    let mut fresh = buf.len();
+    tokio::time::timeout(timeout, async {
+        loop {
+            if let Some(head) = parse_new(buf, max, fresh)? {
+                return Ok(Some(head));
+            }
+            fresh = read_more(io, buf, max).await?;
+            if fresh == 0 {
+                return Err(closed(buf));
+            }
         }
-        if let Some(head) = parse(&mut buf)? {
-            return Ok(Opening::Http(head));
-        }
+    })
+    .await
+    .map_err(|_| too_slow())?
+}
+
+fn too_slow() -> HeadError {
+    HeadError::Bad(ProxyError::BadRequest(
+        "request head not received in time".into(),
+    ))
+}
+
+fn closed(buf: &BytesMut) -> HeadError {
+    if buf.is_empty() {
+        HeadError::Closed
+    } else {
+        HeadError::Bad(ProxyError::BadRequest(
+            "connection closed inside the request head".into(),
+        ))
     }
 }
 
-fn parse(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => {
-            return Err(HeadError::Bad(ProxyError::BadRequest(format!(
-                "malformed request head: {e}"
-            ))));
-        }
-    };
-    let (base, end) = (buf.as_ptr() as usize, buf.len());
-    // Every part the parser returns is a slice of `buf`; anything else reads as empty.
-    let span = |part: Option<&[u8]>| {
-        part.and_then(|p| {
-            let start = (p.as_ptr() as usize).checked_sub(base)?;
-            (start + p.len() <= end).then(|| start..start + p.len())
-        })
-        .unwrap_or(0..0)
-    };
-    let method = span(req.method.map(str::as_bytes));
-    let target = span(req.path.map(str::as_bytes));
-    let headers = req
-        .headers
-        .iter()
-        .map(|h| (span(Some(h.name.as_bytes())), span(Some(h.value))))
-        .collect();
-    let raw = buf.split_to(len).freeze();
-    let rest = std::mem::take(buf).freeze();
-    Ok(Some(Head {
-        raw,
-        rest,
-        method,
-        target,
-        headers,
-    }))
+/// Reads once, at most up to `max` bytes in `buf` (one more than `max` is never needed: a
+/// full buffer without a head is an error the parser reports).
+async fn read_more<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<usize, HeadError> {
+    let want = max.saturating_sub(buf.len()).clamp(1, 16 * 1024);
+    buf.reserve(want);
+    io.read_buf(&mut (&mut *buf).limit(want))
+        .await
+        .map_err(HeadError::Io)
+}
+
+/// A complete head taken out of `buf`, `None` while incomplete; the strict RFC 9112 checks
+/// of [`http1`](super::http1) apply to every request, the first and every later one.
+fn parse(buf: &mut BytesMut, max: usize) -> Result<Option<RequestHead>, HeadError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    take_request(buf, max).map_err(|e| HeadError::Bad(e.into()))
+}
+
+/// [`parse`], but only when the last `fresh` bytes read brought a line end or filled the
+/// buffer: a client sending its head a byte at a time costs one scan per line, not one per
+/// byte.
+fn parse_new(
+    buf: &mut BytesMut,
+    max: usize,
+    fresh: usize,
+) -> Result<Option<RequestHead>, HeadError> {
+    let new = &buf[buf.len().saturating_sub(fresh)..];
+    if new.contains(&b'\n') || buf.len() >= max {
+        parse(buf, max)
+    } else {
+        Ok(None)
+    }
 }
 
 /// An I/O object that first yields `prefix`, then reads from `inner`.

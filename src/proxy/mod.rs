@@ -39,7 +39,7 @@ use crate::model::{LeaseId, ProxyId};
 use crate::retry::RetryPolicy;
 use crate::selector::Selector;
 use crate::storage::Storage;
-use head::{Head, HeadError, Opening};
+use head::{HeadError, Opening};
 use held::{Manager, Registry};
 use splice::Transferred;
 use target::{Policy, Target};
@@ -278,8 +278,8 @@ async fn handle(state: Arc<ProxyState>, mut stream: TcpStream) {
         h = head::read_opening(&mut stream, limits.max_head_bytes, limits.head_timeout()) => h,
         () = state.drain.cancelled() => return,
     };
-    let head = match opening {
-        Ok(Opening::Http(head)) => head,
+    let (head, rest) = match opening {
+        Ok(Opening::Http(head, rest)) => (head, rest),
         Ok(Opening::Socks5(greeting)) => return socks::handle(&state, &rt, stream, greeting).await,
         Err(HeadError::Closed | HeadError::Io(_)) => return,
         Err(HeadError::Bad(e)) => {
@@ -287,10 +287,10 @@ async fn handle(state: Arc<ProxyState>, mut stream: TcpStream) {
             return reply_error(&mut stream, &e).await;
         }
     };
-    if head.method().eq_ignore_ascii_case("CONNECT") {
-        connect::handle(&state, &rt, stream, head).await;
-    } else if head.target().starts_with("http://") || head.target().starts_with("https://") {
-        forward::serve(state, rt, stream, head).await;
+    if head.method() == "CONNECT" {
+        connect::handle(&state, &rt, stream, head, rest).await;
+    } else if head.absolute_uri().is_ok() {
+        forward::serve(state, rt, stream, head, rest).await;
     } else {
         let e = ProxyError::BadRequest(format!(
             "`{}` is not a proxy request (absolute URI or CONNECT)",
@@ -341,13 +341,11 @@ pub fn log_error(e: &ProxyError) {
     }
 }
 
-impl Head {
-    /// Identity from this head's headers.
-    pub fn identify(&self, auth: &Authenticator) -> Result<Identity, ProxyError> {
-        auth.identify(self.header("proxy-authorization"), &|name| {
-            self.header(name)
-        })
-    }
+/// The identity a request head's `Proxy-Authorization` and `X-Pharox-*` headers give.
+pub fn identify(auth: &Authenticator, head: &http1::RequestHead) -> Result<Identity, ProxyError> {
+    auth.identify(head.header("proxy-authorization"), &|name| {
+        head.header(name)
+    })
 }
 
 /// Records who and what a connection is about in its span.

@@ -95,13 +95,28 @@ fn build(
 }
 
 fn request_line(out: &mut BytesMut, method: &[u8], target: &[u8]) -> Result<(), BuildError> {
+    request_line_version(out, method, target, 1)
+}
+
+/// `method target HTTP/1.minor`.
+fn request_line_version(
+    out: &mut BytesMut,
+    method: &[u8],
+    target: &[u8],
+    minor: u8,
+) -> Result<(), BuildError> {
     if !is_token(method) {
         return Err(BuildError::Method);
     }
     if target.is_empty() || !target.iter().all(|&b| is_vchar(b)) {
         return Err(BuildError::Target);
     }
-    put(out, &[method, b" ", target, b" HTTP/1.1\r\n"]);
+    let version: &[u8] = if minor == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    };
+    put(out, &[method, b" ", target, version]);
     Ok(())
 }
 
@@ -180,7 +195,9 @@ pub struct RequestRewrite<'a> {
 }
 
 impl RequestRewrite<'_> {
-    /// Writes the upstream request head for `head`, whose target is `uri`: `HTTP/1.1`, `Host`
+    /// Writes the upstream request head for `head`, whose target is `uri`: the client's HTTP
+    /// version (an HTTP/1.0 client's request goes as HTTP/1.0, so that no upstream answers it
+    /// with a chunked body it could not read), `Host`
     /// from the URI's authority (whatever `Host` the client sent), the client's headers but
     /// hop-by-hop ones, those named in `Connection` / `Proxy-Connection`, `X-Pharox-*` and
     /// framing headers (also as `Content_Length`-like aliases), then one framing header for
@@ -199,7 +216,12 @@ impl RequestRewrite<'_> {
         };
         out.reserve(head.raw().len() + 128);
         build(out, |out| {
-            request_line(out, head.method().as_bytes(), target.as_bytes())?;
+            request_line_version(
+                out,
+                head.method().as_bytes(),
+                target.as_bytes(),
+                head.version(),
+            )?;
             header(out, b"Host", uri.authority.as_bytes())?;
             for (name, value) in head.headers() {
                 if forwards_request_header(name, &named, upgrade) {
@@ -419,7 +441,8 @@ mod tests {
             Content-Length: 5\r\nContent_Length: 99\r\ntransfer_encoding: chunked\r\n\
             Accept: */*\r\nuser-agent: t\r\n\r\n";
         let out = rewrite_request(raw, DIRECT).unwrap();
-        let want = "POST /?q HTTP/1.1\r\nHost: a.example:8080\r\nAccept: */*\r\nuser-agent: t\r\n\
+        // An HTTP/1.0 client's request goes on as HTTP/1.0 (no chunked answer it cannot read).
+        let want = "POST /?q HTTP/1.0\r\nHost: a.example:8080\r\nAccept: */*\r\nuser-agent: t\r\n\
             Content-Length: 5\r\nConnection: keep-alive\r\n\r\n";
         assert_eq!(out, want);
     }
