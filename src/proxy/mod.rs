@@ -6,7 +6,6 @@
 pub mod connect;
 pub mod forward;
 pub mod head;
-pub mod headers;
 pub mod held;
 pub mod http1;
 mod lease;
