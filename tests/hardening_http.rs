@@ -501,3 +501,46 @@ async fn an_overlong_username_is_a_bad_username() {
     assert!(wrong.is_empty(), "{wrong:#?}");
     d.stop().await;
 }
+
+/// Spec §4 ("an upstream never carries more connections than its max_concurrency"), found
+/// by the chaos test: clients queue for an exclusive upstream and take turns. A plain-HTTP
+/// connection must close its upstream connection before its lease goes to the next client.
+/// Fails on the bug: the lease was released first and the upstream connection closed
+/// afterwards (in a task of its own), so the next client's connection overlapped it. The
+/// CONNECT half is the control: tunnels close first, and the same count holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_upstream_never_carries_two_connections() {
+    for tunnel in [true, false] {
+        let up = Upstream::start(Behaviour::Ok, None);
+        let cfg = format!(
+            "[[consumers]]\nname = \"w\"\npassword = \"x\"\n[[pools]]\nname = \"p\"\n[pools.retry]\nmax_attempts = 1000\nbackoff_ms = 5\nmax_backoff_ms = 5\n[[pools.proxies]]\nurl = \"http://{}\"\nmax_concurrency = 1\n",
+            up.addr
+        );
+        let d = TestDaemon::start(&cfg).await;
+        let mut clients = JoinSet::new();
+        for c in 0..4 {
+            let addr = d.addr;
+            clients.spawn(async move {
+                for i in 0..50 {
+                    if tunnel {
+                        let (mut s, head) = connect(addr, "x.test:443", Some(&auth()), "").await;
+                        assert_eq!(status(&head), 200, "{head}");
+                        s.write_all(b"ping").await.unwrap();
+                        let mut echo = [0u8; 4];
+                        tokio::io::AsyncReadExt::read_exact(&mut s, &mut echo).await.unwrap();
+                    } else {
+                        let mut s = TcpStream::connect(addr).await.unwrap();
+                        let (head, _) = get_keep_alive(&mut s, "x.test", &format!("/{c}/{i}"), &auth()).await;
+                        assert_eq!(status(&head), 200, "{head}");
+                    }
+                }
+            });
+        }
+        clients.join_all().await;
+        d.wait_leased("p", 0).await;
+        d.stop().await;
+        let what = if tunnel { "CONNECT" } else { "plain HTTP" };
+        assert_eq!(up.accepted(), 200, "{what}");
+        assert_eq!(up.max_open(), 1, "{what}: connections at once on an exclusive upstream");
+    }
+}
