@@ -55,7 +55,9 @@ struct Tally {
 }
 
 async fn connect_op(addr: std::net::SocketAddr, rng: &mut fastrand::Rng, t: &Tally) {
-    let Ok(mut s) = TcpStream::connect(addr).await else { return };
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return;
+    };
     let head = format!(
         "CONNECT chaos.test:443 HTTP/1.1\r\nHost: chaos.test:443\r\nProxy-Authorization: {}\r\n\r\n",
         basic("w", "x")
@@ -72,14 +74,20 @@ async fn connect_op(addr: std::net::SocketAddr, rng: &mut fastrand::Rng, t: &Tal
     if s.write_all(&data).await.is_err() {
         return abandon(s, rng);
     }
-    let want = if rng.bool() { data.len() } else { rng.usize(0..=data.len()) };
+    let want = if rng.bool() {
+        data.len()
+    } else {
+        rng.usize(0..=data.len())
+    };
     let mut echo = vec![0; want];
     let _ = s.read_exact(&mut echo).await;
     abandon(s, rng);
 }
 
 async fn plain_op(addr: std::net::SocketAddr, rng: &mut fastrand::Rng, t: &Tally) {
-    let Ok(mut s) = TcpStream::connect(addr).await else { return };
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return;
+    };
     for i in 0..rng.usize(1..4) {
         let req = format!(
             "GET http://chaos.test/{i} HTTP/1.1\r\nHost: chaos.test\r\nProxy-Authorization: {}\r\n\r\n",
@@ -108,10 +116,16 @@ async fn plain_op(addr: std::net::SocketAddr, rng: &mut fastrand::Rng, t: &Tally
 }
 
 async fn socks_op(addr: std::net::SocketAddr, rng: &mut fastrand::Rng, t: &Tally) {
-    let Ok(mut s) = TcpStream::connect(addr).await else { return };
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return;
+    };
     let mut all = vec![5, 1, 2, 1, 1, b'w', 1, b'x'];
     all.extend_from_slice(&socks_request(3, &socks_domain(b"chaos.test"), 443));
-    let cut = if rng.usize(0..5) == 0 { rng.usize(0..all.len()) } else { all.len() };
+    let cut = if rng.usize(0..5) == 0 {
+        rng.usize(0..all.len())
+    } else {
+        all.len()
+    };
     if s.write_all(&all[..cut]).await.is_err() || cut < all.len() {
         return abandon(s, rng);
     }
@@ -132,7 +146,10 @@ async fn socks_op(addr: std::net::SocketAddr, rng: &mut fastrand::Rng, t: &Tally
 async fn random_aborts_and_faults_leak_nothing_and_respect_every_cap() {
     let panics = panic_counter();
     let panics_before = panics.load(Ordering::SeqCst);
-    let ups: Vec<Upstream> = CAPS.iter().map(|_| Upstream::start(Behaviour::Ok, None)).collect();
+    let ups: Vec<Upstream> = CAPS
+        .iter()
+        .map(|_| Upstream::start(Behaviour::Ok, None))
+        .collect();
     let mut cfg = String::from(
         r#"
 [limits]
@@ -206,7 +223,10 @@ cooldown_seconds = 1
 
     // Every client is gone: every lease comes back.
     d.wait_leased("p", 0).await;
-    assert!(eventually(|| d.state.registry.is_empty()).await, "held leases left");
+    assert!(
+        eventually(|| d.state.registry.is_empty()).await,
+        "held leases left"
+    );
     let mut problems = Vec::new();
     for (i, (up, cap)) in ups.iter().zip(CAPS).enumerate() {
         if up.max_open() > cap {
@@ -215,7 +235,12 @@ cooldown_seconds = 1
                 up.max_open()
             ));
         }
-        problems.extend(up.violations().into_iter().take(3).map(|v| format!("u{i}: {v}")));
+        problems.extend(
+            up.violations()
+                .into_iter()
+                .take(3)
+                .map(|v| format!("u{i}: {v}")),
+        );
     }
     let stopped = tokio::time::timeout(Duration::from_secs(60), d.stop()).await;
     if stopped.is_err() {

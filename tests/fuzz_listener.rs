@@ -89,15 +89,33 @@ impl Gen {
 
     fn valid(&mut self, id: usize) -> Case {
         let (kind, bytes, half_close, expect) = match self.rng.usize(0..4) {
-            0 => ("valid GET", self.get(id, "ok", true), false, Expect::Success(1)),
+            0 => (
+                "valid GET",
+                self.get(id, "ok", true),
+                false,
+                Expect::Success(1),
+            ),
             1 => {
                 let body = "x".repeat(self.rng.usize(0..64));
-                let head = self.post(id, &format!("Content-Length: {}\r\nConnection: close\r\n", body.len()));
-                ("valid POST", format!("{head}{body}"), false, Expect::Success(1))
+                let head = self.post(
+                    id,
+                    &format!("Content-Length: {}\r\nConnection: close\r\n", body.len()),
+                );
+                (
+                    "valid POST",
+                    format!("{head}{body}"),
+                    false,
+                    Expect::Success(1),
+                )
             }
             2 => {
                 let head = self.post(id, "Transfer-Encoding: chunked\r\nConnection: close\r\n");
-                ("valid chunked POST", format!("{head}5\r\nhello\r\n0\r\n\r\n"), false, Expect::Success(1))
+                (
+                    "valid chunked POST",
+                    format!("{head}5\r\nhello\r\n0\r\n\r\n"),
+                    false,
+                    Expect::Success(1),
+                )
             }
             _ => {
                 let head = format!(
@@ -117,7 +135,15 @@ impl Gen {
                 };
             }
         };
-        Case { id, kind, bytes: bytes.into_bytes(), half_close, expect, dialogue: None, tunnel_data: None }
+        Case {
+            id,
+            kind,
+            bytes: bytes.into_bytes(),
+            half_close,
+            expect,
+            dialogue: None,
+            tunnel_data: None,
+        }
     }
 
     fn smuggle(&mut self, id: usize) -> Case {
@@ -142,7 +168,10 @@ impl Gen {
                 "CL.TE",
                 format!(
                     "{}{chunked_then_inner}",
-                    self.post(id, &format!("Content-Length: {whole}\r\nTransfer-Encoding: chunked\r\n"))
+                    self.post(
+                        id,
+                        &format!("Content-Length: {whole}\r\nTransfer-Encoding: chunked\r\n")
+                    )
                 ),
             ),
             1 => (
@@ -164,7 +193,10 @@ impl Gen {
                 "CL.CL",
                 format!(
                     "{}{inner}",
-                    self.post(id, &format!("Content-Length: 0\r\nContent-Length: {}\r\n", inner.len()))
+                    self.post(
+                        id,
+                        &format!("Content-Length: 0\r\nContent-Length: {}\r\n", inner.len())
+                    )
                 ),
             ),
             4 => {
@@ -208,7 +240,15 @@ impl Gen {
 
     fn bad_framing(&mut self) -> String {
         let cl = [
-            "-1", "+5", "1.5", "5, 6", "0x5", "99999999999999999999", "5 5", "", "5\x0b",
+            "-1",
+            "+5",
+            "1.5",
+            "5, 6",
+            "0x5",
+            "99999999999999999999",
+            "5 5",
+            "",
+            "5\x0b",
         ];
         match self.rng.usize(0..4) {
             0 => format!("Content-Length: {}\r\n", cl[self.rng.usize(..cl.len())]),
@@ -244,7 +284,10 @@ impl Gen {
         let (kind, second) = match self.rng.usize(0..4) {
             0 => {
                 let f = self.bad_framing().replace("HTTP10", "");
-                ("pipelined bad framing", format!("{}hello", self.post(id, &f)))
+                (
+                    "pipelined bad framing",
+                    format!("{}hello", self.post(id, &f)),
+                )
             }
             1 => (
                 "pipelined oversized head",
@@ -255,7 +298,10 @@ impl Gen {
                 ),
             ),
             2 => ("pipelined garbage", "NOT HTTP AT ALL\r\n\r\n".into()),
-            _ => ("pipelined bare LF", self.get(id, "lf", true).replace("\r\n", "\n")),
+            _ => (
+                "pipelined bare LF",
+                self.get(id, "lf", true).replace("\r\n", "\n"),
+            ),
         };
         Case {
             id,
@@ -284,7 +330,10 @@ impl Gen {
                 }
                 3 => {
                     let line_end = b[at..].iter().position(|&c| c == b'\n').map(|p| at + p + 1);
-                    let line_start = b[..at].iter().rposition(|&c| c == b'\n').map_or(0, |p| p + 1);
+                    let line_start = b[..at]
+                        .iter()
+                        .rposition(|&c| c == b'\n')
+                        .map_or(0, |p| p + 1);
                     if let Some(e) = line_end {
                         let line = b[line_start..e].to_vec();
                         b.splice(e..e, line);
@@ -296,15 +345,33 @@ impl Gen {
         if b.first() == Some(&5) {
             b[0] = b'G';
         }
-        Case { id, kind: "mutated", bytes: b, half_close: true, expect: Expect::Documented, dialogue: None, tunnel_data: None }
+        Case {
+            id,
+            kind: "mutated",
+            bytes: b,
+            half_close: true,
+            expect: Expect::Documented,
+            dialogue: None,
+            tunnel_data: None,
+        }
     }
 
     fn garbage(&mut self, id: usize) -> Case {
-        let mut b: Vec<u8> = (0..self.rng.usize(1..200)).map(|_| self.rng.u8(..)).collect();
+        let mut b: Vec<u8> = (0..self.rng.usize(1..200))
+            .map(|_| self.rng.u8(..))
+            .collect();
         if b[0] == 5 {
             b[0] = 6;
         }
-        Case { id, kind: "garbage", bytes: b, half_close: true, expect: Expect::Documented, dialogue: None, tunnel_data: None }
+        Case {
+            id,
+            kind: "garbage",
+            bytes: b,
+            half_close: true,
+            expect: Expect::Documented,
+            dialogue: None,
+            tunnel_data: None,
+        }
     }
 
     fn socks(&mut self, id: usize) -> Case {
@@ -331,7 +398,9 @@ impl Gen {
                 let n = r.usize(0..=255);
                 socks_domain(&(0..n).map(|_| r.u8(..)).collect::<Vec<_>>())
             }
-            _ => socks_domain(b"example.com:80 HTTP/1.1\r\nHost: x\r\n\r\nGET http://smuggled.invalid/ HTTP/1.1"),
+            _ => socks_domain(
+                b"example.com:80 HTTP/1.1\r\nHost: x\r\n\r\nGET http://smuggled.invalid/ HTTP/1.1",
+            ),
         };
         let dialogue = Dialogue {
             methods,
@@ -385,9 +454,13 @@ fn judge(case: &Case, got: &Exchange, up: &Upstream) -> Option<String> {
         .is_some_and(|r| r.status == 200 && r.head.contains("Connection established"));
     let judged: &[Response] = if tunnel { &resp[..1] } else { &resp };
     for r in judged {
-        let fine = (200..300).contains(&r.status) || r.code().is_some_and(|c| documented(r.status, c));
+        let fine =
+            (200..300).contains(&r.status) || r.code().is_some_and(|c| documented(r.status, c));
         if !fine {
-            return Some(format!("undocumented answer {}", preview(r.head.as_bytes())));
+            return Some(format!(
+                "undocumented answer {}",
+                preview(r.head.as_bytes())
+            ));
         }
     }
     if !tunnel && !rest.is_empty() {
@@ -407,10 +480,14 @@ fn judge(case: &Case, got: &Exchange, up: &Upstream) -> Option<String> {
         }
         Expect::Refused { ok } => {
             let refused = judged.get(ok);
-            let ok_first = judged[..ok.min(judged.len())].iter().all(|r| r.status == 200);
+            let ok_first = judged[..ok.min(judged.len())]
+                .iter()
+                .all(|r| r.status == 200);
             if judged.len() != ok + 1
                 || !ok_first
-                || !refused.is_some_and(|r| matches!(r.status, 400 | 431) && r.code() == Some("bad_request"))
+                || !refused.is_some_and(|r| {
+                    matches!(r.status, 400 | 431) && r.code() == Some("bad_request")
+                })
             {
                 return Some(format!(
                     "expected {ok} success(es) then 400 bad_request: {}",
@@ -450,8 +527,14 @@ async fn through_tunnel(addr: std::net::SocketAddr, head: &[u8], data: &[u8]) ->
     };
     match tokio::time::timeout(CASE_BOUND, run).await {
         Ok(Ok(bytes)) => Exchange { bytes, error: None },
-        Ok(Err(e)) => Exchange { bytes: Vec::new(), error: Some(e.kind()) },
-        Err(_) => Exchange { bytes: Vec::new(), error: Some(std::io::ErrorKind::TimedOut) },
+        Ok(Err(e)) => Exchange {
+            bytes: Vec::new(),
+            error: Some(e.kind()),
+        },
+        Err(_) => Exchange {
+            bytes: Vec::new(),
+            error: Some(std::io::ErrorKind::TimedOut),
+        },
     }
 }
 
@@ -521,17 +604,36 @@ url = "http://up:secret@{}"
     let mut report = Vec::new();
     for (kind, list) in &failures {
         report.push(format!("{kind}: {} failures, e.g.", list.len()));
-        report.extend(list.iter().take(3).map(|l| format!("    {}", &l[..l.len().min(300)])));
+        report.extend(
+            list.iter()
+                .take(3)
+                .map(|l| format!("    {}", &l[..l.len().min(300)])),
+        );
     }
     let violations = up.violations();
     if !violations.is_empty() {
-        report.push(format!("upstream saw {} things it must never get, e.g.", violations.len()));
-        report.extend(violations.iter().take(5).map(|v| format!("    {}", &v[..v.len().min(300)])));
+        report.push(format!(
+            "upstream saw {} things it must never get, e.g.",
+            violations.len()
+        ));
+        report.extend(
+            violations
+                .iter()
+                .take(5)
+                .map(|v| format!("    {}", &v[..v.len().min(300)])),
+        );
     }
     let panicked = panics.load(Ordering::SeqCst) - panics_before;
     if panicked > 0 {
         report.push(format!("{panicked} panics"));
     }
-    assert!(generated >= 300, "only {generated} cases before the deadline");
-    assert!(report.is_empty(), "{generated} cases:\n{}", report.join("\n"));
+    assert!(
+        generated >= 300,
+        "only {generated} cases before the deadline"
+    );
+    assert!(
+        report.is_empty(),
+        "{generated} cases:\n{}",
+        report.join("\n")
+    );
 }

@@ -12,7 +12,9 @@ use common::{RecordingSleeper, leased, manager_with, proxy};
 use pharox::config::Config;
 use pharox::retry::Clock;
 use pharox::storage::{MAX_LEASE_DURATION, Renewal};
-use pharox::{AcquireRequest, InMemoryStorage, LeaseError, Pool, ProxyManager, RetryPolicy, Storage};
+use pharox::{
+    AcquireRequest, InMemoryStorage, LeaseError, Pool, ProxyManager, RetryPolicy, Storage,
+};
 
 const HUGE: [Duration; 4] = [
     Duration::MAX,
@@ -41,9 +43,16 @@ async fn acquire_refuses_unrepresentable_durations_and_takes_nothing() {
             m.acquire_proxy_with_retry(&req, &RetryPolicy::once()).await,
             &format!("acquire with retry {d:?}"),
         );
-        invalid(m.lease(&req).await.map(|g| g.map(|g| g.id)), &format!("lease {d:?}"));
+        invalid(
+            m.lease(&req).await.map(|g| g.map(|g| g.id)),
+            &format!("lease {d:?}"),
+        );
         let stats = m.storage().pool_stats("p").await.unwrap().unwrap();
-        assert_eq!((stats.total_leases, stats.leased), (0, 0), "{d:?}: {stats:?}");
+        assert_eq!(
+            (stats.total_leases, stats.leased),
+            (0, 0),
+            "{d:?}: {stats:?}"
+        );
         let info = m.storage().get_proxy(&"a".into()).await.unwrap().unwrap();
         assert_eq!(info.current_leases, 0, "{d:?}");
     }
@@ -68,7 +77,13 @@ async fn renewal_refuses_huge_durations_and_changes_nothing() {
     let l2 = m.acquire_proxy(&req).await.unwrap().unwrap();
     let expiry = |id| {
         let m = m.clone();
-        async move { m.storage().get_lease(id).await.unwrap().map(|l| l.expires_at) }
+        async move {
+            m.storage()
+                .get_lease(id)
+                .await
+                .unwrap()
+                .map(|l| l.expires_at)
+        }
     };
     let (e1, e2) = (expiry(l1.id).await, expiry(l2.id).await);
     for d in HUGE {
@@ -122,7 +137,11 @@ async fn a_clock_at_the_end_of_time_fails_cleanly() {
         .upsert_proxy(proxy("p", "a").with_max_concurrency(Some(1)))
         .await
         .unwrap();
-    if EndOfTime.now().checked_add(Duration::from_secs(300)).is_some() {
+    if EndOfTime
+        .now()
+        .checked_add(Duration::from_secs(300))
+        .is_some()
+    {
         return; // this platform's SystemTime reaches further; nothing to overflow
     }
     invalid(
@@ -168,7 +187,10 @@ fn with(table: &str, line: &str) -> String {
 fn configuration_bounds_every_duration_and_names_the_key() {
     let health_check = "target = \"example.com:443\"";
     let cases: Vec<(String, &str)> = vec![
-        (with("pools", &format!("lease_seconds = {BIG}")), "lease_seconds"),
+        (
+            with("pools", &format!("lease_seconds = {BIG}")),
+            "lease_seconds",
+        ),
         (
             with(
                 "pools",
@@ -187,10 +209,19 @@ fn configuration_bounds_every_duration_and_names_the_key() {
             with("pools", &format!("session_max_ttl_seconds = {BIG}")),
             "session_max_ttl_seconds",
         ),
-        (with("health", &format!("cooldown_seconds = {BIG}")), "cooldown_seconds"),
+        (
+            with("health", &format!("cooldown_seconds = {BIG}")),
+            "cooldown_seconds",
+        ),
         (with("retry", &format!("backoff_ms = {BIG}")), "backoff_ms"),
-        (with("retry", &format!("max_backoff_ms = {BIG}")), "max_backoff_ms"),
-        (with("limits", &format!("head_timeout_ms = {BIG}")), "head_timeout_ms"),
+        (
+            with("retry", &format!("max_backoff_ms = {BIG}")),
+            "max_backoff_ms",
+        ),
+        (
+            with("limits", &format!("head_timeout_ms = {BIG}")),
+            "head_timeout_ms",
+        ),
         (
             with("limits", &format!("connect_timeout_ms = {BIG}")),
             "connect_timeout_ms",
@@ -204,15 +235,24 @@ fn configuration_bounds_every_duration_and_names_the_key() {
             "drain_timeout_secs",
         ),
         (
-            with("health_check", &format!("{health_check}\ninterval_secs = {BIG}")),
+            with(
+                "health_check",
+                &format!("{health_check}\ninterval_secs = {BIG}"),
+            ),
             "interval_secs",
         ),
         (
-            with("health_check", &format!("{health_check}\ntimeout_ms = {BIG}")),
+            with(
+                "health_check",
+                &format!("{health_check}\ntimeout_ms = {BIG}"),
+            ),
             "timeout_ms",
         ),
         (
-            with("health_check", &format!("{health_check}\nslow_threshold_ms = {BIG}")),
+            with(
+                "health_check",
+                &format!("{health_check}\nslow_threshold_ms = {BIG}"),
+            ),
             "slow_threshold_ms",
         ),
     ];
@@ -223,7 +263,10 @@ fn configuration_bounds_every_duration_and_names_the_key() {
             Err(e) => assert!(e.to_string().contains(key), "{key}: {e}"),
         }
     }
-    assert!(accepted.is_empty(), "accepted unbounded durations: {accepted:?}");
+    assert!(
+        accepted.is_empty(),
+        "accepted unbounded durations: {accepted:?}"
+    );
     // The shape of each case is right: with sane values every one of them is valid.
     for (toml, key) in &cases {
         let sane = toml

@@ -88,7 +88,10 @@ id = "up"
         .await
         .unwrap();
     let mut socks = TcpStream::connect(d.addr).await.unwrap();
-    socks.write_all(&[5, 1, 2, 1, 1, b'w', 1, b'x']).await.unwrap();
+    socks
+        .write_all(&[5, 1, 2, 1, 1, b'w', 1, b'x'])
+        .await
+        .unwrap();
     let mut answers = [0u8; 4];
     socks.read_exact(&mut answers).await.unwrap();
     assert_eq!(answers, [5, 2, 1, 0]);
@@ -118,7 +121,10 @@ id = "up"
     sent.unwrap();
     sent_socks.unwrap();
     assert_eq!(status(&http_head), 503, "{http_head}");
-    assert_eq!(header(&http_head, "x-pharox-error"), Some("resource_exhausted"));
+    assert_eq!(
+        header(&http_head, "x-pharox-error"),
+        Some("resource_exhausted")
+    );
     assert!(header(&http_head, "retry-after").is_some(), "{http_head}");
     assert_eq!(socks_reply.unwrap(), 0x01, "SOCKS5: general failure");
     assert_eq!(d.leased("p").await, 0);
@@ -132,8 +138,15 @@ id = "up"
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(info.proxy.status, ProxyStatus::Active, "the upstream was rested");
-    assert!(d.state.failures.get(&pharox::ProxyId::from("up")).is_none(), "a failure was counted");
+    assert_eq!(
+        info.proxy.status,
+        ProxyStatus::Active,
+        "the upstream was rested"
+    );
+    assert!(
+        d.state.failures.get(&pharox::ProxyId::from("up")).is_none(),
+        "a failure was counted"
+    );
     let (s, head) = connect(d.addr, "example.test:443", Some(&auth), "").await;
     assert_eq!(status(&head), 200, "{head}");
     assert_eq!(header(&head, "x-pharox-proxy-id"), Some("up"));

@@ -97,20 +97,38 @@ fn bad_framings() -> Vec<(&'static str, String)> {
         ("CL +5", h("Content-Length: +5\r\n", "1.1")),
         ("CL 1.5", h("Content-Length: 1.5\r\n", "1.1")),
         ("CL list", h("Content-Length: 5, 6\r\n", "1.1")),
-        ("CL twice", h("Content-Length: 5\r\nContent-Length: 6\r\n", "1.1")),
+        (
+            "CL twice",
+            h("Content-Length: 5\r\nContent-Length: 6\r\n", "1.1"),
+        ),
         ("CL hex", h("Content-Length: 0x5\r\n", "1.1")),
         (
             "CL overflow",
             h("Content-Length: 99999999999999999999999\r\n", "1.1"),
         ),
-        ("CL and TE", h("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", "1.1")),
+        (
+            "CL and TE",
+            h("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", "1.1"),
+        ),
         ("TE gzip", h("Transfer-Encoding: gzip\r\n", "1.1")),
-        ("TE chunked, gzip", h("Transfer-Encoding: chunked, gzip\r\n", "1.1")),
+        (
+            "TE chunked, gzip",
+            h("Transfer-Encoding: chunked, gzip\r\n", "1.1"),
+        ),
         ("TE identity", h("Transfer-Encoding: identity\r\n", "1.1")),
-        ("TE twice", h("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", "1.1")),
+        (
+            "TE twice",
+            h(
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+                "1.1",
+            ),
+        ),
         ("TE on HTTP/1.0", h("Transfer-Encoding: chunked\r\n", "1.0")),
         ("TE obfuscated", h("Transfer-Encoding: xchunked\r\n", "1.1")),
-        ("space before colon", h("Transfer-Encoding : chunked\r\n", "1.1")),
+        (
+            "space before colon",
+            h("Transfer-Encoding : chunked\r\n", "1.1"),
+        ),
         ("header without colon", h("Bad Header\r\n", "1.1")),
         ("obsolete line folding", h("X-Folded: a\r\n b\r\n", "1.1")),
     ]
@@ -164,15 +182,30 @@ async fn refusals_on_plain_http_carry_their_code_and_close() {
         )
     };
     let cases = [
-        ("wrong password", bad(&basic("w", "nope"), ""), 407, "auth_failed"),
+        (
+            "wrong password",
+            bad(&basic("w", "nope"), ""),
+            407,
+            "auth_failed",
+        ),
         (
             "no credentials",
             "GET http://example.test/refused HTTP/1.1\r\nHost: example.test\r\n\r\n".into(),
             407,
             "auth_required",
         ),
-        ("unknown pool", bad(&auth(), "X-Pharox-Pool: nope\r\n"), 403, "unknown_pool"),
-        ("bad username", bad(&basic("w-pool-p-colour-red", "x"), ""), 400, "bad_username"),
+        (
+            "unknown pool",
+            bad(&auth(), "X-Pharox-Pool: nope\r\n"),
+            403,
+            "unknown_pool",
+        ),
+        (
+            "bad username",
+            bad(&basic("w-pool-p-colour-red", "x"), ""),
+            400,
+            "bad_username",
+        ),
         (
             "https URL",
             format!(
@@ -252,7 +285,10 @@ async fn the_host_header_comes_from_the_request_target() {
     let cases = [
         ("disagreeing", "Host: evil.test\r\n"),
         ("duplicated", "Host: evil.test\r\nHost: other.test\r\n"),
-        ("duplicated, right one first", "Host: AUTH\r\nHost: evil.test\r\n"),
+        (
+            "duplicated, right one first",
+            "Host: AUTH\r\nHost: evil.test\r\n",
+        ),
         ("missing", ""),
     ];
     let mut wrong = Vec::new();
@@ -297,7 +333,11 @@ async fn the_host_header_comes_from_the_request_target() {
             wrong.push(format!("the upstream got {}", preview(s.head.as_bytes())));
         }
     }
-    if up.seen().is_empty() && !resp.first().is_some_and(|r| r.code() == Some("bad_request")) {
+    if up.seen().is_empty()
+        && !resp
+            .first()
+            .is_some_and(|r| r.code() == Some("bad_request"))
+    {
         wrong.push(format!("upstream case answered {}", preview(&got.bytes)));
     }
     wrong.extend(up.violations());
@@ -322,7 +362,10 @@ async fn a_malformed_chunked_body_is_a_bad_request() {
     for (name, body) in [
         ("bad size", "zz\r\nhello\r\n0\r\n\r\n"),
         ("no CRLF after the data", "5\r\nhelloXX0\r\n\r\n"),
-        ("size overflow", "ffffffffffffffffffff\r\nhello\r\n0\r\n\r\n"),
+        (
+            "size overflow",
+            "ffffffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+        ),
         ("negative size", "-5\r\nhello\r\n0\r\n\r\n"),
     ] {
         let req = format!(
@@ -365,10 +408,15 @@ async fn an_upstream_407_on_plain_http_fails_over() {
     .await;
     let got = exchange(d.addr, get_close("/a").as_bytes(), false, CLOSE_BOUND).await;
     let (resp, _) = responses(&got.bytes);
-    let first = resp.first().unwrap_or_else(|| panic!("no answer: {}", preview(&got.bytes)));
+    let first = resp
+        .first()
+        .unwrap_or_else(|| panic!("no answer: {}", preview(&got.bytes)));
     assert_eq!(first.status, 200, "{}", first.head);
     assert_eq!(first.header("x-pharox-proxy-id"), Some("good"));
-    assert_eq!(String::from_utf8_lossy(&first.body), "proxied:http://example.test/a");
+    assert_eq!(
+        String::from_utf8_lossy(&first.body),
+        "proxied:http://example.test/a"
+    );
     let bad = d
         .state
         .manager
@@ -377,12 +425,21 @@ async fn an_upstream_407_on_plain_http_fails_over() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(bad.proxy.status, ProxyStatus::Inactive, "the 407 was counted");
+    assert_eq!(
+        bad.proxy.status,
+        ProxyStatus::Inactive,
+        "the 407 was counted"
+    );
     d.wait_leased("p", 0).await;
     d.stop().await;
 
     // Only upstreams that refuse our credentials: 502, and no upstream challenge leaks.
-    let d = TestDaemon::start(&config(&[("bad", &wrong_creds)], "failover_attempts = 0", "")).await;
+    let d = TestDaemon::start(&config(
+        &[("bad", &wrong_creds)],
+        "failover_attempts = 0",
+        "",
+    ))
+    .await;
     let got = exchange(d.addr, get("/b").as_bytes(), false, CLOSE_BOUND).await;
     if let Some(p) = judge(&got, 1, 502, "upstream_failed") {
         panic!("{p}");
@@ -404,7 +461,13 @@ async fn a_silent_upstream_answers_504_and_is_counted() {
         "[limits]\nconnect_timeout_ms = 500\nidle_timeout_secs = 1",
     ))
     .await;
-    let got = exchange(d.addr, get("/silent").as_bytes(), false, Duration::from_secs(60)).await;
+    let got = exchange(
+        d.addr,
+        get("/silent").as_bytes(),
+        false,
+        Duration::from_secs(60),
+    )
+    .await;
     if let Some(p) = judge(&got, 1, 504, "upstream_timeout") {
         panic!("{p}");
     }
@@ -418,7 +481,11 @@ async fn a_silent_upstream_answers_504_and_is_counted() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(info.proxy.status, ProxyStatus::Inactive, "counted against the upstream");
+    assert_eq!(
+        info.proxy.status,
+        ProxyStatus::Inactive,
+        "counted against the upstream"
+    );
     d.stop().await;
 }
 
@@ -434,7 +501,13 @@ async fn a_silent_upstream_is_failed_over_for_a_resendable_request() {
         "[limits]\nconnect_timeout_ms = 500\nidle_timeout_secs = 1",
     ))
     .await;
-    let got = exchange(d.addr, get_close("/again").as_bytes(), false, Duration::from_secs(60)).await;
+    let got = exchange(
+        d.addr,
+        get_close("/again").as_bytes(),
+        false,
+        Duration::from_secs(60),
+    )
+    .await;
     let (resp, _) = responses(&got.bytes);
     let first = resp.first().unwrap_or_else(|| panic!("no answer: {got:?}"));
     assert_eq!(first.status, 200, "{}", first.head);
@@ -485,7 +558,10 @@ async fn an_overlong_username_is_a_bad_username() {
         let creds = basic(&user, "x");
         let (_, head) = connect(d.addr, "example.test:443", Some(&creds), "").await;
         if status(&head) != 400 || header(&head, "x-pharox-error") != Some("bad_username") {
-            wrong.push(format!("CONNECT: {}", head.lines().next().unwrap_or_default()));
+            wrong.push(format!(
+                "CONNECT: {}",
+                head.lines().next().unwrap_or_default()
+            ));
         }
         let req = format!(
             "GET http://example.test/u HTTP/1.1\r\nHost: example.test\r\nProxy-Authorization: {creds}\r\n\r\n"
@@ -527,10 +603,13 @@ async fn an_exclusive_upstream_never_carries_two_connections() {
                         assert_eq!(status(&head), 200, "{head}");
                         s.write_all(b"ping").await.unwrap();
                         let mut echo = [0u8; 4];
-                        tokio::io::AsyncReadExt::read_exact(&mut s, &mut echo).await.unwrap();
+                        tokio::io::AsyncReadExt::read_exact(&mut s, &mut echo)
+                            .await
+                            .unwrap();
                     } else {
                         let mut s = TcpStream::connect(addr).await.unwrap();
-                        let (head, _) = get_keep_alive(&mut s, "x.test", &format!("/{c}/{i}"), &auth()).await;
+                        let (head, _) =
+                            get_keep_alive(&mut s, "x.test", &format!("/{c}/{i}"), &auth()).await;
                         assert_eq!(status(&head), 200, "{head}");
                     }
                 }
@@ -541,6 +620,10 @@ async fn an_exclusive_upstream_never_carries_two_connections() {
         d.stop().await;
         let what = if tunnel { "CONNECT" } else { "plain HTTP" };
         assert_eq!(up.accepted(), 200, "{what}");
-        assert_eq!(up.max_open(), 1, "{what}: connections at once on an exclusive upstream");
+        assert_eq!(
+            up.max_open(),
+            1,
+            "{what}: connections at once on an exclusive upstream"
+        );
     }
 }

@@ -19,8 +19,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// One direct upstream, exclusive, leases of 2 s (renewed after 1 s, so a lost lease is
-/// noticed within about a second).
+/// noticed within about a second). Heads may take two minutes, so that an idle keep-alive
+/// connection is not closed by the head timeout within the tests' 30 s bound.
 const EXCLUSIVE: &str = r#"
+[limits]
+head_timeout_ms = 120000
 [security]
 allow_private_targets = true
 [[consumers]]
@@ -94,7 +97,13 @@ async fn a_lost_lease_closes_its_socks5_tunnel() {
     let req = socks_request(1, &[127, 0, 0, 1], origin.addr.port());
     let (code, mut s) = socks_connect(d.addr, "w", "x", &req).await;
     assert_eq!(code, Some(0));
-    let leases = d.state.manager.storage().list_leases(Some("p")).await.unwrap();
+    let leases = d
+        .state
+        .manager
+        .storage()
+        .list_leases(Some("p"))
+        .await
+        .unwrap();
     assert_eq!(leases.len(), 1);
     release_behind_the_back(&d, leases[0].id).await;
     assert_closed(&mut s, "SOCKS5 tunnel").await;
@@ -109,7 +118,8 @@ async fn a_lost_lease_closes_its_keep_alive_connection() {
     let origin = Origin::start().await;
     let d = TestDaemon::start(EXCLUSIVE).await;
     let mut c = TcpStream::connect(d.addr).await.unwrap();
-    let (head, body) = get_keep_alive(&mut c, &origin.addr.to_string(), "/a", &basic("w", "x")).await;
+    let (head, body) =
+        get_keep_alive(&mut c, &origin.addr.to_string(), "/a", &basic("w", "x")).await;
     assert_eq!((status(&head), body.as_str()), (200, "origin:/a"), "{head}");
     release_behind_the_back(&d, lease_id(&head)).await;
     assert_closed(&mut c, "keep-alive connection").await;
@@ -136,7 +146,13 @@ async fn a_lost_session_lease_closes_its_connections_and_the_session_leases_agai
     assert_ne!(lease_id(&head), lost, "the session took a new lease");
     assert_eq!(d.leased("p").await, 1);
     assert!(
-        d.state.manager.storage().get_lease(lease_id(&head)).await.unwrap().is_some(),
+        d.state
+            .manager
+            .storage()
+            .get_lease(lease_id(&head))
+            .await
+            .unwrap()
+            .is_some(),
         "the session's lease is live"
     );
     drop(s);
@@ -151,7 +167,9 @@ async fn sessions(d: &TestDaemon) -> Vec<Value> {
 }
 
 fn alive_tasks() -> usize {
-    tokio::runtime::Handle::current().metrics().num_alive_tasks()
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
 }
 
 /// The number of alive tasks once it stopped changing (20 polls alike, bounded).
@@ -233,7 +251,11 @@ url = "direct"
             "",
         )
         .await;
-        assert_eq!(header(&head, "x-pharox-error"), Some("upstream_failed"), "{head}");
+        assert_eq!(
+            header(&head, "x-pharox-error"),
+            Some("upstream_failed"),
+            "{head}"
+        );
     }
     // An exhausted pool: the lease itself fails.
     let (holder, head) = connect(d.addr, &target, Some(&basic("w-pool-busy", "x")), "").await;
@@ -246,13 +268,24 @@ url = "direct"
             "",
         )
         .await;
-        assert_eq!(header(&head, "x-pharox-error"), Some("pool_exhausted"), "{head}");
+        assert_eq!(
+            header(&head, "x-pharox-error"),
+            Some("pool_exhausted"),
+            "{head}"
+        );
     }
     drop(holder);
     d.wait_leased("busy", 0).await;
-    assert_eq!(sessions(&d).await, Vec::<Value>::new(), "failed sessions are forgotten");
+    assert_eq!(
+        sessions(&d).await,
+        Vec::<Value>::new(),
+        "failed sessions are forgotten"
+    );
     let left = settle_tasks(baseline + 4).await;
-    assert!(left <= baseline + 4, "{left} tasks alive, {baseline} before");
+    assert!(
+        left <= baseline + 4,
+        "{left} tasks alive, {baseline} before"
+    );
     // None of them used the consumer's quota of two.
     let mut open = Vec::new();
     for id in ["g1", "g2"] {
@@ -312,7 +345,10 @@ url = "direct"
     let got = exchange(d.addr, req.as_bytes(), false, Duration::from_secs(30)).await;
     let (resp, _) = responses(&got.bytes);
     assert_eq!(resp.len(), 1, "{}", preview(&got.bytes));
-    assert_eq!((resp[0].status, resp[0].code()), (429, Some("session_limit")));
+    assert_eq!(
+        (resp[0].status, resp[0].code()),
+        (429, Some("session_limit"))
+    );
     let (code, _) = socks_connect(
         d.addr,
         "w-session-s5",
@@ -370,7 +406,9 @@ url = "direct"
         assert_eq!(status(&head), 200, "{head}");
         let len: usize = header(&head, "content-length").unwrap().parse().unwrap();
         let mut body = vec![0; len];
-        tokio::io::AsyncReadExt::read_exact(c, &mut body).await.unwrap();
+        tokio::io::AsyncReadExt::read_exact(c, &mut body)
+            .await
+            .unwrap();
     };
     roundtrip(&mut c, "p").await;
     let baseline = steady_tasks().await;
@@ -382,7 +420,11 @@ url = "direct"
         left <= baseline + 4,
         "{left} tasks alive after 40 lease swaps, {baseline} before"
     );
-    assert_eq!(d.leased("p").await + d.leased("q").await, 1, "one lease at a time");
+    assert_eq!(
+        d.leased("p").await + d.leased("q").await,
+        1,
+        "one lease at a time"
+    );
     drop(c);
     d.wait_leased("p", 0).await;
     d.stop().await;

@@ -79,7 +79,11 @@ proptest! {
 #[test]
 fn a_64_kib_username_is_refused() {
     let long = vec!["a"; 32 * 1024].join("-");
-    for user in [long.clone(), format!("w-pool-{long}"), "-".repeat(64 * 1024)] {
+    for user in [
+        long.clone(),
+        format!("w-pool-{long}"),
+        "-".repeat(64 * 1024),
+    ] {
         let r = parse_username(&user, &pools);
         assert!(
             r.as_ref().is_err_and(|e| e.code() == "bad_username"),
@@ -105,7 +109,10 @@ fn username_parsing_work_is_linear() {
         looked.get()
     };
     let (small, big) = (work(50), work(100));
-    assert!(big <= 3 * small + 64, "50 segments: {small} bytes looked up; 100: {big}");
+    assert!(
+        big <= 3 * small + 64,
+        "50 segments: {small} bytes looked up; 100: {big}"
+    );
 }
 
 /// Destination text: arbitrary strings, and near-misses of host names, IP literals and
@@ -244,8 +251,16 @@ impl Listener {
         if let Err(e) = result {
             panic!("{e}");
         }
-        assert!(self.up.violations().is_empty(), "{:#?}", self.up.violations());
-        assert_eq!(panics.load(Ordering::SeqCst), before, "a panic in the daemon");
+        assert!(
+            self.up.violations().is_empty(),
+            "{:#?}",
+            self.up.violations()
+        );
+        assert_eq!(
+            panics.load(Ordering::SeqCst),
+            before,
+            "a panic in the daemon"
+        );
     }
 }
 
@@ -255,7 +270,10 @@ fn socks_domains() -> impl Strategy<Value = Vec<u8>> {
         prop::collection::vec(any::<u8>(), 0..=255),
         hostish().prop_map(|s| s.into_bytes().into_iter().take(255).collect()),
         "[a-zA-Z0-9-]{1,20}(\\.[a-zA-Z0-9-]{1,20}){0,3}".prop_map(String::into_bytes),
-        Just(b"example.com:80 HTTP/1.1\r\nHost: x\r\n\r\nGET http://evil.test/ HTTP/1.1\r\nX-A: b".to_vec()),
+        Just(
+            b"example.com:80 HTTP/1.1\r\nHost: x\r\n\r\nGET http://evil.test/ HTTP/1.1\r\nX-A: b"
+                .to_vec()
+        ),
     ]
 }
 
@@ -266,10 +284,17 @@ fn socks_domains() -> impl Strategy<Value = Vec<u8>> {
 fn socks5_domains_reach_the_upstream_only_validated() {
     Listener::start().run(400, socks_domains(), async |d, up, name| {
         let before = up.seen().len();
-        let (code, s) =
-            socks_connect(d.addr, "w", "x", &socks_request(3, &socks_domain(&name), 443)).await;
+        let (code, s) = socks_connect(
+            d.addr,
+            "w",
+            "x",
+            &socks_request(3, &socks_domain(&name), 443),
+        )
+        .await;
         drop(s);
-        let host = std::str::from_utf8(&name).ok().and_then(|s| Host::parse(s).ok());
+        let host = std::str::from_utf8(&name)
+            .ok()
+            .and_then(|s| Host::parse(s).ok());
         let seen = up.seen()[before..].to_vec();
         match host {
             Some(h) => {
@@ -324,7 +349,20 @@ fn dialogues() -> impl Strategy<Value = Dialogue> {
         0usize..400,
     )
         .prop_map(
-            |(methods, auth_version, user, pass, version, command, reserved, atyp, addr, port, payload, cut)| {
+            |(
+                methods,
+                auth_version,
+                user,
+                pass,
+                version,
+                command,
+                reserved,
+                atyp,
+                addr,
+                port,
+                payload,
+                cut,
+            )| {
                 Dialogue {
                     methods,
                     auth_version,
@@ -351,7 +389,10 @@ fn socks5_dialogues_get_only_documented_answers() {
         let got = exchange(d.addr, &dialogue.bytes(), true, Duration::from_secs(20)).await;
         prop_assert_ne!(got.error, Some(std::io::ErrorKind::TimedOut), "left open");
         if let Err(e) = judge_socks(&dialogue, &got.bytes) {
-            return Err(TestCaseError::fail(format!("{e}: answered {}", preview(&got.bytes))));
+            return Err(TestCaseError::fail(format!(
+                "{e}: answered {}",
+                preview(&got.bytes)
+            )));
         }
         Ok(())
     });
@@ -427,8 +468,14 @@ fn http_heads_get_documented_answers() {
             );
         }
         for r in &resp {
-            let fine = (200..300).contains(&r.status) || r.code().is_some_and(|c| documented(r.status, c));
-            prop_assert!(fine, "{} answered {}", preview(&input), preview(r.head.as_bytes()));
+            let fine =
+                (200..300).contains(&r.status) || r.code().is_some_and(|c| documented(r.status, c));
+            prop_assert!(
+                fine,
+                "{} answered {}",
+                preview(&input),
+                preview(r.head.as_bytes())
+            );
             if r.status == 200 && r.head.contains("Connection established") {
                 break; // what follows is the tunnel
             }

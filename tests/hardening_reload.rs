@@ -127,7 +127,11 @@ async fn a_reload_that_fails_part_way_changes_nothing() {
     assert_eq!(status(&head), 200, "{head}");
     assert_eq!(header(&head, "x-pharox-proxy-id"), Some("a"));
     let (_, head) = connect(d.addr, &target, Some(&basic("w-pool-p", "x")), "").await;
-    assert_eq!(header(&head, "x-pharox-proxy-id"), Some("b"), "a's cap is still 1");
+    assert_eq!(
+        header(&head, "x-pharox-proxy-id"),
+        Some("b"),
+        "a's cap is still 1"
+    );
     drop(first);
     d.wait_leased("p", 0).await;
     d.stop().await;

@@ -50,11 +50,18 @@ async fn socks5_domains_that_are_not_host_names_never_reach_the_upstream() {
         b"",
     ];
     for name in hostile {
-        let (code, _) = socks_connect(d.addr, "w", "x", &socks_request(3, &socks_domain(name), 80)).await;
+        let (code, _) =
+            socks_connect(d.addr, "w", "x", &socks_request(3, &socks_domain(name), 80)).await;
         assert_eq!(code, Some(0x01), "domain {:?}", preview(name));
     }
     let long = vec![b'a'; 64];
-    let (code, _) = socks_connect(d.addr, "w", "x", &socks_request(3, &socks_domain(&long), 80)).await;
+    let (code, _) = socks_connect(
+        d.addr,
+        "w",
+        "x",
+        &socks_request(3, &socks_domain(&long), 80),
+    )
+    .await;
     assert_eq!(code, Some(0x01), "a 64-character label");
     assert!(up.seen().is_empty(), "forwarded: {:?}", up.seen());
     assert_eq!(d.leased("p").await, 0);
@@ -118,7 +125,13 @@ async fn connect_authorities_and_uri_hosts_that_are_not_host_names_are_refused()
         let req = format!(
             "GET {uri} HTTP/1.1\r\nHost: example.com\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
         );
-        let got = exchange(d.addr, req.as_bytes(), false, std::time::Duration::from_secs(30)).await;
+        let got = exchange(
+            d.addr,
+            req.as_bytes(),
+            false,
+            std::time::Duration::from_secs(30),
+        )
+        .await;
         let (resp, _) = responses(&got.bytes);
         if resp.len() != 1 || resp[0].status != 400 || resp[0].code() != Some("bad_request") {
             wrong.push(format!("{uri}: {}", preview(&got.bytes)));
@@ -180,8 +193,14 @@ fn this_host_socks(port: u16) -> Vec<(String, Vec<u8>)> {
         v6("::ffff:0.0.0.0"),
         v6("::"),
         v6("::1"),
-        ("d:localhost".into(), socks_request(3, &socks_domain(b"localhost"), port)),
-        ("d:0.0.0.0".into(), socks_request(3, &socks_domain(b"0.0.0.0"), port)),
+        (
+            "d:localhost".into(),
+            socks_request(3, &socks_domain(b"localhost"), port),
+        ),
+        (
+            "d:0.0.0.0".into(),
+            socks_request(3, &socks_domain(b"0.0.0.0"), port),
+        ),
         (
             "d:[::ffff:7f00:1]".into(),
             socks_request(3, &socks_domain(b"[::ffff:7f00:1]"), port),
@@ -222,7 +241,13 @@ async fn own_listeners_are_refused_under_every_spelling() {
         let req = format!(
             "GET http://{authority}/api/v1/pools HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
         );
-        let got = exchange(d.addr, req.as_bytes(), false, std::time::Duration::from_secs(30)).await;
+        let got = exchange(
+            d.addr,
+            req.as_bytes(),
+            false,
+            std::time::Duration::from_secs(30),
+        )
+        .await;
         let (resp, _) = responses(&got.bytes);
         assert_eq!(resp.len(), 1, "{authority}: {}", preview(&got.bytes));
         assert_eq!(resp[0].status, 403, "{authority}: {}", resp[0].head);
@@ -260,7 +285,13 @@ async fn direct_refuses_this_host_under_every_spelling_by_default() {
         let req = format!(
             "GET http://{authority}/x HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
         );
-        let got = exchange(d.addr, req.as_bytes(), false, std::time::Duration::from_secs(30)).await;
+        let got = exchange(
+            d.addr,
+            req.as_bytes(),
+            false,
+            std::time::Duration::from_secs(30),
+        )
+        .await;
         let (resp, _) = responses(&got.bytes);
         assert_eq!(resp.len(), 1, "{authority}: {}", preview(&got.bytes));
         assert_eq!(resp[0].status, 403, "{authority}: {}", resp[0].head);

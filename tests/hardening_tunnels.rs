@@ -51,8 +51,13 @@ async fn a_reset_behind_a_socks5_tunnel_reaches_the_client() {
     let target = reset_after(N).await;
     for zero_copy in [true, false] {
         let d = TestDaemon::start(&direct(zero_copy)).await;
-        let (code, mut s) =
-            socks_connect(d.addr, "w", "x", &socks_request(1, &[127, 0, 0, 1], target.port())).await;
+        let (code, mut s) = socks_connect(
+            d.addr,
+            "w",
+            "x",
+            &socks_request(1, &[127, 0, 0, 1], target.port()),
+        )
+        .await;
         assert_eq!(code, Some(0));
         let end = read_all(&mut s, Duration::from_secs(60)).await;
         assert_reset(&end, &format!("SOCKS5, zero_copy = {zero_copy}"));
@@ -87,7 +92,9 @@ async fn a_clean_close_stays_clean() {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
-                tokio::io::AsyncWriteExt::write_all(&mut s, &vec![b'c'; N]).await.unwrap();
+                tokio::io::AsyncWriteExt::write_all(&mut s, &vec![b'c'; N])
+                    .await
+                    .unwrap();
             });
         }
     });
@@ -96,7 +103,11 @@ async fn a_clean_close_stays_clean() {
         let (mut s, head) = connect(d.addr, &target.to_string(), Some(&basic("w", "x")), "").await;
         assert_eq!(status(&head), 200, "{head}");
         let end = read_all(&mut s, Duration::from_secs(60)).await;
-        assert_eq!((end.bytes.len(), end.error), (N, None), "zero_copy = {zero_copy}");
+        assert_eq!(
+            (end.bytes.len(), end.error),
+            (N, None),
+            "zero_copy = {zero_copy}"
+        );
         drop(s);
         d.wait_leased("p", 0).await;
         d.stop().await;
