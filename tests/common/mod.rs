@@ -55,3 +55,4 @@ impl Sleeper for RecordingSleeper {
 }
 pub mod admin;
 pub mod daemon;
+pub mod hostile;
