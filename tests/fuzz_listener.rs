@@ -466,7 +466,7 @@ fn judge(case: &Case, got: &Exchange, up: &Upstream) -> Option<String> {
     if !tunnel && !rest.is_empty() {
         return Some(format!("unparsable answer bytes {}", preview(&rest)));
     }
-    let marker = format!("/c{}", case.id);
+    let marker = format!("/c{} ", case.id);
     let forwarded = up
         .seen()
         .iter()
@@ -584,7 +584,10 @@ url = "http://up:secret@{}"
                 None => exchange(addr, &case.bytes, case.half_close, CASE_BOUND).await,
             };
             drop(permit);
-            judge(&case, &got, &up).map(|why| (case.kind, format!("#{}: {why}", case.id)))
+            judge(&case, &got, &up).map(|why| {
+                let sent = preview(&case.bytes);
+                (case.kind, format!("#{}: {why} (sent {sent})", case.id))
+            })
         });
     }
     let mut failures: BTreeMap<&str, Vec<String>> = BTreeMap::new();

@@ -333,7 +333,9 @@ async fn the_host_header_comes_from_the_request_target() {
             wrong.push(format!("the upstream got {}", preview(s.head.as_bytes())));
         }
     }
-    let refused = resp.first().is_some_and(|r| r.code() == Some("bad_request"));
+    let refused = resp
+        .first()
+        .is_some_and(|r| r.code() == Some("bad_request"));
     if up.seen().is_empty() && !refused {
         wrong.push(format!("upstream case answered {}", preview(&got.bytes)));
     }
@@ -455,7 +457,7 @@ async fn a_silent_upstream_answers_504_and_is_counted() {
     let d = TestDaemon::start(&config(
         &[("silent", &silent)],
         "failover_attempts = 0\n[pools.health]\nmax_failures = 1\ncooldown_seconds = 3600",
-        "[limits]\nconnect_timeout_ms = 500\nidle_timeout_secs = 1",
+        "[limits]\nconnect_timeout_ms = 500\nresponse_timeout_ms = 500\nidle_timeout_secs = 1",
     ))
     .await;
     let got = exchange(
@@ -495,7 +497,7 @@ async fn a_silent_upstream_is_failed_over_for_a_resendable_request() {
     let d = TestDaemon::start(&config(
         &[("silent", &silent), ("live", &live)],
         "failover_attempts = 1",
-        "[limits]\nconnect_timeout_ms = 500\nidle_timeout_secs = 1",
+        "[limits]\nconnect_timeout_ms = 500\nresponse_timeout_ms = 500\nidle_timeout_secs = 1",
     ))
     .await;
     let got = exchange(

@@ -56,16 +56,16 @@ proptest! {
     /// refused as `bad_username`; the pieces of a parsed one hold together.
     #[test]
     fn usernames_parse_or_are_bad_usernames(user in usernames()) {
-        match parse_username(&user, &pools) {
+        match parse_username(&user, &pools, 2) {
             Err(e) => prop_assert_eq!(e.code(), "bad_username", "{}", e),
             Ok(p) => {
                 prop_assert!(!p.consumer.is_empty());
                 prop_assert!(p.consumer.split('-').all(|s| !s.is_empty() && !USERNAME_KEYS.contains(&s)));
                 prop_assert!(user.starts_with(&p.consumer));
-                if let Some(c) = &p.country {
+                if let Some(c) = &p.meta.country {
                     prop_assert_eq!(c.clone(), c.to_ascii_uppercase());
                 }
-                for v in [&p.pool, &p.city, &p.source, &p.isp, &p.session].into_iter().flatten() {
+                for v in [&p.pool, &p.meta.city, &p.meta.source, &p.meta.isp, &p.session].into_iter().flatten() {
                     prop_assert!(!v.is_empty());
                 }
                 prop_assert!(p.ttl != Some(0));
@@ -84,7 +84,7 @@ fn a_64_kib_username_is_refused() {
         format!("w-pool-{long}"),
         "-".repeat(64 * 1024),
     ] {
-        let r = parse_username(&user, &pools);
+        let r = parse_username(&user, &pools, 2);
         assert!(
             r.as_ref().is_err_and(|e| e.code() == "bad_username"),
             "{} bytes: {:?}",
@@ -102,10 +102,15 @@ fn username_parsing_work_is_linear() {
     let work = |n: usize| {
         let looked = std::cell::Cell::new(0usize);
         let user = format!("w-pool-{}", vec!["a"; n].join("-"));
-        let _ = parse_username(&user, &|p| {
-            looked.set(looked.get() + p.len());
-            pools(p)
-        });
+        // A pool value spans at most as many segments as the longest configured pool name.
+        let _ = parse_username(
+            &user,
+            &|p| {
+                looked.set(looked.get() + p.len());
+                pools(p)
+            },
+            2,
+        );
         looked.get()
     };
     let (small, big) = (work(50), work(100));

@@ -42,7 +42,7 @@ use super::http1::{
     AbsoluteUri, BodyError, BodyFraming, ChunkedDecoder, RequestHead, RequestRewrite, ResponseHead,
     ResponseRewrite, Scheme, TargetForm, copy_body, take_response,
 };
-use super::splice::{SpliceEnd, Transferred, splice_upstream};
+use super::splice::{HALF_CLOSE_GRACE, SpliceEnd, Transferred, splice_upstream};
 use super::target::{Host, Target};
 use super::tunnel;
 use super::upstream::{DialError, UpstreamIo, basic_auth};
@@ -137,6 +137,14 @@ struct Leased {
     /// `Proxy-Authorization` for the upstream (an HTTP proxy with credentials).
     auth: Option<String>,
     upstream: Option<Upstream>,
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        // The upstream connection closes before the lease is given back: the next holder of
+        // the slot must never find this connection still open (max_concurrency).
+        self.upstream = None;
+    }
 }
 
 impl Leased {
@@ -262,7 +270,7 @@ impl Relay<'_> {
         let text = e.to_http();
         self.bytes.rx += text.len() as u64;
         let _ = self.client.write_all(text.as_bytes()).await;
-        let _ = self.client.shutdown().await;
+        super::close_gracefully(self.client).await;
         e.code()
     }
 
@@ -308,9 +316,16 @@ impl Relay<'_> {
         }
         let resendable = head.framing() == BodyFraming::None;
         let mut failed: Vec<ProxyId> = Vec::new();
+        let mut last: Option<ProxyError> = None;
         for send in 1..=MAX_SENDS {
-            self.ensure_upstream(&id, &key, &target, &mut failed)
-                .await?;
+            match self.ensure_upstream(&id, &key, &target, &mut failed).await {
+                Ok(()) => {}
+                // Every upstream left was tried: the answer is what the last one did.
+                Err(Stop::Answer(ProxyError::PoolExhausted { .. })) if last.is_some() => {
+                    return Err(Stop::Answer(last.take().expect("checked")));
+                }
+                Err(stop) => return Err(stop),
+            }
             let cancel = self.leased().lease.cancelled().clone();
             let sent = tokio::select! {
                 biased;
@@ -332,6 +347,7 @@ impl Relay<'_> {
                     if !resendable || send == MAX_SENDS {
                         return Err(Stop::Answer(error));
                     }
+                    last = Some(error);
                 }
             }
         }
@@ -460,17 +476,30 @@ impl Relay<'_> {
         }
         let head_request = head.method() == "HEAD";
         let via_proxy = up.bound.is_none();
+        let mut client_done = false;
         let resp = loop {
             let wait = if body_sent {
                 limits.response_timeout()
             } else {
                 EXPECT_WAIT
             };
-            let read = tokio::select! {
-                biased;
-                r = read_response(up, head_request, wait) => r,
-                () = client_gone(self.client) => return Err(Failed::Stop(Stop::Quiet("client_closed"))),
+            // A client that half-closes after its request still gets the answer, if it comes
+            // within the grace a half-closed tunnel gets; one that left holds its lease no
+            // longer than that.
+            let mut deadline = Instant::now() + wait;
+            let read = loop {
+                tokio::select! {
+                    biased;
+                    r = read_response(up, head_request, deadline) => break r,
+                    () = client_gone(self.client), if !client_done => {
+                        client_done = true;
+                        deadline = deadline.min(Instant::now() + HALF_CLOSE_GRACE);
+                    }
+                }
             };
+            if client_done && matches!(read, Err(ReadFail::Timeout)) {
+                return Err(Failed::Stop(Stop::Quiet("client_closed")));
+            }
             let resp = match read {
                 Ok(r) => r,
                 Err(ReadFail::Timeout) if !body_sent => {
@@ -551,6 +580,7 @@ impl Relay<'_> {
         }
         let keep_client = head.keep_alive()
             && !early_final
+            && !client_done
             && resp.framing() != BodyFraming::UntilClose
             && !self.state.drain.is_cancelled();
         let keep_upstream = resp.keep_alive() && head.keep_alive() && !early_final;
@@ -691,7 +721,7 @@ enum ReadFail {
 async fn read_response(
     up: &mut Upstream,
     head_request: bool,
-    wait: Duration,
+    deadline: Instant,
 ) -> Result<ResponseHead, ReadFail> {
     let read = async {
         loop {
@@ -710,7 +740,7 @@ async fn read_response(
             }
         }
     };
-    tokio::time::timeout(wait, read)
+    tokio::time::timeout_at(deadline, read)
         .await
         .map_err(|_| ReadFail::Timeout)?
 }

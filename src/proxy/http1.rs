@@ -116,6 +116,10 @@ pub enum FramingError {
     /// `Transfer-Encoding` in an HTTP/1.0 message.
     #[error("Transfer-Encoding in an HTTP/1.0 message")]
     TransferEncodingHttp10,
+    /// A request header spelt like a framing header with `_` for `-` (`Transfer_Encoding`),
+    /// which some servers read as the real one.
+    #[error("a framing header spelt with `_`")]
+    FramingAlias,
     /// A chunked body that breaks the grammar at byte `offset` of the body.
     #[error("malformed chunked body at byte {offset}: {fault}")]
     Chunked {

@@ -265,7 +265,7 @@ async fn refuse(state: &ProxyState, mut stream: TcpStream) {
         state.metrics.connection_done("http", e.code());
         let _ = stream.write_all(e.to_http().as_bytes()).await;
     }
-    let _ = stream.shutdown().await;
+    close_gracefully(&mut stream).await;
 }
 
 /// Serves one client connection.
@@ -328,7 +328,33 @@ pub async fn reply_error(stream: &mut TcpStream, e: &ProxyError) {
     use tokio::io::AsyncWriteExt;
     log_error(e);
     let _ = stream.write_all(e.to_http().as_bytes()).await;
-    let _ = stream.shutdown().await;
+    close_gracefully(stream).await;
+}
+
+/// How long a connection refused mid-request is read (and discarded) after the answer.
+const LINGER: Duration = Duration::from_secs(2);
+/// How much of it at most.
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Ends our side of a connection after an answer, then reads and discards what the client
+/// still sends (for at most [`LINGER`] and [`LINGER_BYTES`]): closing with unread bytes
+/// would reset the connection, and the client could lose the answer.
+pub async fn close_gracefully(stream: &mut TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut sink = [0u8; 8192];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// Logs a refused request at the level its side deserves.

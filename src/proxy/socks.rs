@@ -115,7 +115,7 @@ async fn stopped(state: &ProxyState, client: &mut TcpStream, stop: Stop, started
             code
         }
     };
-    let _ = client.shutdown().await;
+    super::close_gracefully(client).await;
     finish(state, "socks5", None, code, Transferred::default(), started);
 }
 

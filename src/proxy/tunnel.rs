@@ -89,6 +89,8 @@ pub async fn run(state: &ProxyState, rt: &Runtime, reply: Reply, open: Open) {
         && (client_early.is_empty() || upstream.write_all(&client_early).await.is_ok())
         && (upstream_early.is_empty() || client.write_all(&upstream_early).await.is_ok());
     if !greeted {
+        // The upstream connection closes before the lease is given back (max_concurrency).
+        drop(upstream);
         drop(lease);
         return finish(
             state,

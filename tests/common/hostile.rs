@@ -317,7 +317,8 @@ impl Upstream {
         }
         let line = head.split("\r\n").next().unwrap_or_default();
         let parts: Vec<&str> = line.split(' ').collect();
-        if parts.len() != 3 || parts[2] != "HTTP/1.1" {
+        // HTTP/1.0 when the client spoke it (no chunked answer it could not read).
+        if parts.len() != 3 || (parts[2] != "HTTP/1.1" && parts[2] != "HTTP/1.0") {
             bad.push(format!("request line `{line}`"));
         } else if parts[0] == "CONNECT" {
             if !canonical_authority(parts[1]) {

@@ -325,7 +325,7 @@ fn is_hop(name: &[u8], named: &[&[u8]]) -> bool {
 
 /// `Content-Length` or `Transfer-Encoding`, also spelt with `_` (which some servers read as
 /// `-`): never forwarded from a client, whose framing is re-stated.
-fn is_framing_alias(name: &[u8]) -> bool {
+pub(super) fn is_framing_alias(name: &[u8]) -> bool {
     let folded = |b: &u8| {
         if *b == b'_' {
             b'-'
@@ -438,7 +438,7 @@ mod tests {
             Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nProxy-Connection: keep-alive\r\n\
             Proxy-Authorization: Basic d29ya2VyOnB3\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
             Trailer: X-T\r\nUpgrade: h2c\r\nX-Pharox-Pool: latam\r\nx-pharox-session: s\r\n\
-            Content-Length: 5\r\nContent_Length: 99\r\ntransfer_encoding: chunked\r\n\
+            Content-Length: 5\r\n\
             Accept: */*\r\nuser-agent: t\r\n\r\n";
         let out = rewrite_request(raw, DIRECT).unwrap();
         // An HTTP/1.0 client's request goes on as HTTP/1.0 (no chunked answer it cannot read).
