@@ -88,6 +88,13 @@ const WEEK_SECS: u64 = 7 * 24 * 3600;
 /// 30 days in seconds: the longest lease or session.
 const MAX_LEASE_SECS: u64 = crate::storage::MAX_LEASE_DURATION.as_secs();
 
+/// A name that may go into a header or a URL path as is: 1 to 128 characters, none of them
+/// whitespace or control characters.
+fn printable_name(s: &str) -> bool {
+    (1..=128).contains(&s.chars().count())
+        && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 /// Reports `key` when `v` is over `max` (durations so large that adding them to a time would
 /// overflow are refused here, not found out later).
 fn bounded(problems: &mut Vec<String>, key: &str, v: u64, max: u64) {
@@ -769,8 +776,10 @@ impl Config {
         let mut ids: HashMap<String, String> = HashMap::new();
         for (pi, pool) in self.pools.iter().enumerate() {
             let key = format!("pools[{pi}]");
-            if pool.name.is_empty() || pool.name.contains(char::is_whitespace) {
-                problems.push(format!("{key}.name: must be non-empty without spaces"));
+            if !printable_name(&pool.name) {
+                problems.push(format!(
+                    "{key}.name: must be 1 to 128 characters without spaces or control characters"
+                ));
             } else if !names.insert(pool.name.as_str()) {
                 problems.push(format!("{key}.name: duplicate pool `{}`", pool.name));
             }
@@ -850,6 +859,10 @@ impl Config {
             for (xi, proxy) in pool.proxies.iter().enumerate() {
                 let pkey = format!("{key}.proxies[{xi}]");
                 match proxy_id(pool, proxy) {
+                    Ok(id) if !printable_name(&id) => problems.push(format!(
+                        "{pkey}.id: `{}` must be 1 to 128 characters without spaces or control characters",
+                        id.escape_debug()
+                    )),
                     Ok(id) => {
                         if let Some(other) = ids.insert(id.clone(), pkey.clone()) {
                             problems.push(format!(
