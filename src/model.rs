@@ -541,6 +541,9 @@ pub struct Lease {
     /// The leased proxy: its id (serialised as `proxy_id`) and connection details.
     #[serde(rename = "proxy_id", serialize_with = "ser_proxy_id")]
     pub proxy: Arc<Proxy>,
+    /// Who holds it in a shared storage: the node id of the daemon that took it (`None` in
+    /// the in-memory storage, and for leases taken by Python pharox).
+    pub holder: Option<Arc<str>>,
 }
 
 impl Lease {

@@ -520,6 +520,7 @@ impl PoolState {
             expires_at: live.expires_at,
             status,
             proxy,
+            holder: None,
         }
     }
 
