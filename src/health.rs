@@ -20,10 +20,10 @@ use tracing::debug;
 
 use crate::config::HealthCheckConfig;
 use crate::model::{HealthCheck, Proxy, ProxyInfo, ProxyStatus};
-use crate::proxy::target::Target;
 use crate::proxy::upstream::{self, UpstreamIo};
 use crate::proxy::{ProxyState, Runtime};
 use crate::storage::{AcquireRequest, Storage};
+use crate::target::Target;
 
 /// Consumer name the probes lease as.
 pub const PROBE_CONSUMER: &str = "pharox-health";

@@ -22,6 +22,7 @@
 //! - [`reload`]: building settings from a config, diffing and applying them to a running daemon.
 //! - [`app`]: wiring, the run loop, graceful shutdown.
 //! - [`systemd`]: readiness notification.
+//! - [`target`]: destinations (validated hosts and ports) and the destination policy.
 //!
 //! ```
 //! use pharox::{AcquireRequest, InMemoryStorage, Pool, Proxy, ProxyManager, ProxyProtocol, Storage};
@@ -60,6 +61,7 @@ pub mod retry;
 pub mod selector;
 pub mod storage;
 pub mod systemd;
+pub mod target;
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

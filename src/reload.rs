@@ -17,10 +17,10 @@ use crate::config::{Config, ConfigError, parse_upstream_url, proxy_id};
 use crate::identity::Authenticator;
 use crate::model::{Credentials, Pool, Proxy, ProxyId, ProxyProtocol};
 use crate::proxy::held::Manager;
-use crate::proxy::target::Policy;
 use crate::proxy::upstream::{UpstreamExtra, tls_connector};
 use crate::proxy::{PoolRuntime, ProxyState, Runtime};
 use crate::storage::{LeaseError, Storage};
+use crate::target::Policy;
 
 /// Why a configuration could not be applied.
 #[derive(Debug, thiserror::Error)]

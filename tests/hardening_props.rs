@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::daemon::*;
 use common::hostile::*;
 use pharox::identity::{USERNAME_KEYS, parse_username};
-use pharox::proxy::target::{Host, Target};
+use pharox::target::{Host, Target};
 use proptest::prelude::*;
 use proptest::test_runner::{RngSeed, TestCaseError, TestRunner};
 

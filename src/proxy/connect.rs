@@ -12,9 +12,9 @@ use bytes::BytesMut;
 
 use super::http1::RequestHead;
 use super::splice::Transferred;
-use super::target::Target;
 use super::tunnel::{self, Open, Reply};
 use super::{DialMode, ProxyState, Runtime, finish, record_identity, reply_error};
+use crate::target::Target;
 
 /// Handles a CONNECT whose head has been read.
 pub async fn handle(

@@ -43,13 +43,13 @@ use super::http1::{
     ResponseRewrite, Scheme, TargetForm, copy_body, take_response,
 };
 use super::splice::{HALF_CLOSE_GRACE, SpliceEnd, Transferred, splice_upstream};
-use super::target::{Host, Target};
 use super::tunnel;
 use super::upstream::{DialError, UpstreamIo, basic_auth};
 use super::{DialMode, ProxyState, Runtime, finish, identify, log_error, record_identity};
 use crate::error::ProxyError;
 use crate::identity::Identity;
 use crate::model::{ProxyId, ProxyProtocol};
+use crate::target::{Host, Target};
 
 /// How long an `Expect: 100-continue` request waits for the upstream's answer before its
 /// body is sent anyway (as clients do).

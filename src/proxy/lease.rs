@@ -10,7 +10,6 @@ use tracing::{debug, warn};
 
 use super::held::{HeldLease, LeaseUse};
 use super::session::{Session, SessionUse};
-use super::target::Target;
 use super::upstream::{self, DialError, UpstreamIo};
 use super::{DialMode, PoolRuntime, ProxyState, Runtime};
 use crate::config::PassiveHealthConfig;
@@ -19,6 +18,7 @@ use crate::identity::Identity;
 use crate::model::{Lease, Proxy, ProxyId, ProxyStatus};
 use crate::retry::{RetryPolicy, wall_now};
 use crate::storage::{AcquireRequest, LeaseError, Storage};
+use crate::target::Target;
 
 /// A session lookup that keeps finding an ended session gives up after this many tries.
 const SESSION_TRIES: usize = 3;

@@ -12,7 +12,7 @@ mod lease;
 pub mod session;
 pub mod socks;
 pub mod splice;
-pub mod target;
+
 mod tunnel;
 pub mod upstream;
 
@@ -38,10 +38,10 @@ use crate::model::{LeaseId, ProxyId};
 use crate::retry::RetryPolicy;
 use crate::selector::Selector;
 use crate::storage::Storage;
+use crate::target::{Policy, Target};
 use head::{HeadError, Opening};
 use held::{Manager, Registry};
 use splice::Transferred;
-use target::{Policy, Target};
 use upstream::UpstreamExtra;
 
 /// A pool's daemon settings.

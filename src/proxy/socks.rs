@@ -29,10 +29,10 @@ use tracing::{Span, debug};
 
 use super::head::Rewind;
 use super::splice::Transferred;
-use super::target::{Host, Target, canonical};
 use super::tunnel::{self, Open, Reply};
 use super::{DialMode, ProxyState, Runtime, finish, record_identity};
 use crate::error::{ProxyError, socks_reply as rep};
+use crate::target::{Host, Target, canonical};
 
 /// Why the handshake stopped before a tunnel.
 enum Stop {

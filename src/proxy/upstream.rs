@@ -17,9 +17,9 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
-use super::target::{Denied, Host, Policy, Target};
 use crate::error::{ProxyError, UpstreamFault};
 use crate::model::{Credentials, Proxy, ProxyProtocol};
+use crate::target::{Denied, Host, Policy, Target};
 
 /// Largest CONNECT reply head accepted from an upstream.
 const MAX_REPLY_HEAD: usize = 16 * 1024;

@@ -8,7 +8,7 @@ use std::net::Ipv6Addr;
 
 use super::is_vchar;
 use crate::error::ProxyError;
-use crate::proxy::target::Host;
+use crate::target::Host;
 
 /// Why a request target is not a usable absolute URI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -169,7 +169,7 @@ fn host_port(authority: &str) -> Result<(&str, Option<u16>), UriError> {
 }
 
 /// An IP literal or a DNS name of LDH labels: the one host validator of the daemon
-/// ([`Host::parse`](crate::proxy::target::Host::parse)).
+/// ([`Host::parse`](crate::target::Host::parse)).
 fn check_host(host: &str) -> Result<(), UriError> {
     if host.is_empty() {
         return Err(UriError::EmptyHost);
@@ -180,7 +180,7 @@ fn check_host(host: &str) -> Result<(), UriError> {
 }
 
 fn parse_port(port: &str) -> Result<u16, UriError> {
-    crate::proxy::target::parse_port(port).ok_or(UriError::InvalidPort)
+    crate::target::parse_port(port).ok_or(UriError::InvalidPort)
 }
 
 #[cfg(test)]
