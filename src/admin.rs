@@ -112,13 +112,7 @@ async fn route(admin: &AdminState, state: &Arc<ProxyState>, req: Request<Incomin
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => reply(StatusCode::OK, json!({"status": "ok"})),
-        (&Method::GET, "/readyz") if admin.ready.load(Ordering::Acquire) => {
-            reply(StatusCode::OK, json!({"status": "ready"}))
-        }
-        (&Method::GET, "/readyz") => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "not ready"}),
-        ),
+        (&Method::GET, "/readyz") => readyz(admin, state),
         (&Method::GET, "/metrics") => Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(state.metrics.render())))
@@ -140,6 +134,17 @@ async fn route(admin: &AdminState, state: &Arc<ProxyState>, req: Request<Incomin
         }
         _ => error(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// Ready: the proxy port accepts connections and the lease storage answers.
+fn readyz(admin: &AdminState, state: &ProxyState) -> Resp {
+    let storage = state.manager.storage();
+    let (status, why) = match (admin.ready.load(Ordering::Acquire), storage.is_up()) {
+        (true, true) => (StatusCode::OK, "ready"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable"),
+    };
+    reply(status, json!({"status": why, "storage": storage.kind()}))
 }
 
 /// Checks `Authorization: Bearer` against `admin.token` (constant time), if one is set.

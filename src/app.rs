@@ -80,9 +80,10 @@ impl Runner {
         let bg = &state.background;
         let sweeper = state.manager.spawn_sweeper(Duration::from_secs(1));
         bg.spawn(every(Duration::from_secs(5), state.stop.clone(), {
-            let metrics = state.metrics.clone();
+            let (metrics, manager) = (state.metrics.clone(), state.manager.clone());
             move || {
                 metrics.upkeep();
+                metrics.storage_up(manager.storage().is_up());
                 async {}
             }
         }));

@@ -182,12 +182,15 @@ pub struct Authenticator {
 pub type HeaderLookup<'a> = &'a dyn Fn(&str) -> Option<&'a [u8]>;
 
 impl Authenticator {
-    /// Builds the tables from a validated config.
-    pub fn new(config: &Config) -> Self {
+    /// Builds the tables from a validated config, plus `discovered` pools (in the storage,
+    /// not in the config: usable by consumers allowed every pool).
+    pub fn new(config: &Config, discovered: &[Arc<str>]) -> Self {
         let pools: HashMap<String, Arc<str>> = config
             .pools
             .iter()
-            .map(|p| (p.name.clone(), Arc::from(p.name.as_str())))
+            .map(|p| Arc::from(p.name.as_str()))
+            .chain(discovered.iter().cloned())
+            .map(|p| (p.to_string(), p))
             .collect();
         let consumers = config
             .consumers

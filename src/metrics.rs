@@ -56,6 +56,12 @@ pub mod names {
     pub const PROXY_LATENCY: &str = "pharox_proxy_latency_seconds";
     /// Held leases lost (not renewed): their connections were closed.
     pub const LEASES_LOST: &str = "pharox_leases_lost_total";
+    /// 1 while the lease storage answers, 0 while it does not.
+    pub const STORAGE_UP: &str = "pharox_storage_up";
+    /// Storage operations that failed, by operation.
+    pub const STORAGE_ERRORS: &str = "pharox_storage_errors_total";
+    /// Time of storage operations, by operation.
+    pub const STORAGE_DURATION: &str = "pharox_storage_duration_seconds";
 }
 
 /// Buckets for acquire latency (seconds).
@@ -124,6 +130,12 @@ impl Metrics {
             .and_then(|b| {
                 b.set_buckets_for_metric(
                     Matcher::Full(names::PROXY_LATENCY.into()),
+                    ACQUIRE_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(names::STORAGE_DURATION.into()),
                     ACQUIRE_BUCKETS,
                 )
             })
@@ -217,6 +229,21 @@ impl Metrics {
             PROXY_LATENCY.into(),
             Some(Unit::Seconds),
             "Upstream latency measured by health probes.".into(),
+        );
+        r.describe_gauge(
+            STORAGE_UP.into(),
+            Some(Unit::Count),
+            "1 while the lease storage answers, 0 while it does not.".into(),
+        );
+        r.describe_counter(
+            STORAGE_ERRORS.into(),
+            Some(Unit::Count),
+            "Lease storage operations that failed (op=acquire|release|renew|sweep|...).".into(),
+        );
+        r.describe_histogram(
+            STORAGE_DURATION.into(),
+            Some(Unit::Seconds),
+            "Time of one lease storage operation.".into(),
         );
         r.describe_counter(
             LEASES_LOST.into(),
@@ -329,6 +356,22 @@ impl Metrics {
         p.available.set(s.available as f64);
         p.active.set(s.active as f64);
         p.leased.set(s.leased as f64);
+    }
+
+    /// One storage operation: its time, and whether it failed.
+    pub fn storage_op(&self, op: &'static str, took: std::time::Duration, ok: bool) {
+        self.histogram(names::STORAGE_DURATION, &[("op", op)])
+            .record(took.as_secs_f64());
+        if !ok {
+            self.counter(names::STORAGE_ERRORS, &[("op", op)])
+                .increment(1);
+        }
+    }
+
+    /// Whether the storage answers.
+    pub fn storage_up(&self, up: bool) {
+        self.gauge(names::STORAGE_UP, &[])
+            .set(if up { 1.0 } else { 0.0 });
     }
 
     /// A held lease was lost; its connections were closed.

@@ -8,7 +8,6 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Serialize;
 use tracing::{info, warn};
@@ -111,36 +110,66 @@ fn runtime(
     config: Config,
     extras: HashMap<ProxyId, UpstreamExtra>,
     own: Vec<SocketAddr>,
+    discovered: Vec<Arc<str>>,
 ) -> Runtime {
+    let defaults = crate::config::PoolConfig::named("");
     let pools = config
         .pools
         .iter()
-        .map(|pc| {
-            let rt = PoolRuntime {
-                selector: pc.selector,
-                lease: Duration::from_secs(pc.lease_seconds),
-                retry: pc.retry.policy(),
-                failover: pc.failover_attempts,
-                health: pc.health.clone(),
-                session_ttl: Duration::from_secs(pc.session_ttl_seconds),
-                session_max_ttl: Duration::from_secs(pc.session_max_ttl_seconds),
-                health_check: pc.health_check.clone(),
-                lease_slow: pc.lease_slow,
-            };
-            (Arc::from(pc.name.as_str()), rt)
-        })
+        .map(|pc| (Arc::from(pc.name.as_str()), PoolRuntime::from_config(pc)))
+        .chain(
+            discovered
+                .iter()
+                .map(|name| (name.clone(), PoolRuntime::from_config(&defaults))),
+        )
         .collect();
     let policy = Policy {
         allow_private: config.security.allow_private_targets,
         own,
     };
     Runtime {
-        auth: Authenticator::new(&config),
+        auth: Authenticator::new(&config, &discovered),
         pools,
         extras,
         policy,
         config,
+        discovered,
     }
+}
+
+/// Pools of the storage that the config does not name (made by Python pharox, another
+/// daemon or the lease API), sorted.
+async fn discover(manager: &Manager, config: &Config) -> Result<Vec<Arc<str>>, LeaseError> {
+    let mut found: Vec<Arc<str>> = manager
+        .storage()
+        .list_pools()
+        .await?
+        .into_iter()
+        .map(|(p, _)| p.name)
+        .filter(|name| !config.pools.iter().any(|pc| pc.name == *name))
+        .map(Arc::from)
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Brings the runtime's list of storage-only pools up to date (they are leasable with
+/// default settings by consumers allowed every pool). Cheap when nothing changed.
+pub async fn refresh_pools(state: &ProxyState) -> Result<bool, LeaseError> {
+    let _one_at_a_time = state.reload_lock.lock().await;
+    let current = state.runtime.load_full();
+    let found = discover(&state.manager, &current.config).await?;
+    if found == current.discovered {
+        return Ok(false);
+    }
+    info!(pools = ?found, "pools of the storage not in the config");
+    state.runtime.store(Arc::new(runtime(
+        current.config.clone(),
+        current.extras.clone(),
+        current.policy.own.clone(),
+        found,
+    )));
+    Ok(true)
 }
 
 /// Checks, before anything changes, that `proxies` can be applied: no id may move from one
@@ -245,7 +274,8 @@ pub async fn initial(
     let (proxies, extras) = inventory(&config)?;
     check_inventory(manager, &proxies).await?;
     sync_inventory(manager, &config, proxies, &mut ReloadReport::default()).await?;
-    Ok(runtime(config, extras, own))
+    let discovered = discover(manager, &config).await?;
+    Ok(runtime(config, extras, own, discovered))
 }
 
 /// Applies a new, already validated config to a running daemon: all or nothing (everything
@@ -288,10 +318,12 @@ async fn apply_locked(state: &ProxyState, config: Config) -> Result<ReloadReport
     let (proxies, extras) = inventory(&config)?;
     check_inventory(&state.manager, &proxies).await?;
     sync_inventory(&state.manager, &config, proxies, &mut report).await?;
+    let discovered = discover(&state.manager, &config).await?;
     state.runtime.store(Arc::new(runtime(
         config,
         extras,
         current.policy.own.clone(),
+        discovered,
     )));
     for w in &report.warnings {
         warn!("{w}");

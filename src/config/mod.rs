@@ -9,7 +9,8 @@ mod upstream;
 mod validate;
 
 pub use upstream::{
-    UpstreamUrl, parse_proxy_line, parse_upstream_url, percent_decode, proxy_id, split_host_port,
+    UpstreamUrl, mask_url, parse_proxy_line, parse_upstream_url, percent_decode, proxy_id,
+    split_host_port,
 };
 
 use std::net::{IpAddr, SocketAddr};
@@ -83,6 +84,8 @@ pub struct Config {
     pub consumers: Vec<ConsumerConfig>,
     /// The pools of upstreams.
     pub pools: Vec<PoolConfig>,
+    /// Where the lease state lives.
+    pub storage: StorageConfig,
 }
 
 /// Most `worker_threads` accepted.
@@ -111,7 +114,79 @@ impl Default for Config {
             security: SecurityConfig::default(),
             consumers: Vec::new(),
             pools: Vec::new(),
+            storage: StorageConfig::default(),
         }
+    }
+}
+
+/// `[storage] kind`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageKind {
+    /// In this process (the default): nothing to set up, nothing shared.
+    #[default]
+    Memory,
+    /// PostgreSQL, shared by every daemon (and Python pharox worker) of a fleet.
+    Postgres,
+}
+
+/// `[storage]`: where leases, counters and health live (SPEC §6).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `memory` (default) or `postgres`.
+    pub kind: StorageKind,
+    /// `postgres://user:pass@host:5432/db?sslmode=require`; never logged or shown (the
+    /// password is masked everywhere).
+    pub url: Option<Secret>,
+    /// Name of an environment variable holding the URL (instead of `url`).
+    pub url_env: Option<String>,
+    /// This daemon's name in the fleet (unique; default: the host name). Its leases carry
+    /// it, and a second live daemon with the same one is refused at start.
+    pub node_id: Option<String>,
+    /// Database connections in the pool (plus one for LISTEN and the node lock). Default 16.
+    pub pool_size: usize,
+    /// Longest a statement may take, in ms; past it the client gets 503
+    /// `storage_unavailable`. Default 2000.
+    pub statement_timeout_ms: u64,
+    /// Create missing tables and add pharox's columns and indexes at start (additive only;
+    /// Python pharox keeps working). Default true.
+    pub migrate: bool,
+    /// PEM file with CA certificates trusted for the database's TLS certificate, besides the
+    /// system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            kind: StorageKind::Memory,
+            url: None,
+            url_env: None,
+            node_id: None,
+            pool_size: 16,
+            statement_timeout_ms: 2000,
+            migrate: true,
+            ca_file: None,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// `statement_timeout_ms` as a duration.
+    pub fn statement_timeout(&self) -> Duration {
+        Duration::from_millis(self.statement_timeout_ms)
+    }
+
+    /// The node id: `node_id`, else the host name, else `pharox`.
+    pub fn node(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "pharox".into())
+        })
     }
 }
 
@@ -290,6 +365,27 @@ pub struct PoolConfig {
     pub proxies: Vec<ProxyConfig>,
     /// A file with one upstream per line: `URL [key=value ...]`.
     pub proxies_file: Option<PathBuf>,
+}
+
+impl PoolConfig {
+    /// A pool with every setting at its default and no upstream (the settings of a pool that
+    /// exists only in the storage).
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            selector: Selector::default(),
+            lease_seconds: default_lease_seconds(),
+            session_ttl_seconds: default_session_ttl(),
+            session_max_ttl_seconds: default_session_max_ttl(),
+            failover_attempts: default_failover(),
+            retry: RetryConfig::default(),
+            health: PassiveHealthConfig::default(),
+            health_check: None,
+            lease_slow: yes(),
+            proxies: Vec::new(),
+            proxies_file: None,
+        }
+    }
 }
 
 fn default_lease_seconds() -> u64 {
@@ -488,6 +584,7 @@ impl Config {
         let mut problems = Vec::new();
         self.read_proxy_files(base, &mut problems);
         self.read_password_env(env, &mut problems);
+        self.read_storage_url(env, &mut problems);
         self.validate(&mut problems);
         if problems.is_empty() {
             Ok(self)
@@ -523,6 +620,29 @@ impl Config {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    fn read_storage_url(
+        &mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+        problems: &mut Vec<String>,
+    ) {
+        let st = &mut self.storage;
+        let Some(var) = &st.url_env else { return };
+        if st.url.is_some() {
+            problems.push("storage: set either url or url_env, not both".into());
+        } else if var.starts_with("PHAROX_") {
+            problems.push(format!(
+                "storage.url_env: `{var}`: PHAROX_ variables are configuration overrides; pick another name"
+            ));
+        } else {
+            match env(var) {
+                Some(v) if !v.is_empty() => st.url = Some(Secret::new(v)),
+                _ => problems.push(format!(
+                    "storage.url_env: environment variable `{var}` is not set or empty"
+                )),
             }
         }
     }

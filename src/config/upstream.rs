@@ -153,3 +153,60 @@ pub fn proxy_id(pool: &PoolConfig, p: &ProxyConfig) -> Result<String, String> {
         (None, _) => format!("{}/{}:{}", pool.name, url.host, url.port),
     })
 }
+
+/// A URL with its password replaced by `***` (`scheme://user:***@host/...`), for logs,
+/// `pharox check` and error messages. A URL that does not parse comes back as `***`.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".into();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let masked = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{masked}@{host}{}", mask_query(tail))
+        }
+        None => format!("{scheme}://{authority}{}", mask_query(tail)),
+    }
+}
+
+/// Masks `password=` in a query string too (libpq URLs may carry it there).
+fn mask_query(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_owned();
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_owned(),
+        })
+        .collect();
+    format!("{path}?{}", query.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_masked() {
+        for (url, want) in [
+            (
+                "postgres://u:s3cret@db:5432/x?sslmode=require",
+                "postgres://u:***@db:5432/x?sslmode=require",
+            ),
+            ("postgres://u@db/x", "postgres://u@db/x"),
+            (
+                "postgres://db/x?user=u&password=s3cret",
+                "postgres://db/x?user=u&password=***",
+            ),
+            ("postgres://u:p%40ss@db", "postgres://u:***@db"),
+            ("not a url s3cret", "***"),
+        ] {
+            assert_eq!(mask_url(url), want);
+            assert!(!mask_url(url).contains("s3cret"));
+        }
+    }
+}

@@ -3,7 +3,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{Config, MAX_WORKER_THREADS, ProxyConfig, USERNAME_KEYS, parse_upstream_url, proxy_id};
+use super::{
+    Config, MAX_WORKER_THREADS, ProxyConfig, StorageKind, USERNAME_KEYS, parse_upstream_url,
+    proxy_id,
+};
 use crate::model::ProxyProtocol;
 
 /// An hour in milliseconds: the bound of every timeout given in ms.
@@ -29,6 +32,61 @@ fn bounded(problems: &mut Vec<String>, key: &str, v: u64, max: u64) {
 }
 
 impl Config {
+    fn validate_storage(&self, problems: &mut Vec<String>) {
+        let st = &self.storage;
+        if st.kind == StorageKind::Memory {
+            return;
+        }
+        match &st.url {
+            None => {
+                problems.push("storage.url: required for kind = \"postgres\" (or url_env)".into())
+            }
+            Some(url) => {
+                let u = url.expose();
+                if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                    problems.push(format!(
+                        "storage.url: `{}` is not a postgres:// URL",
+                        super::mask_url(u)
+                    ));
+                }
+            }
+        }
+        if st.node_id.as_deref().is_some_and(|n| !printable_name(n)) {
+            problems.push(
+                "storage.node_id: must be 1 to 128 characters without spaces or control characters"
+                    .into(),
+            );
+        }
+        bounded(problems, "storage.pool_size", st.pool_size as u64, 1024);
+        if st.pool_size == 0 {
+            problems.push("storage.pool_size: must be positive".into());
+        }
+        if st.statement_timeout_ms == 0 {
+            problems.push("storage.statement_timeout_ms: must be positive".into());
+        }
+        bounded(
+            problems,
+            "storage.statement_timeout_ms",
+            st.statement_timeout_ms,
+            HOUR_MS,
+        );
+        if let Some(ca) = &st.ca_file
+            && !ca.exists()
+        {
+            problems.push(format!("storage.ca_file: {} does not exist", ca.display()));
+        }
+        for (pi, pool) in self.pools.iter().enumerate() {
+            for (xi, p) in pool.proxies.iter().enumerate() {
+                if parse_upstream_url(&p.url).is_ok_and(|u| u.protocol == ProxyProtocol::Direct) {
+                    problems.push(format!(
+                        "pools[{pi}].proxies[{xi}]: `direct` upstreams cannot be shared in a \
+                         postgres storage (Python pharox cannot read them); use memory storage"
+                    ));
+                }
+            }
+        }
+    }
+
     /// Checks everything that parsing cannot; pushes one line per problem.
     pub(super) fn validate(&self, problems: &mut Vec<String>) {
         if self.pools.is_empty() {
@@ -87,6 +145,7 @@ impl Config {
                 "worker_threads: at most {MAX_WORKER_THREADS} (0 = one per CPU)"
             ));
         }
+        self.validate_storage(problems);
         let pool_names = self.validate_pools(problems);
         self.validate_consumers(&pool_names, problems);
         if let Some(p) = &self.default_pool
@@ -178,7 +237,8 @@ impl Config {
                     "{key}.health: max_failures and cooldown_seconds must be positive"
                 ));
             }
-            if pool.proxies.is_empty() {
+            // In a shared storage a pool may be filled by others (Python, the lease API).
+            if pool.proxies.is_empty() && self.storage.kind == StorageKind::Memory {
                 problems.push(format!("{key}.proxies: the pool has no upstream"));
             }
             for (xi, proxy) in pool.proxies.iter().enumerate() {

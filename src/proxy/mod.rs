@@ -80,6 +80,25 @@ pub struct Runtime {
     pub extras: HashMap<ProxyId, UpstreamExtra>,
     /// Destination policy.
     pub policy: Policy,
+    /// Pools of the storage that the config does not name, leasable with default settings.
+    pub discovered: Vec<Arc<str>>,
+}
+
+impl PoolRuntime {
+    /// The settings of a configured pool.
+    pub fn from_config(pc: &crate::config::PoolConfig) -> Self {
+        Self {
+            selector: pc.selector,
+            lease: Duration::from_secs(pc.lease_seconds),
+            retry: pc.retry.policy(),
+            failover: pc.failover_attempts,
+            health: pc.health.clone(),
+            session_ttl: Duration::from_secs(pc.session_ttl_seconds),
+            session_max_ttl: Duration::from_secs(pc.session_max_ttl_seconds),
+            health_check: pc.health_check.clone(),
+            lease_slow: pc.lease_slow,
+        }
+    }
 }
 
 impl Runtime {

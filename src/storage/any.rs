@@ -20,6 +20,22 @@ pub enum AnyStorage {
     Memory(InMemoryStorage),
 }
 
+impl AnyStorage {
+    /// Whether the backend answers (the in-memory one always does).
+    pub fn is_up(&self) -> bool {
+        match self {
+            AnyStorage::Memory(_) => true,
+        }
+    }
+
+    /// The backend's name, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AnyStorage::Memory(_) => "memory",
+        }
+    }
+}
+
 impl From<InMemoryStorage> for AnyStorage {
     fn from(s: InMemoryStorage) -> Self {
         AnyStorage::Memory(s)
