@@ -321,6 +321,9 @@ pub struct Pool {
     pub description: Option<String>,
     /// Lease `slow` proxies too (default `false`: only `active` ones, as the seed does).
     pub lease_slow: bool,
+    /// Whose config defines it (a daemon's node id); `None` for pools made through the lease
+    /// API or by other clients. A reload only ever removes what its own config defined.
+    pub owner: Option<Arc<str>>,
 }
 
 impl Pool {
@@ -332,6 +335,7 @@ impl Pool {
             name,
             description: None,
             lease_slow: false,
+            owner: None,
         }
     }
 }
@@ -399,6 +403,9 @@ pub struct Proxy {
     /// Resting after consecutive connect failures until then (status `inactive`); the
     /// storage puts it back to `active` at that time.
     pub rest_until: Option<SystemTime>,
+    /// Whose config defines it (a daemon's node id); `None` for proxies made through the
+    /// lease API or by other clients. A reload only ever removes what its own config defined.
+    pub owner: Option<Arc<str>>,
 }
 
 impl Proxy {
@@ -423,6 +430,7 @@ impl Proxy {
             meta: ProxyMeta::default(),
             latency: None,
             rest_until: None,
+            owner: None,
         }
     }
 

@@ -202,23 +202,28 @@ async fn sync_inventory(
     report: &mut ReloadReport,
 ) -> Result<(), LeaseError> {
     let storage = manager.storage();
-    let existing_pools: HashSet<String> = storage
+    // What this daemon's config defines carries its node id; pools and proxies made by
+    // others (the lease API, Python pharox, another daemon) are never removed here.
+    let owner: Arc<str> = Arc::from(config.storage.node());
+    let existing_pools: HashMap<String, Option<Arc<str>>> = storage
         .list_pools()
         .await?
         .into_iter()
-        .map(|(p, _)| p.name)
+        .map(|(p, _)| (p.name, p.owner))
         .collect();
     let wanted_pools: HashSet<&str> = config.pools.iter().map(|p| p.name.as_str()).collect();
     for pc in &config.pools {
-        if !existing_pools.contains(&pc.name) {
+        if !existing_pools.contains_key(&pc.name) {
             report.pools_added.push(pc.name.clone());
         }
         let mut pool = Pool::new(pc.name.clone());
         pool.lease_slow = pc.lease_slow;
+        pool.owner = Some(owner.clone());
         storage.upsert_pool(pool).await?;
     }
     let mut wanted: HashSet<ProxyId> = HashSet::new();
     for mut p in proxies {
+        p.owner = Some(owner.clone());
         wanted.insert(p.id.clone());
         match storage.get_proxy(&p.id).await? {
             Some(old) if !old.draining => {
@@ -234,14 +239,15 @@ async fn sync_inventory(
         }
         storage.upsert_proxy(p).await?;
     }
-    for pool in &existing_pools {
+    let ours = |o: &Option<Arc<str>>| o.as_deref() == Some(&*owner);
+    for (pool, pool_owner) in &existing_pools {
         for info in storage.list_proxies(pool).await? {
-            if !info.draining && !wanted.contains(&info.proxy.id) {
+            if !info.draining && !wanted.contains(&info.proxy.id) && ours(&info.proxy.owner) {
                 storage.remove_proxy(&info.proxy.id).await?;
                 report.proxies_removed += 1;
             }
         }
-        if !wanted_pools.contains(pool.as_str()) {
+        if !wanted_pools.contains(pool.as_str()) && ours(pool_owner) {
             storage.remove_pool(pool).await?;
             report.pools_removed.push(pool.clone());
         }
@@ -308,6 +314,12 @@ async fn apply_locked(state: &ProxyState, config: Config) -> Result<ReloadReport
             .warnings
             .push("worker_threads needs a restart; kept the running value".into());
         config.worker_threads = current.config.worker_threads;
+    }
+    if format!("{:?}", config.storage) != format!("{:?}", current.config.storage) {
+        report
+            .warnings
+            .push("storage needs a restart; kept the running settings".into());
+        config.storage = current.config.storage.clone();
     }
     if config.limits.max_connections != current.config.limits.max_connections {
         report

@@ -277,6 +277,7 @@ impl Storage for InMemoryStorage {
                 let pool = Pool {
                     name: state.name().to_string(),
                     id: state.id,
+                    owner: state.owner.clone(),
                     description: state.description().map(str::to_owned),
                     lease_slow: state.lease_slow(),
                 };
@@ -302,6 +303,7 @@ impl Storage for InMemoryStorage {
         let mut state = entry.lock();
         state.removed = false;
         state.set_description(pool.description);
+        state.owner = pool.owner;
         state.set_lease_slow(pool.lease_slow);
         Ok(())
     }

@@ -176,6 +176,8 @@ pub(crate) struct PoolState {
     /// The pool's id (fixed when the pool is created).
     pub id: uuid::Uuid,
     description: Option<String>,
+    /// Whose config defines the pool (see `Pool::owner`).
+    pub owner: Option<Arc<str>>,
     /// Removed from the inventory; kept until its last lease is released.
     pub removed: bool,
     slots: Vec<Option<Slot>>,
@@ -208,6 +210,7 @@ impl PoolState {
             name,
             id,
             description,
+            owner: None,
             removed: false,
             slots: Vec::new(),
             tombstones: 0,
