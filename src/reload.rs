@@ -315,7 +315,7 @@ async fn apply_locked(state: &ProxyState, config: Config) -> Result<ReloadReport
             .push("worker_threads needs a restart; kept the running value".into());
         config.worker_threads = current.config.worker_threads;
     }
-    if format!("{:?}", config.storage) != format!("{:?}", current.config.storage) {
+    if config.storage != current.config.storage {
         report
             .warnings
             .push("storage needs a restart; kept the running settings".into());

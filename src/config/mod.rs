@@ -131,7 +131,7 @@ pub enum StorageKind {
 }
 
 /// `[storage]`: where leases, counters and health live (SPEC §6).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// `memory` (default) or `postgres`.
