@@ -117,6 +117,7 @@ async fn route(admin: &AdminState, state: &Arc<ProxyState>, req: Request<Incomin
             .header("content-type", "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(state.metrics.render())))
             .expect("static parts are valid"),
+        (_, p) if p.starts_with("/v1/") || p == "/v1" => crate::api::route(state, req).await,
         (_, p) if p.starts_with("/api/v1/") => {
             if authorized(state, &req) {
                 api(admin, state, req, &path["/api/v1/".len()..]).await

@@ -43,6 +43,13 @@ pub enum ProxyError {
     /// A destination refused by policy.
     #[error("destination denied: {0}")]
     DestinationDenied(String),
+    /// A `-lease-ID` username naming a lease this consumer may not use (unknown, another
+    /// consumer's, or one the daemon holds for a connection of its own).
+    #[error("lease {0} is not yours to use")]
+    LeaseForbidden(String),
+    /// A `-lease-ID` username naming a lease that has ended (released or expired).
+    #[error("lease {0} has ended")]
+    LeaseExpired(String),
     /// The consumer already has `limits.max_sessions_per_consumer` sticky sessions.
     #[error("too many sticky sessions for this consumer (at most {0})")]
     SessionLimit(usize),
@@ -94,7 +101,9 @@ impl ProxyError {
             ProxyError::NotImplemented(_) => 501,
             ProxyError::PoolForbidden(_)
             | ProxyError::UnknownPool(_)
-            | ProxyError::DestinationDenied(_) => 403,
+            | ProxyError::DestinationDenied(_)
+            | ProxyError::LeaseForbidden(_) => 403,
+            ProxyError::LeaseExpired(_) => 410,
             ProxyError::SessionLimit(_) => 429,
             ProxyError::PoolExhausted { .. }
             | ProxyError::StorageUnavailable(_)
@@ -117,6 +126,8 @@ impl ProxyError {
             ProxyError::PoolForbidden(_) => "pool_forbidden",
             ProxyError::UnknownPool(_) => "unknown_pool",
             ProxyError::DestinationDenied(_) => "destination_denied",
+            ProxyError::LeaseForbidden(_) => "lease_forbidden",
+            ProxyError::LeaseExpired(_) => "lease_expired",
             ProxyError::SessionLimit(_) => "session_limit",
             ProxyError::PoolExhausted { .. } => "pool_exhausted",
             ProxyError::StorageUnavailable(_) => "storage_unavailable",
@@ -134,7 +145,9 @@ impl ProxyError {
             | ProxyError::PoolForbidden(_)
             | ProxyError::UnknownPool(_)
             | ProxyError::DestinationDenied(_)
-            | ProxyError::SessionLimit(_) => socks_reply::NOT_ALLOWED,
+            | ProxyError::SessionLimit(_)
+            | ProxyError::LeaseForbidden(_)
+            | ProxyError::LeaseExpired(_) => socks_reply::NOT_ALLOWED,
             ProxyError::UpstreamTimeout(_) => socks_reply::TTL_EXPIRED,
             ProxyError::UpstreamFailed {
                 fault: UpstreamFault::Unreachable,

@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::filter::Filter;
-use crate::model::{DEFAULT_CONSUMER_NAME, ProxyMeta, Secret};
+use crate::model::{DEFAULT_CONSUMER_NAME, LeaseId, ProxyMeta, Secret};
 
 pub use crate::config::USERNAME_KEYS;
 
@@ -48,6 +48,8 @@ pub struct UsernameParams {
     pub session: Option<String>,
     /// `ttl` (session seconds)
     pub ttl: Option<u64>,
+    /// `lease`: use this lease (taken through the lease API) instead of taking one.
+    pub lease: Option<LeaseId>,
 }
 
 /// Longest username accepted, in bytes (the SOCKS5 limit: RFC 1929 carries it in 255 bytes).
@@ -94,6 +96,20 @@ pub fn parse_username(
         let key = segs[i];
         if !USERNAME_KEYS.contains(&key) {
             return bad(format!("unknown key `{key}`"));
+        }
+        if key == "lease" {
+            // The rest of the username: a UUID has dashes of its own.
+            if i != first_key {
+                return bad("`lease` goes alone after the consumer name".into());
+            }
+            if i + 1 >= segs.len() {
+                return bad("key `lease` has no value".into());
+            }
+            let value = seg(i + 1, segs.len());
+            p.lease = Some(value.parse().map_err(|_| {
+                ProxyError::BadUsername(format!("lease `{value}` is not a lease id (a UUID)"))
+            })?);
+            break;
         }
         let mut end = i + 2;
         if key == "pool" {
@@ -165,6 +181,9 @@ pub struct Identity {
     pub session: Option<String>,
     /// Requested session TTL in seconds, if any.
     pub ttl: Option<u64>,
+    /// A lease of the lease API to use (`-lease-ID`): no new acquire, exactly that lease.
+    /// `pool` is empty then: the lease's own pool applies.
+    pub lease: Option<LeaseId>,
 }
 
 /// Everything needed to authenticate and identify requests; built from the config.
@@ -339,6 +358,24 @@ impl Authenticator {
         if params.ttl.is_some() && params.session.is_none() {
             return Err(ProxyError::BadUsername("ttl needs a session".into()));
         }
+        if let Some(lease) = params.lease {
+            if params.pool.is_some()
+                || params.session.is_some()
+                || params.meta != ProxyMeta::default()
+            {
+                return Err(ProxyError::BadUsername(
+                    "a lease goes without pool, session or filter parameters".into(),
+                ));
+            }
+            return Ok(Identity {
+                consumer,
+                pool: Arc::from(""),
+                filter: None,
+                session: None,
+                ttl: None,
+                lease: Some(lease),
+            });
+        }
         let pool = match &params.pool {
             Some(name) => self
                 .pools
@@ -369,7 +406,16 @@ impl Authenticator {
             filter,
             session: params.session,
             ttl: params.ttl,
+            lease: None,
         })
+    }
+
+    /// Whether `consumer` may use `pool` (a consumer without a list may use every pool).
+    pub fn allows(&self, consumer: &str, pool: &str) -> bool {
+        match self.consumers.get(consumer) {
+            Some(e) => e.pools.is_empty() || e.pools.iter().any(|p| &**p == pool),
+            None => true,
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 //! - [`proxy`]: the proxy listener (CONNECT, plain HTTP, upstream dialing, splicing).
 //! - [`health`]: active health checks.
 //! - [`admin`]: the admin listener and its API.
+//! - [`api`]: the lease API (`/v1/`, what `pharox-sdk` speaks).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`reload`]: building settings from a config, diffing and applying them to a running daemon.
 //! - [`app`]: wiring, the run loop, graceful shutdown.
@@ -44,6 +45,7 @@
 #![deny(rust_2018_idioms, missing_docs)]
 
 pub mod admin;
+pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;

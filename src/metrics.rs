@@ -56,6 +56,8 @@ pub mod names {
     pub const PROXY_LATENCY: &str = "pharox_proxy_latency_seconds";
     /// Held leases lost (not renewed): their connections were closed.
     pub const LEASES_LOST: &str = "pharox_leases_lost_total";
+    /// Lease API requests by route and result.
+    pub const API_REQUESTS: &str = "pharox_api_requests_total";
     /// 1 while the lease storage answers, 0 while it does not.
     pub const STORAGE_UP: &str = "pharox_storage_up";
     /// Storage operations that failed, by operation.
@@ -230,6 +232,11 @@ impl Metrics {
             Some(Unit::Seconds),
             "Upstream latency measured by health probes.".into(),
         );
+        r.describe_counter(
+            API_REQUESTS.into(),
+            Some(Unit::Count),
+            "Lease API requests (route=pools|proxies|leases, result=ok|error).".into(),
+        );
         r.describe_gauge(
             STORAGE_UP.into(),
             Some(Unit::Count),
@@ -356,6 +363,13 @@ impl Metrics {
         p.available.set(s.available as f64);
         p.active.set(s.active as f64);
         p.leased.set(s.leased as f64);
+    }
+
+    /// A lease API request.
+    pub fn api_request(&self, route: &'static str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.counter(names::API_REQUESTS, &[("route", route), ("result", result)])
+            .increment(1);
     }
 
     /// One storage operation: its time, and whether it failed.

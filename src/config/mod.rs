@@ -28,7 +28,7 @@ use crate::selector::Selector;
 /// Keys of the username grammar (`identity.rs`); a consumer name may not contain one as a
 /// whole segment.
 pub const USERNAME_KEYS: &[&str] = &[
-    "pool", "country", "city", "source", "isp", "asn", "session", "ttl",
+    "pool", "country", "city", "source", "isp", "asn", "session", "ttl", "lease",
 ];
 
 /// Default config path, relative to the working directory.
@@ -86,6 +86,8 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     /// Where the lease state lives.
     pub storage: StorageConfig,
+    /// The lease API (SPEC §7) on the admin listener.
+    pub api: ApiConfig,
 }
 
 /// Most `worker_threads` accepted.
@@ -115,6 +117,7 @@ impl Default for Config {
             consumers: Vec::new(),
             pools: Vec::new(),
             storage: StorageConfig::default(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -188,6 +191,46 @@ impl StorageConfig {
                 .unwrap_or_else(|| "pharox".into())
         })
     }
+}
+
+/// `[api]`: the lease API (`/v1/…` on the admin listener, what `pharox-sdk` speaks). Off — every
+/// `/v1/` route answers 404 — unless at least one key is configured.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// The keys clients send in `X-API-Key`.
+    pub keys: Vec<ApiKeyConfig>,
+}
+
+/// `[[api.keys]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// A name for logs (never the key itself).
+    pub name: String,
+    /// The key, inline.
+    pub key: Option<Secret>,
+    /// Name of an environment variable holding the key.
+    pub key_env: Option<String>,
+    /// Consumer names this key may lease as (`[]`, the default: any name; names the config
+    /// does not define are created on first use).
+    #[serde(default)]
+    pub consumers: Vec<String>,
+    /// May create, change and delete pools and proxies (default false: leases only).
+    #[serde(default)]
+    pub manage: bool,
+    /// Lease responses carry the upstream's credentials (`proxy.password`, `proxy.url`), for
+    /// clients that connect to the upstream themselves. Default false: the one place
+    /// credentials would leave the daemon needs this explicitly.
+    #[serde(default)]
+    pub reveal_credentials: bool,
+    /// Longest `ttl_seconds` a lease may ask for. Default 86 400.
+    #[serde(default = "default_api_max_ttl")]
+    pub max_ttl_seconds: u64,
+}
+
+fn default_api_max_ttl() -> u64 {
+    86_400
 }
 
 /// `[admin]`
@@ -585,6 +628,7 @@ impl Config {
         self.read_proxy_files(base, &mut problems);
         self.read_password_env(env, &mut problems);
         self.read_storage_url(env, &mut problems);
+        self.read_api_keys(env, &mut problems);
         self.validate(&mut problems);
         if problems.is_empty() {
             Ok(self)
@@ -643,6 +687,28 @@ impl Config {
                 _ => problems.push(format!(
                     "storage.url_env: environment variable `{var}` is not set or empty"
                 )),
+            }
+        }
+    }
+
+    fn read_api_keys(&mut self, env: &dyn Fn(&str) -> Option<String>, problems: &mut Vec<String>) {
+        for (ki, k) in self.api.keys.iter_mut().enumerate() {
+            let Some(var) = &k.key_env else { continue };
+            if k.key.is_some() {
+                problems.push(format!(
+                    "api.keys[{ki}]: set either key or key_env, not both"
+                ));
+            } else if var.starts_with("PHAROX_") {
+                problems.push(format!(
+                    "api.keys[{ki}].key_env: `{var}`: PHAROX_ variables are configuration overrides; pick another name"
+                ));
+            } else {
+                match env(var) {
+                    Some(v) if !v.is_empty() => k.key = Some(Secret::new(v)),
+                    _ => problems.push(format!(
+                        "api.keys[{ki}].key_env: environment variable `{var}` is not set or empty"
+                    )),
+                }
             }
         }
     }

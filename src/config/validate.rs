@@ -32,6 +32,48 @@ fn bounded(problems: &mut Vec<String>, key: &str, v: u64, max: u64) {
 }
 
 impl Config {
+    fn validate_api(&self, problems: &mut Vec<String>) {
+        let mut names = HashSet::new();
+        for (ki, k) in self.api.keys.iter().enumerate() {
+            let key = format!("api.keys[{ki}]");
+            if !printable_name(&k.name) || !names.insert(k.name.as_str()) {
+                problems.push(format!(
+                    "{key}.name: a unique name without spaces is required"
+                ));
+            }
+            match &k.key {
+                None => problems.push(format!("{key}: key or key_env is required")),
+                Some(s) if s.expose().len() < 16 => {
+                    problems.push(format!("{key}.key: at least 16 characters"))
+                }
+                Some(_) => {}
+            }
+            if k.max_ttl_seconds == 0 {
+                problems.push(format!("{key}.max_ttl_seconds: must be positive"));
+            }
+            bounded(
+                problems,
+                &format!("{key}.max_ttl_seconds"),
+                k.max_ttl_seconds,
+                MAX_LEASE_SECS,
+            );
+            for (ci, c) in k.consumers.iter().enumerate() {
+                if !printable_name(c) {
+                    problems.push(format!(
+                        "{key}.consumers[{ci}]: `{}` is not a usable name",
+                        c.escape_debug()
+                    ));
+                }
+            }
+        }
+        let mut seen = HashSet::new();
+        for k in self.api.keys.iter().filter_map(|k| k.key.as_ref()) {
+            if !seen.insert(k.expose()) {
+                problems.push("api.keys: two keys are the same".into());
+            }
+        }
+    }
+
     fn validate_storage(&self, problems: &mut Vec<String>) {
         let st = &self.storage;
         if st.kind == StorageKind::Memory {
@@ -146,6 +188,7 @@ impl Config {
             ));
         }
         self.validate_storage(problems);
+        self.validate_api(problems);
         let pool_names = self.validate_pools(problems);
         self.validate_consumers(&pool_names, problems);
         if let Some(p) = &self.default_pool

@@ -33,7 +33,7 @@ pub async fn handle(
         let (lease, upstream, early) = state
             .lease_and_dial(rt, &id, &target, DialMode::Tunnel, &[])
             .await?;
-        Ok::<_, crate::error::ProxyError>((id, lease, upstream, early))
+        Ok::<_, crate::error::ProxyError>((lease, upstream, early))
     };
     let result = tokio::select! {
         biased;
@@ -43,7 +43,7 @@ pub async fn handle(
             return finish(state, "connect", None, "client_closed", Transferred::default(), started);
         }
     };
-    let (id, lease, upstream, upstream_early) = match result {
+    let (lease, upstream, upstream_early) = match result {
         Ok(ok) => ok,
         Err(e) => {
             finish(
@@ -63,7 +63,6 @@ pub async fn handle(
         lease,
         upstream,
         upstream_early,
-        pool: id.pool,
         started,
     };
     tunnel::run(state, rt, Reply::Http, open).await;

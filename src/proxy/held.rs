@@ -34,22 +34,43 @@ pub type Manager = ProxyManager<AnyStorage>;
 /// How often held leases are checked for renewal.
 pub const RENEW_TICK: Duration = Duration::from_millis(250);
 
-/// A lease held for client connections. Released when the last `Arc` is dropped.
+/// A lease held for client connections. Released when the last `Arc` is dropped, if the
+/// daemon took it; a lease of the lease API that connections only use is released by its
+/// API client (or expires), never here.
 pub struct HeldLease {
-    guard: LeaseGuard<AnyStorage>,
+    holding: Holding,
     registry: Arc<Registry>,
     cancel: CancellationToken,
+    /// Tells this handle's registry entry from a later one for the same lease.
+    serial: u64,
+}
+
+/// Serial numbers of registry entries.
+fn next_serial() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whose lease it is.
+enum Holding {
+    /// Taken by the daemon for its connections: the guard releases it.
+    Owned(LeaseGuard<AnyStorage>),
+    /// A lease of the lease API, used by connections for as long as it lives.
+    Borrowed(Lease),
 }
 
 impl HeldLease {
     /// The lease as acquired.
     pub fn lease(&self) -> &Lease {
-        &self.guard
+        match &self.holding {
+            Holding::Owned(guard) => guard,
+            Holding::Borrowed(lease) => lease,
+        }
     }
 
     /// The leased upstream.
     pub fn proxy(&self) -> &Arc<Proxy> {
-        &self.guard.proxy
+        &self.lease().proxy
     }
 
     /// Cancelled when the lease is lost or closed (operator, renewal refused, hard shutdown):
@@ -62,7 +83,16 @@ impl HeldLease {
 impl Drop for HeldLease {
     fn drop(&mut self) {
         // The registry entry goes first; the guard (a field) releases right after.
-        self.registry.leases.remove(&self.guard.id);
+        let id = self.lease().id;
+        let serial = self.serial;
+        self.registry
+            .leases
+            .remove_if(&id, |_, e| e.serial == serial);
+        if matches!(self.holding, Holding::Borrowed(_)) {
+            self.registry
+                .borrowed
+                .remove_if(&id, |_, weak| weak.strong_count() == 0);
+        }
     }
 }
 
@@ -71,16 +101,20 @@ struct Entry {
     cancel: CancellationToken,
     pool: Arc<str>,
     duration: Duration,
-    /// When to renew next.
-    renew_at: Instant,
+    /// When to renew next (`None`: never, a lease of the lease API).
+    renew_at: Option<Instant>,
     /// Past this, the storage may already have handed the slot to someone else.
     deadline: Instant,
+    /// The handle's serial (see `HeldLease::serial`).
+    serial: u64,
 }
 
 /// Every lease the daemon holds for connections.
 #[derive(Default)]
 pub struct Registry {
     leases: DashMap<LeaseId, Entry, FxBuildHasher>,
+    /// Leases of the lease API in use by connections (shared by all of them).
+    borrowed: DashMap<LeaseId, std::sync::Weak<HeldLease>, FxBuildHasher>,
     /// Set at hard shutdown: leases registered afterwards start cancelled.
     closed: CancellationToken,
 }
@@ -101,24 +135,62 @@ impl Registry {
             .expires_at
             .duration_since(guard.acquired_at)
             .unwrap_or(duration);
+        let serial = next_serial();
         self.leases.insert(
             guard.id,
             Entry {
                 cancel: cancel.clone(),
                 pool: guard.pool_name.clone(),
                 duration,
-                renew_at: now + duration / 2,
+                renew_at: Some(now + duration / 2),
                 deadline: now + life.saturating_sub(margin(life)),
+                serial,
             },
         );
         if self.closed.is_cancelled() {
             cancel.cancel();
         }
         HeldLease {
-            guard,
+            holding: Holding::Owned(guard),
             registry: self.clone(),
             cancel,
+            serial,
         }
+    }
+
+    /// Shares a lease of the lease API with the connections that use it (one handle per
+    /// lease, however many connections): never renewed, closed at its expiry (judged from
+    /// `now`, the storage's time) or when its holder releases it.
+    pub fn borrow(self: &Arc<Self>, lease: Lease, now: std::time::SystemTime) -> Arc<HeldLease> {
+        if let Some(held) = self.borrowed.get(&lease.id).and_then(|w| w.upgrade()) {
+            return held;
+        }
+        let cancel = CancellationToken::new();
+        let left = lease.expires_at.duration_since(now).unwrap_or_default();
+        let serial = next_serial();
+        self.leases.insert(
+            lease.id,
+            Entry {
+                cancel: cancel.clone(),
+                pool: lease.pool_name.clone(),
+                duration: left,
+                renew_at: None,
+                deadline: Instant::now() + left,
+                serial,
+            },
+        );
+        if self.closed.is_cancelled() {
+            cancel.cancel();
+        }
+        let id = lease.id;
+        let held = Arc::new(HeldLease {
+            holding: Holding::Borrowed(lease),
+            registry: self.clone(),
+            cancel,
+            serial,
+        });
+        self.borrowed.insert(id, Arc::downgrade(&held));
+        held
     }
 
     /// Closes the connections of lease `id`; false if the daemon does not hold it.
@@ -130,6 +202,12 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// True when the daemon holds lease `id` for connections of its own (not one of the
+    /// lease API that connections only use).
+    pub fn holds(&self, id: LeaseId) -> bool {
+        self.leases.get(&id).is_some_and(|e| e.renew_at.is_some())
     }
 
     /// Closes every held lease's connections (the end of the shutdown drain); leases held
@@ -156,10 +234,11 @@ impl Registry {
     /// deadline are treated as lost too. Returns how many were lost.
     pub async fn renew_due(&self, manager: &Manager, metrics: &Metrics) -> usize {
         let now = Instant::now();
+        let overdue = self.close_overdue(now, metrics);
         let due: Vec<Renewal> = self
             .leases
             .iter()
-            .filter(|e| e.renew_at <= now && !e.cancel.is_cancelled())
+            .filter(|e| e.renew_at.is_some_and(|t| t <= now) && !e.cancel.is_cancelled())
             .map(|e| Renewal {
                 id: *e.key(),
                 pool: e.pool.clone(),
@@ -167,7 +246,7 @@ impl Registry {
             })
             .collect();
         if due.is_empty() {
-            return 0;
+            return overdue;
         }
         match manager.renew_many(&due).await {
             Ok(renewed) => {
@@ -183,27 +262,32 @@ impl Registry {
                         }
                     }
                 }
-                lost
+                overdue + lost
             }
             Err(e) => {
                 warn!(error = %e, leases = due.len(), "lease renewal failed; will retry");
-                self.close_overdue(Instant::now(), metrics)
+                overdue
             }
         }
     }
 
     fn renewed(&self, id: LeaseId, sent: Instant, duration: Duration) {
         if let Some(mut e) = self.leases.get_mut(&id) {
-            e.renew_at = sent + duration / 2;
+            e.renew_at = Some(sent + duration / 2);
             e.deadline = sent + duration.saturating_sub(margin(duration));
         }
     }
 
-    /// Closes leases whose deadline passed without a renewal.
+    /// Closes leases whose deadline passed without a renewal (or, for a lease of the lease
+    /// API, at its expiry).
     fn close_overdue(&self, now: Instant, metrics: &Metrics) -> usize {
         let mut lost = 0;
         for e in self.leases.iter() {
             if e.deadline <= now && !e.cancel.is_cancelled() {
+                if e.renew_at.is_none() {
+                    e.cancel.cancel();
+                    continue; // an API lease ran out: its connections end with it
+                }
                 warn!(lease = %e.key(), pool = %e.pool, "lease not renewed before its expiry; closing its connections");
                 metrics.lease_lost(&e.pool);
                 e.cancel.cancel();

@@ -15,7 +15,7 @@ use super::{DialMode, PoolRuntime, ProxyState, Runtime};
 use crate::config::PassiveHealthConfig;
 use crate::error::ProxyError;
 use crate::identity::Identity;
-use crate::model::{Lease, Proxy, ProxyId, ProxyStatus};
+use crate::model::{Lease, LeaseId, Proxy, ProxyId, ProxyStatus};
 use crate::retry::{RetryPolicy, wall_now};
 use crate::storage::{AcquireRequest, LeaseError, Storage};
 use crate::target::Target;
@@ -38,6 +38,9 @@ impl ProxyState {
         rt.policy
             .check_literal(target)
             .map_err(|e| ProxyError::DestinationDenied(e.to_string()))?;
+        if let Some(lease) = id.lease {
+            return self.dial_on_lease(rt, id, lease, target, mode).await;
+        }
         let pool = rt
             .pools
             .get(&id.pool)
@@ -120,6 +123,53 @@ impl ProxyState {
         let session_use = SessionUse::new(session.clone(), moved_from);
         let lease_use = LeaseUse::new(held, self.metrics.clone(), Some(session_use));
         Some(Ok((lease_use, io, rest)))
+    }
+
+    /// Connects through a lease of the lease API (`-lease-ID`): exactly that lease, no
+    /// acquire and no failover, for as long as it lives. It must be live, this consumer's,
+    /// in a pool the consumer may use, and not one the daemon holds for its own connections.
+    async fn dial_on_lease(
+        self: &Arc<Self>,
+        rt: &Runtime,
+        id: &Identity,
+        lease_id: LeaseId,
+        target: &Target,
+        mode: DialMode,
+    ) -> Result<(LeaseUse, UpstreamIo, Bytes), ProxyError> {
+        let shown = lease_id.to_string();
+        let now = wall_now();
+        let live = self
+            .manager
+            .storage()
+            .get_lease(lease_id)
+            .await
+            .map_err(lease_error)?
+            .filter(|l| l.expires_at > now);
+        let Some(lease) = live else {
+            return Err(if self.api_leases.ended(lease_id) {
+                ProxyError::LeaseExpired(shown)
+            } else {
+                ProxyError::LeaseForbidden(shown)
+            });
+        };
+        if *lease.consumer_name != *id.consumer || self.registry.holds(lease_id) {
+            return Err(ProxyError::LeaseForbidden(shown));
+        }
+        if !rt.auth.allows(&id.consumer, &lease.pool_name) {
+            return Err(ProxyError::PoolForbidden(lease.pool_name.to_string()));
+        }
+        let held = self.registry.borrow(lease, now);
+        let proxy = held.proxy().clone();
+        match self.dial(rt, &proxy, target, mode).await {
+            Ok((io, rest)) => Ok((LeaseUse::new(held, self.metrics.clone(), None), io, rest)),
+            Err(e) => {
+                let timeout = matches!(e, DialError::Timeout);
+                self.metrics
+                    .upstream_failure(&held.lease().pool_name, e.reason());
+                let detail = format!("{}: {e}", proxy.id);
+                Err(e.into_proxy_error(detail, timeout))
+            }
+        }
     }
 
     /// Is the upstream still active (not banned, not resting, not removed)?

@@ -133,6 +133,8 @@ pub struct ProxyState {
     pub sessions: Arc<session::Sessions>,
     /// Serialises reloads (SIGHUP and the API).
     pub reload_lock: tokio::sync::Mutex<()>,
+    /// Leases taken through the lease API, kept for an hour after they end.
+    pub api_leases: crate::api::ApiLeases,
 }
 
 impl ProxyState {
@@ -154,6 +156,7 @@ impl ProxyState {
             stop: CancellationToken::new(),
             sessions: Arc::default(),
             reload_lock: tokio::sync::Mutex::new(()),
+            api_leases: crate::api::ApiLeases::default(),
         }
     }
 

@@ -101,7 +101,6 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
         lease,
         upstream,
         upstream_early,
-        pool: id.pool,
         started,
     };
     tunnel::run(state, rt, Reply::Socks5, open).await;

@@ -66,8 +66,6 @@ pub struct Open {
     pub upstream: UpstreamIo,
     /// Bytes the upstream sent after its handshake.
     pub upstream_early: Bytes,
-    /// The pool, for metrics.
-    pub pool: std::sync::Arc<str>,
     /// When the client connection started.
     pub started: Instant,
 }
@@ -81,9 +79,9 @@ pub async fn run(state: &ProxyState, rt: &Runtime, reply: Reply, open: Open) {
         lease,
         mut upstream,
         upstream_early,
-        pool,
         started,
     } = open;
+    let pool = lease.held().lease().pool_name.clone();
     Span::current().record("proxy", lease.proxy().id.as_str());
     let greeted = client.write_all(&reply.bytes(&lease)).await.is_ok()
         && (client_early.is_empty() || upstream.write_all(&client_early).await.is_ok())

@@ -56,3 +56,34 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             ok.then(|| value.parse().ok()).flatten()
         })
 }
+
+/// One request to the lease API with `X-API-Key: key` (none when `key` is `None`); returns
+/// (status, head, body as JSON — `Null` when empty or not JSON).
+pub async fn api(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, String, serde_json::Value) {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let key = key
+        .map(|k| format!("X-API-Key: {k}\r\n"))
+        .unwrap_or_default();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{key}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    c.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    (status, head.to_owned(), json)
+}
