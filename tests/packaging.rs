@@ -103,6 +103,11 @@ fn the_grafana_dashboard_is_importable_and_uses_real_metrics() {
         names::SESSIONS_ACTIVE,
         names::HEALTH_CHECKS,
         names::PROXY_LATENCY,
+        names::STORAGE_UP,
+        names::STORAGE_ERRORS,
+        names::STORAGE_DURATION,
+        names::LEASES_LOST,
+        names::API_REQUESTS,
     ];
     let mut used = std::collections::HashSet::new();
     let panels = d["panels"].as_array().unwrap();
