@@ -29,33 +29,33 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{Span, debug, warn};
+use tracing::{Span, warn};
 
 use super::connect::client_gone;
+use super::exchange::{
+    Failed, ReadFail, Stop, Switch, Upstream, no_answer, read_response, relay_response, send_body,
+    stamp_bytes, stop, via_proxy, write_interim,
+};
 use super::head::{HeadError, read_request};
 use super::held::LeaseUse;
 use super::http1::{
-    AbsoluteUri, BodyError, BodyFraming, ChunkedDecoder, RequestHead, RequestRewrite, ResponseHead,
-    ResponseRewrite, Scheme, TargetForm, copy_body, take_response,
+    AbsoluteUri, BodyFraming, RequestHead, RequestRewrite, ResponseRewrite, Scheme, TargetForm,
 };
-use super::splice::{HALF_CLOSE_GRACE, SpliceEnd, Transferred, splice_upstream};
-use super::tunnel;
-use super::upstream::{DialError, UpstreamIo, basic_auth};
+use super::splice::{HALF_CLOSE_GRACE, Transferred};
+use super::upstream::{DialError, basic_auth};
 use super::{DialMode, ProxyState, Runtime, finish, identify, log_error, record_identity};
 use crate::error::ProxyError;
 use crate::identity::Identity;
-use crate::model::{ProxyId, ProxyProtocol};
+use crate::model::ProxyId;
 use crate::target::{Host, Target};
 
 /// How long an `Expect: 100-continue` request waits for the upstream's answer before its
 /// body is sent anyway (as clients do).
 const EXPECT_WAIT: Duration = Duration::from_secs(1);
-/// Largest response head accepted from an upstream.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Sends of one request at most (the first and the resends).
 const MAX_SENDS: usize = 3;
 
@@ -104,29 +104,6 @@ enum End {
     Connect(RequestHead),
 }
 
-/// Why an exchange stopped the connection.
-enum Stop {
-    /// Answer the client with this error, then close.
-    Answer(ProxyError),
-    /// Close without a word (the client left, or a response was cut); the metric outcome.
-    Quiet(&'static str),
-}
-
-impl From<ProxyError> for Stop {
-    fn from(e: ProxyError) -> Self {
-        Stop::Answer(e)
-    }
-}
-
-/// Why one send of a request got no answer to relay.
-enum Failed {
-    /// Nothing reached the client and nothing of the request is lost: it may be sent again.
-    /// `fault`: the upstream is to blame (count it, try another).
-    Retry { error: ProxyError, fault: bool },
-    /// The connection cannot go on.
-    Stop(Stop),
-}
-
 /// The connection's lease and what comes with it.
 struct Leased {
     /// The identity the lease was taken for.
@@ -158,17 +135,6 @@ impl Leased {
             upstream: None,
         }
     }
-}
-
-/// An open connection to the upstream (or, for `direct` and SOCKS5, to the target).
-struct Upstream {
-    io: UpstreamIo,
-    /// Bytes read from it past the last response.
-    buf: BytesMut,
-    /// The target it reaches (`None`: an HTTP proxy, which takes requests for any target).
-    bound: Option<Target>,
-    /// True once it carried a response (a kept-alive connection may close before the next).
-    used: bool,
 }
 
 /// An identity already authenticated on this connection: a request with the same
@@ -603,231 +569,6 @@ impl Relay<'_> {
     }
 }
 
-/// The client side of a connection switching protocols.
-struct Switch<'a> {
-    client: &'a mut TcpStream,
-    cbuf: &'a mut BytesMut,
-    bytes: &'a mut Transferred,
-}
-
-impl Switch<'_> {
-    /// Relays a `101 Switching Protocols` and splices the connection with the upstream.
-    async fn switch(
-        &mut self,
-        resp: ResponseHead,
-        mut up: Upstream,
-        stamp: &[(&'static str, String)],
-        cancel: &tokio_util::sync::CancellationToken,
-        limits: &crate::config::LimitsConfig,
-    ) -> Result<bool, Failed> {
-        let mut out = BytesMut::new();
-        let rewrite = ResponseRewrite {
-            keep_alive: false,
-            stamp: &stamp_bytes(stamp),
-        };
-        rewrite
-            .write(&resp, &mut out)
-            .map_err(|e| stop(ProxyError::upstream(format!("{e}"))))?;
-        out.extend_from_slice(&up.buf);
-        let sent = self.client.write_all(&out).await.is_ok()
-            && (self.cbuf.is_empty() || up.io.write_all(self.cbuf).await.is_ok());
-        if !sent {
-            return Err(Failed::Stop(Stop::Quiet("client_closed")));
-        }
-        self.bytes.rx += out.len() as u64;
-        self.cbuf.clear();
-        let (end, moved) = splice_upstream(self.client, up.io, limits, cancel).await;
-        self.bytes.tx += moved.tx;
-        self.bytes.rx += moved.rx;
-        if end == SpliceEnd::Error {
-            reset(self.client);
-        }
-        Err(Failed::Stop(Stop::Quiet(tunnel::outcome(end))))
-    }
-}
-
-impl Upstream {
-    fn new(io: UpstreamIo, early: bytes::Bytes, protocol: &ProxyProtocol, target: &Target) -> Self {
-        Self {
-            io,
-            buf: BytesMut::from(&early[..]),
-            bound: (!via_proxy(*protocol)).then(|| target.clone()),
-            used: false,
-        }
-    }
-}
-
-/// HTTP and HTTPS upstreams take absolute-form requests for any target; the others give a
-/// connection to one target.
-fn via_proxy(p: ProxyProtocol) -> bool {
-    matches!(p, ProxyProtocol::Http | ProxyProtocol::Https)
-}
-
-fn stamp_bytes<'a>(stamp: &'a [(&'static str, String)]) -> Vec<(&'a [u8], &'a [u8])> {
-    stamp
-        .iter()
-        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
-        .collect()
-}
-
-fn stop(e: ProxyError) -> Failed {
-    Failed::Stop(Stop::Answer(e))
-}
-
-/// No answer came: on a reused connection the upstream most likely closed it while idle (send
-/// again on a fresh one, no fault); on a fresh one the upstream is to blame.
-fn no_answer(stale: bool, why: String) -> Failed {
-    Failed::Retry {
-        error: ProxyError::upstream(why),
-        fault: !stale,
-    }
-}
-
-/// Sends the request body to the upstream. A client that breaks its body's framing gets 400;
-/// one that leaves or stalls ends the connection.
-async fn send_body(
-    client: &mut TcpStream,
-    cbuf: &mut BytesMut,
-    up: &mut Upstream,
-    framing: BodyFraming,
-    idle: Option<Duration>,
-    bytes: &mut Transferred,
-) -> Result<(), Failed> {
-    match copy_body(client, cbuf, &mut up.io, framing, idle).await {
-        Ok(n) => {
-            bytes.tx += n;
-            Ok(())
-        }
-        Err(BodyError::Malformed(e)) => Err(stop(e.into())),
-        Err(BodyError::Idle) => Err(stop(ProxyError::BadRequest("request body stalled".into()))),
-        Err(BodyError::Source(_) | BodyError::Truncated) => {
-            Err(Failed::Stop(Stop::Quiet("client_closed")))
-        }
-        Err(BodyError::Sink(e)) => Err(stop(ProxyError::upstream(format!(
-            "sending the request body: {e}"
-        )))),
-    }
-}
-
-/// Why no response head came.
-enum ReadFail {
-    Timeout,
-    /// The upstream closed before sending a byte.
-    Closed,
-    Bad(String),
-}
-
-/// Reads a response head within `wait`.
-async fn read_response(
-    up: &mut Upstream,
-    head_request: bool,
-    deadline: Instant,
-) -> Result<ResponseHead, ReadFail> {
-    let read = async {
-        loop {
-            match take_response(&mut up.buf, MAX_RESPONSE_HEAD, head_request) {
-                Ok(Some(head)) => return Ok(head),
-                Ok(None) => {}
-                Err(e) => return Err(ReadFail::Bad(format!("malformed response: {e}"))),
-            }
-            up.buf.reserve(16 * 1024);
-            match up.io.read_buf(&mut up.buf).await {
-                Ok(0) if up.buf.is_empty() => return Err(ReadFail::Closed),
-                Ok(0) => return Err(ReadFail::Bad("response head cut short".into())),
-                Ok(_) => {}
-                Err(_) if up.buf.is_empty() => return Err(ReadFail::Closed),
-                Err(e) => return Err(ReadFail::Bad(format!("reading the response: {e}"))),
-            }
-        }
-    };
-    tokio::time::timeout_at(deadline, read)
-        .await
-        .map_err(|_| ReadFail::Timeout)?
-}
-
-/// Relays an interim (1xx) response to an HTTP/1.1 client.
-async fn write_interim(
-    client: &mut TcpStream,
-    resp: &ResponseHead,
-    bytes: &mut Transferred,
-) -> Result<(), Failed> {
-    let mut out = BytesMut::new();
-    ResponseRewrite {
-        keep_alive: true,
-        stamp: &[],
-    }
-    .write(resp, &mut out)
-    .map_err(|e| stop(ProxyError::upstream(format!("interim response: {e}"))))?;
-    bytes.rx += out.len() as u64;
-    client
-        .write_all(&out)
-        .await
-        .map_err(|_| Failed::Stop(Stop::Quiet("client_closed")))
-}
-
-/// Writes the response head and its body to the client: in one write when the whole body is
-/// already here, else the head then the body as it comes. A body cut or stalled on the
-/// upstream's side ends the client connection with a reset.
-async fn relay_response(
-    client: &mut TcpStream,
-    up: &mut Upstream,
-    resp: &ResponseHead,
-    rewrite: &ResponseRewrite<'_>,
-    idle: Option<Duration>,
-    bytes: &mut Transferred,
-) -> Result<(), Failed> {
-    let mut out = BytesMut::with_capacity(resp.raw().len() + 256);
-    rewrite
-        .write(resp, &mut out)
-        .map_err(|e| stop(ProxyError::upstream(format!("response head: {e}"))))?;
-    let framing = resp.framing();
-    let whole = whole_body(&up.buf, framing);
-    if let Some(n) = whole {
-        out.extend_from_slice(&up.buf[..n]);
-        up.buf.advance(n);
-    }
-    bytes.rx += out.len() as u64;
-    if client.write_all(&out).await.is_err() {
-        return Err(Failed::Stop(Stop::Quiet("client_closed")));
-    }
-    if whole.is_some() {
-        return Ok(());
-    }
-    match copy_body(&mut up.io, &mut up.buf, client, framing, idle).await {
-        Ok(n) => {
-            bytes.rx += n;
-            Ok(())
-        }
-        Err(BodyError::Sink(_)) => Err(Failed::Stop(Stop::Quiet("client_closed"))),
-        Err(e) => {
-            debug!(error = %e, "response body cut");
-            reset(client);
-            Err(Failed::Stop(Stop::Quiet(match e {
-                BodyError::Idle => "idle",
-                _ => "upstream_failed",
-            })))
-        }
-    }
-}
-
-/// How many bytes of `buf` make the whole body, if all of it is there.
-fn whole_body(buf: &[u8], framing: BodyFraming) -> Option<usize> {
-    match framing {
-        BodyFraming::None => Some(0),
-        BodyFraming::Length(n) => usize::try_from(n).ok().filter(|n| *n <= buf.len()),
-        BodyFraming::Chunked => {
-            let progress = ChunkedDecoder::new().feed(buf).ok()?;
-            progress.done.then_some(progress.consumed)
-        }
-        BodyFraming::UntilClose => None,
-    }
-}
-
-/// Makes the next close of `client` a reset (a cut transfer must not look complete).
-fn reset(client: &TcpStream) {
-    let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
-}
-
 /// A CONNECT on a connection that carried plain requests: its plain lease is given back, and
 /// the connection becomes a tunnel with a lease of its own.
 async fn connect_after(
@@ -838,23 +579,4 @@ async fn connect_after(
     rest: BytesMut,
 ) {
     super::connect::handle(state, rt, client, head, rest).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn whole_bodies_are_found_in_the_buffer() {
-        assert_eq!(whole_body(b"abc", BodyFraming::None), Some(0));
-        assert_eq!(whole_body(b"abcdef", BodyFraming::Length(3)), Some(3));
-        assert_eq!(whole_body(b"ab", BodyFraming::Length(3)), None);
-        assert_eq!(
-            whole_body(b"3\r\nabc\r\n0\r\n\r\nGET", BodyFraming::Chunked),
-            Some(13)
-        );
-        assert_eq!(whole_body(b"3\r\nabc\r\n", BodyFraming::Chunked), None);
-        assert_eq!(whole_body(b"x\r\n", BodyFraming::Chunked), None);
-        assert_eq!(whole_body(b"abc", BodyFraming::UntilClose), None);
-    }
 }
