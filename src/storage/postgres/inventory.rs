@@ -346,7 +346,11 @@ impl Core {
             .first()
             .ok_or_else(|| LeaseError::UnknownProxy(id.clone()))?;
         let before: &str = row.try_get("status_before").op(self, "health")?;
-        let became_eligible: bool = row.try_get("became_eligible").op(self, "health")?;
+        // NULL (not false) when the proxy was not resting: `NULL > now()` in rest_cleared.
+        let became_eligible = row
+            .try_get::<_, Option<bool>>("became_eligible")
+            .op(self, "health")?
+            .unwrap_or(false);
         let pool_id: Uuid = row.try_get("pool_id").op(self, "health")?;
         let before: ProxyStatus = before.parse().unwrap_or(ProxyStatus::Inactive);
         if became_eligible {
