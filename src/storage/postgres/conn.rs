@@ -85,7 +85,7 @@ pub(crate) fn conn_spec(s: &PgSettings, node: Option<&str>) -> Result<ConnSpec, 
     let (url, verify) = strip_verify_mode(url);
     let mut config = tokio_postgres::Config::from_str(&url).map_err(|e| PgError::InvalidUrl {
         url: masked.clone(),
-        reason: Scrub::default().text(e),
+        reason: Scrub::for_url(&url).text(super::error::chain(&e)),
     })?;
     let scrub = Scrub::new(config.get_password());
     let tls_mode = match (verify, config.get_ssl_mode()) {

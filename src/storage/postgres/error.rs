@@ -100,6 +100,18 @@ impl Scrub {
         Self { password }
     }
 
+    /// Scrubs the password written in a URL's user info (for errors about a URL that could
+    /// not be parsed, whose password the driver never read).
+    pub fn for_url(url: &str) -> Self {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let authority = &rest[..rest.find('?').unwrap_or(rest.len())];
+        let password = authority
+            .rfind('@')
+            .and_then(|at| authority[..at].split_once(':'))
+            .map(|(_, p)| p.as_bytes());
+        Self::new(password)
+    }
+
     /// `text` without the password.
     pub fn text(&self, text: impl std::fmt::Display) -> String {
         let text = text.to_string();
@@ -120,9 +132,24 @@ impl Scrub {
                 }
                 self.text(s)
             }
-            None => self.text(e),
+            None => self.text(chain(e)),
         }
     }
+}
+
+/// An error and its sources: `a: b: c`.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
 }
 
 /// The URL with its password replaced by `***`: `postgres://user:***@host:port/db?…`.
@@ -249,6 +276,8 @@ mod tests {
     fn scrub_replaces_the_password() {
         let s = Scrub::new(Some(b"hunter22"));
         assert_eq!(s.text("bad hunter22!"), "bad ***!");
+        let u = Scrub::for_url("postgres://u:hunter22@h/db?x=1");
+        assert_eq!(u.text("x hunter22"), "x ***");
         assert_eq!(Scrub::new(Some(b"ab")).text("ab"), "ab");
     }
 }

@@ -7,8 +7,9 @@
 //!   whole fleet (the lab's `proxy_remove`); its live leases finish normally. On a proxy this
 //!   node upserted but another owns, it withdraws the proxy for this node only (no new
 //!   leases here); on any other proxy it does nothing and returns false.
-//! - `remove_pool` withdraws the pool for this node (acquire answers `UnknownPool` here) and
-//!   removes the pool's proxies this node owns; the pool row stays.
+//! - `remove_pool` removes the pool's proxies this node owns and, if this node upserted the
+//!   pool, withdraws it for this node (acquire answers `UnknownPool` here); the pool row
+//!   stays. A pool that was never this node's (Python's, another daemon's) is left alone.
 //!
 //! Health (`apply_health`, `rest`) is written for everyone: status, `checked_at`,
 //! `latency_us`, `rest_until` and a `proxy_health_record` row Python can read.
@@ -81,6 +82,7 @@ impl Core {
             if let Some(row) = rows.first() {
                 let id: Uuid = row.try_get("id").op(self, "inventory")?;
                 self.learn_pool(&pool.name, id);
+                self.own_pools.insert(pool.name.as_str().into());
                 self.withdrawn_pools.remove(pool.name.as_str());
                 self.wake_local(&pool.name);
                 return Ok(());
@@ -219,7 +221,9 @@ impl Core {
     }
 
     /// [`Storage::remove_pool`](crate::storage::Storage::remove_pool) (see the module doc).
-    /// False for an unknown pool or one already withdrawn.
+    /// True when this node withdrew the pool (it had upserted it) or removed proxies of it
+    /// that it owns; false for a pool that was never this node's (a Python pool, say), which
+    /// stays leasable.
     pub(crate) async fn remove_pool(&self, name: &str) -> Result<bool, LeaseError> {
         if self.withdrawn_pools.contains(name) || self.pool_id(name).await?.is_none() {
             return Ok(false);
@@ -231,13 +235,18 @@ impl Core {
                 &[&name, &&*self.node],
             )
             .await?;
-        self.withdrawn_pools.insert(name.into());
-        tracing::info!(
-            pool = name,
-            removed = rows.len(),
-            "pool withdrawn by this node"
-        );
-        Ok(true)
+        let ours = self.own_pools.remove(name).is_some();
+        if ours {
+            self.withdrawn_pools.insert(name.into());
+        }
+        if ours || !rows.is_empty() {
+            tracing::info!(
+                pool = name,
+                removed = rows.len(),
+                "pool withdrawn by this node"
+            );
+        }
+        Ok(ours || !rows.is_empty())
     }
 
     /// A proxy as stored, with whether it is removed.

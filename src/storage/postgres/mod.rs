@@ -138,7 +138,9 @@ pub(crate) struct Core {
     pool_ids: DashMap<Arc<str>, Uuid>,
     pool_names: DashMap<Uuid, Arc<str>>,
     consumers: DashMap<Arc<str>, Uuid>,
-    /// Pools this node dropped from its config: not offered by this node any more.
+    /// Pools this node upserted (its config's), and those it dropped since: not offered by
+    /// this node any more.
+    own_pools: DashSet<Arc<str>>,
     withdrawn_pools: DashSet<Arc<str>>,
     /// Proxies this node dropped but does not own: this node stops leasing them.
     withdrawn_proxies: DashSet<Uuid>,
@@ -348,6 +350,7 @@ impl Core {
             pool_ids: DashMap::new(),
             pool_names: DashMap::new(),
             consumers: DashMap::new(),
+            own_pools: DashSet::new(),
             withdrawn_pools: DashSet::new(),
             withdrawn_proxies: DashSet::new(),
             signals: DashMap::new(),
