@@ -174,3 +174,57 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A throwaway cluster of the test's own (`scripts/pg-cluster.sh` with a private state
+/// file), for tests that stop the server or configure it: stopped and removed on drop.
+pub struct OwnCluster {
+    state: PathBuf,
+    pub url: String,
+}
+
+impl OwnCluster {
+    /// Starts one with extra server options; `None` (skip) when `PHAROX_TEST_PG` is unset,
+    /// the marker of an environment with PostgreSQL (outside CI).
+    pub fn start(tag: &str, server_opts: &str) -> Option<OwnCluster> {
+        admin_url()?;
+        let state =
+            std::env::temp_dir().join(format!("pharox-pg-{tag}-{}.state", std::process::id()));
+        let out = Self::script(&state, server_opts, &["start"]);
+        let url = String::from_utf8(out).unwrap().trim().to_owned();
+        Some(OwnCluster { state, url })
+    }
+
+    fn script(state: &std::path::Path, opts: &str, args: &[&str]) -> Vec<u8> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-cluster.sh");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .args(args)
+            .env("PHAROX_PG_STATE", state)
+            .env("PHAROX_PG_OPTS", opts)
+            .env("PHAROX_PG_MAX_CONNECTIONS", "100")
+            .output()
+            .expect("bash runs");
+        assert!(
+            out.status.success(),
+            "pg-cluster.sh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// Stops the server, keeping its data (`immediate`: a crash).
+    pub fn pgstop(&self) {
+        Self::script(&self.state, "", &["pgstop", "immediate"]);
+    }
+
+    /// Starts the same data again on the same port.
+    pub fn pgstart(&self, server_opts: &str) {
+        Self::script(&self.state, server_opts, &["pgstart"]);
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        Self::script(&self.state, "", &["stop"]);
+    }
+}

@@ -90,7 +90,7 @@ impl Core {
             Ok(Outcome::NoPool) => return Err(LeaseError::UnknownPool(req.pool.to_string())),
             Err(e) => {
                 if let Some(id) = *in_flight.lock().unwrap_or_else(|e| e.into_inner()) {
-                    self.release_later(id);
+                    self.release_unknown_acquire(id, req.duration);
                 }
                 if is_fk_violation(&e) {
                     self.consumers.remove(&*consumer);

@@ -147,7 +147,7 @@ pub(crate) struct Core {
     signals: DashMap<Arc<str>, Arc<CapacitySignal>>,
     stats: DashMap<Arc<str>, CachedStats>,
     notify_tx: mpsc::UnboundedSender<Uuid>,
-    retry_tx: mpsc::UnboundedSender<LeaseId>,
+    retry_tx: mpsc::UnboundedSender<upkeep::Unsure>,
     statement_ok: AtomicBool,
     session_up: AtomicBool,
     observer: ArcSwapOption<Observer>,
@@ -338,7 +338,7 @@ impl Core {
         s: &PgSettings,
         spec: &conn::ConnSpec,
         notify_tx: mpsc::UnboundedSender<Uuid>,
-        retry_tx: mpsc::UnboundedSender<LeaseId>,
+        retry_tx: mpsc::UnboundedSender<upkeep::Unsure>,
     ) -> Self {
         Self {
             pool,
@@ -482,9 +482,15 @@ impl Core {
         self.pool_names.insert(id, name);
     }
 
-    /// Marks a proxy or lease id for a background release (ambiguous outcomes).
+    /// Queues a background release of a lease whose release failed.
     fn release_later(&self, id: LeaseId) {
-        let _ = self.retry_tx.send(id);
+        let _ = self.retry_tx.send(upkeep::Unsure::release(id));
+    }
+
+    /// Queues background releases of a lease id whose acquire may or may not have happened
+    /// (the statement may still reach the server late, so it is released more than once).
+    fn release_unknown_acquire(&self, id: LeaseId, duration: Duration) {
+        let _ = self.retry_tx.send(upkeep::Unsure::acquire(id, duration));
     }
 }
 
