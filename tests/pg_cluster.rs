@@ -5,6 +5,8 @@
 mod pgsupport;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use pgsupport::{OwnCluster, eventually};
@@ -200,87 +202,103 @@ async fn tls_follows_sslmode() {
     s.close().await;
 }
 
-/// A TCP relay to the test server that can be frozen: it keeps every connection open but
-/// stops passing bytes, like a server that hangs or a network that drops packets.
+/// A TCP relay to the test server that can be frozen (it keeps every connection open but
+/// stops passing bytes, like a hung server), or partitioned (the connections open now stay
+/// open and silent for good, on both ends, while new ones pass: a network partition that
+/// healed for new flows only).
 struct Relay {
     addr: std::net::SocketAddr,
-    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    state: Arc<RelayState>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    frozen: AtomicBool,
+    next_id: AtomicU64,
+    cut_below: AtomicU64,
+}
+
+impl RelayState {
+    /// Waits while connection `id` may not pass bytes.
+    async fn wait(&self, id: u64) {
+        while self.frozen.load(Ordering::SeqCst) || id < self.cut_below.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    state: Arc<RelayState>,
+    id: u64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        state.wait(id).await;
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        state.wait(id).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    // A cut connection stays silent rather than passing the close on.
+    state.wait(id).await;
 }
 
 impl Relay {
     async fn start(upstream: std::net::SocketAddr) -> Relay {
-        use std::sync::atomic::{AtomicBool, Ordering};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let frozen = std::sync::Arc::new(AtomicBool::new(false));
-        let flag = frozen.clone();
+        let state = Arc::new(RelayState::default());
+        let shared = state.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
                     continue;
                 };
+                let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                for (mut from, mut to) in [(cr, sw), (sr, cw)].map(|(r, w)| {
-                    (
-                        Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-                        w,
-                    )
-                }) {
-                    let flag = flag.clone();
-                    tokio::spawn(async move {
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        let mut buf = vec![0u8; 16 * 1024];
-                        loop {
-                            while flag.load(Ordering::SeqCst) {
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                            let n = match from.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            while flag.load(Ordering::SeqCst) {
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                            if to.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    });
-                }
+                tokio::spawn(pump(cr, sw, shared.clone(), id));
+                tokio::spawn(pump(sr, cw, shared.clone(), id));
             }
         });
-        Relay { addr, frozen }
+        Relay { addr, state }
     }
 
     fn freeze(&self, on: bool) {
-        self.frozen.store(on, std::sync::atomic::Ordering::SeqCst);
+        self.state.frozen.store(on, Ordering::SeqCst);
     }
+
+    /// Every connection open now goes silent for good.
+    fn partition(&self) {
+        let next = self.state.next_id.load(Ordering::SeqCst);
+        self.state.cut_below.store(next, Ordering::SeqCst);
+    }
+}
+
+/// A storage connected through a relay to a database of its own.
+async fn relayed(tag: &str) -> Option<(pgsupport::TestDb, Relay, PostgresStorage)> {
+    let db = pgsupport::TestDb::new(tag).await?;
+    let target = db.url.split('@').nth(1)?.split('/').next()?.to_owned();
+    let upstream = tokio::net::lookup_host(&target).await.ok()?.next()?;
+    let relay = Relay::start(upstream).await;
+    let url = db.url.replace(&target, &relay.addr.to_string());
+    let s = PostgresStorage::connect(settings(&url, tag)).await.unwrap();
+    inventory(&s).await;
+    Some((db, relay, s))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_server_fails_calls_within_the_statement_timeout() {
-    let Some(db) = pgsupport::TestDb::new("hung").await else {
+    let Some((db, relay, s)) = relayed("hung").await else {
         return;
     };
-    let target = db
-        .url
-        .split('@')
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .unwrap()
-        .to_owned();
-    let upstream: std::net::SocketAddr = tokio::net::lookup_host(&target)
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let relay = Relay::start(upstream).await;
-    let url = db.url.replace(&target, &relay.addr.to_string());
-    let s = PostgresStorage::connect(settings(&url, "hung"))
-        .await
-        .unwrap();
-    inventory(&s).await;
     let m = ProxyManager::new(s.clone());
     let held = m
         .acquire_proxy(&AcquireRequest::new("p"))
@@ -330,5 +348,70 @@ async fn a_hung_server_fails_calls_within_the_statement_timeout() {
         .await
         .is_some()
     );
+    s.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_heals_without_a_new_connect() {
+    let Some((db, relay, s)) = relayed("partition").await else {
+        return;
+    };
+    let sql = db.sql().await;
+    let session_pid = || async {
+        let row = sql
+            .query_one(
+                "SELECT backend_pid FROM pharox_node WHERE node_id = 'partition'",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, Option<i32>>(0)
+    };
+    let old_pid = session_pid().await;
+    let m = ProxyManager::new(s.clone());
+    let held = m
+        .acquire_proxy(&AcquireRequest::new("p"))
+        .await
+        .unwrap()
+        .unwrap();
+    // Every open connection (the pool's, the dedicated session holding the node lock) goes
+    // silent; the server keeps the old backends, and the lock, alive.
+    relay.partition();
+    let err = m
+        .acquire_proxy(&AcquireRequest::new("p"))
+        .await
+        .unwrap_err();
+    assert!(is_backend(&err), "{err}");
+    // The silent connections are dropped, new ones pass; the dedicated session notices at
+    // its next heartbeat, ends its old backend (which still holds the node lock) and claims
+    // the lock again.
+    let back = eventually(Duration::from_secs(40), || async {
+        m.acquire_proxy(&AcquireRequest::new("p"))
+            .await
+            .ok()
+            .flatten()
+    })
+    .await
+    .expect("leasing works again after the partition");
+    let moved = eventually(Duration::from_secs(40), || async {
+        (s.is_up() && session_pid().await != old_pid).then_some(())
+    })
+    .await;
+    assert!(
+        moved.is_some(),
+        "a new dedicated session holds the node lock"
+    );
+    let old_alive: i64 = sql
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+            &[&old_pid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(old_alive, 0, "the old session's backend was ended");
+    assert!(m.release_proxy(&back).await.unwrap());
+    assert!(m.release_proxy(&held).await.unwrap());
+    assert!(s.audit(None).await.unwrap().is_empty());
     s.close().await;
 }

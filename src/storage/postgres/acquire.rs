@@ -27,6 +27,9 @@ use crate::storage::{AcquireRequest, Acquired, LeaseError, expiry};
 /// Attempts per acquire while contended.
 pub(crate) const ATTEMPTS: u32 = 4;
 
+/// Prepared statements kept per connection before the cache is cleared.
+const STATEMENT_CACHE_MAX: usize = 512;
+
 /// Schemes this daemon can speak (Python rows may also say `socks4`: skipped).
 const SCHEMES: &[&str] = &["http", "https", "socks5", "socks5h"];
 
@@ -142,7 +145,15 @@ impl Core {
         in_flight: &Mutex<Option<LeaseId>>,
     ) -> Result<Answer, PgError> {
         let client = self.client("acquire").await?;
-        let st = client.prepare_cached(&ask.text).await.op(self, "acquire")?;
+        if client.statement_cache.size() > STATEMENT_CACHE_MAX {
+            // Many filter shapes (library callers): start over rather than grow forever.
+            client.statement_cache.clear();
+        }
+        let prepared = tokio::time::timeout(self.timeout, client.prepare_cached(&ask.text)).await;
+        let st = match prepared {
+            Ok(st) => st.op(self, "acquire")?,
+            Err(_) => return Err(self.timed_out(client)),
+        };
         let lease_id = LeaseId::new();
         let uuid = lease_id.as_uuid();
         let lease_slow: Option<bool> = None;
@@ -163,7 +174,13 @@ impl Core {
         }
         params.extend(ask.filter.iter().map(|p| p.as_sql()));
         *in_flight.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease_id);
-        let rows = client.query(&st, &params).await;
+        let rows = match tokio::time::timeout(self.timeout, client.query(&st, &params)).await {
+            Ok(rows) => rows,
+            Err(_) => {
+                drop(params);
+                return Err(self.timed_out(client));
+            }
+        };
         if rows.as_ref().is_ok() || rows.as_ref().is_err_and(|e| e.as_db_error().is_some()) {
             *in_flight.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
@@ -176,6 +193,15 @@ impl Core {
                 reason: "no result row".into(),
             })?;
         answer(row, ask.round_robin)
+    }
+
+    /// A statement without an answer in time: its connection goes.
+    fn timed_out(&self, client: deadpool_postgres::Object) -> PgError {
+        self.discard(client);
+        PgError::Timeout {
+            op: "acquire",
+            after: self.timeout,
+        }
     }
 
     /// The lease of a hit row (and the pool's id, learnt).

@@ -17,7 +17,8 @@
 //! `pharox.node` (which the latency trigger of `migrate.sql` reads), `statement_timeout`,
 //! `lock_timeout` (at most 500 ms, the lab's value), `idle_in_transaction_session_timeout`
 //! and `application_name = pharox/NODE`. Options already in the URL (a test's
-//! `search_path`, say) are kept.
+//! `search_path`, say) are kept. TCP: keepalive after 30 s idle (3 probes, 10 s apart) and
+//! `tcp_user_timeout` = 3 × the statement timeout (at least 10 s), unless the URL sets them.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -141,6 +142,16 @@ fn session_options(config: &mut tokio_postgres::Config, timeout: Duration, node:
         config.application_name(format!("pharox/{}", node.unwrap_or("check")));
     }
     config.connect_timeout(timeout);
+    // Dead peers are noticed in about a minute instead of TCP's hours: keepalive probes on
+    // idle connections, and a limit on unacknowledged data (a query sent into a partition).
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(Duration::from_secs(30));
+        config.keepalives_interval(Duration::from_secs(10));
+        config.keepalives_retries(3);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout((timeout * 3).max(Duration::from_secs(10)));
+    }
 }
 
 /// Backslash-escapes spaces and backslashes (the server splits `options` on spaces).

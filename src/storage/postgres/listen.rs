@@ -6,7 +6,9 @@
 //! taking new leases ([`PgError::NodeLockLost`]) and this task reconnects with backoff
 //! (100 ms doubling to 5 s), claims the lock again (if another daemon took the node id
 //! meanwhile, it logs an error and keeps trying), LISTENs again and wakes every local waiter,
-//! since NOTIFYs sent while it was away are lost.
+//! since NOTIFYs sent while it was away are lost. After a network partition the server may
+//! still run the old session's backend, holding the lock: when the lock's holder is that
+//! backend (its pid was remembered), the daemon terminates it and claims again.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -35,6 +37,8 @@ pub(crate) struct Session {
     driver: JoinHandle<()>,
     timeout: Duration,
     scrub: super::error::Scrub,
+    /// The server backend serving this session.
+    pid: Option<i32>,
 }
 
 impl Drop for Session {
@@ -73,13 +77,20 @@ impl Session {
                 }
             }
         });
-        Ok(Self {
+        let mut session = Self {
             client,
             payloads,
             driver,
             timeout,
             scrub: spec.scrub.clone(),
-        })
+            pid: None,
+        };
+        session.pid = session
+            .query("session_pid", &[])
+            .await?
+            .first()
+            .and_then(|r| r.try_get("pid").ok());
+        Ok(session)
     }
 
     /// The session's client (migration, schema checks).
@@ -112,6 +123,32 @@ impl Session {
             .first()
             .and_then(|r| r.try_get::<_, bool>("claimed").ok())
             .unwrap_or(false))
+    }
+
+    /// The backend pid holding the node lock, if any.
+    async fn holder_pid(&self, node: &str) -> Option<i32> {
+        let rows = self.query("node_holder", &[&node]).await.ok()?;
+        rows.first()?.try_get("pid").ok().flatten()
+    }
+
+    /// Ends our own previous session's backend if it is the one holding the node lock
+    /// (true when it did).
+    async fn evict_own(&self, node: &str, old_pid: Option<i32>) -> bool {
+        let Some(old) = old_pid else { return false };
+        if self.holder_pid(node).await != Some(old) {
+            return false;
+        }
+        tracing::warn!(
+            node,
+            pid = old,
+            "ending this daemon's previous database session, which still holds the node lock"
+        );
+        let ended = self.query("terminate_own_session", &[&old]).await;
+        ended.is_ok_and(|r| {
+            r.first()
+                .and_then(|r| r.try_get::<_, bool>("terminated").ok())
+                == Some(true)
+        })
     }
 
     /// Who holds the node lock, for the log ("unknown" if that cannot be read).
@@ -177,12 +214,13 @@ pub(crate) async fn run(
     loop {
         serve(&core, &mut session, &cancel).await;
         core.session_up.store(false, Ordering::SeqCst);
+        let old_pid = session.pid;
         drop(session);
         if cancel.is_cancelled() {
             return;
         }
         tracing::warn!(node = %core.node, "dedicated database session lost; reconnecting");
-        match reconnect(&core, &spec, &cancel).await {
+        match reconnect(&core, &spec, old_pid, &cancel).await {
             Some(s) => session = s,
             None => return,
         }
@@ -236,11 +274,16 @@ async fn on_notification(core: &Core, payload: &str) {
 
 /// Opens a new session, claims the node lock, LISTENs; retries with backoff. `None` when
 /// cancelled.
-async fn reconnect(core: &Core, spec: &ConnSpec, cancel: &CancellationToken) -> Option<Session> {
+async fn reconnect(
+    core: &Core,
+    spec: &ConnSpec,
+    old_pid: Option<i32>,
+    cancel: &CancellationToken,
+) -> Option<Session> {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = std::time::Instant::now();
-        let result = reopen(core, spec).await;
+        let result = reopen(core, spec, old_pid).await;
         core.observe("session", started.elapsed(), result.is_ok());
         match result {
             Ok(s) => {
@@ -262,9 +305,19 @@ async fn reconnect(core: &Core, spec: &ConnSpec, cancel: &CancellationToken) -> 
     }
 }
 
-async fn reopen(core: &Core, spec: &ConnSpec) -> Result<Session, PgError> {
+async fn reopen(core: &Core, spec: &ConnSpec, old_pid: Option<i32>) -> Result<Session, PgError> {
     let s = Session::open(spec, core.timeout).await?;
-    if !s.claim(&core.node).await? {
+    let mut claimed = s.claim(&core.node).await?;
+    if !claimed && s.evict_own(&core.node, old_pid).await {
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            claimed = s.claim(&core.node).await?;
+            if claimed {
+                break;
+            }
+        }
+    }
+    if !claimed {
         let holder = s.holder(&core.node).await;
         tracing::error!(node = %core.node, holder = %holder, "node lock held elsewhere");
         return Err(PgError::NodeTaken(core.node.to_string()));

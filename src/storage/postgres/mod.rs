@@ -422,7 +422,8 @@ impl Core {
         self.run(op, self.query_now(op, text, params)).await
     }
 
-    /// Prepares and runs one statement (the caller bounds it).
+    /// Prepares and runs one statement, bounded by the statement timeout (see
+    /// [`Core::discard`]).
     async fn query_now(
         &self,
         op: &'static str,
@@ -430,14 +431,29 @@ impl Core {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, PgError> {
         let client = self.client(op).await?;
-        let st = client
-            .prepare_cached(text)
-            .await
-            .map_err(|e| self.stmt_err(op, &e))?;
-        client
-            .query(&st, params)
-            .await
-            .map_err(|e| self.stmt_err(op, &e))
+        let answer = tokio::time::timeout(self.timeout, async {
+            let st = client.prepare_cached(text).await?;
+            client.query(&st, params).await
+        })
+        .await;
+        match answer {
+            Ok(rows) => rows.map_err(|e| self.stmt_err(op, &e)),
+            Err(_) => {
+                self.discard(client);
+                Err(PgError::Timeout {
+                    op,
+                    after: self.timeout,
+                })
+            }
+        }
+    }
+
+    /// A connection that gave no answer in time is closed, and every idle one with it: the
+    /// server or the network is in trouble (a partition leaves sockets that look alive),
+    /// and fresh connections either work or fail fast.
+    fn discard(&self, client: Object) {
+        drop(Object::take(client));
+        self.pool.retain(|_, _| false);
     }
 
     /// The signal of a pool, created on first use.

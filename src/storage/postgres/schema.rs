@@ -228,8 +228,8 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
-    /// True when a daemon could start on this database (after its migration, when
-    /// `migrate` is on): the schema is complete, or only lacks what the migration adds.
+    /// True when every table and column the backend uses is there (a daemon with
+    /// `migrate = false` can start; with `migrate = true` the migration adds what lacks).
     pub fn schema_ok(&self) -> bool {
         self.missing.is_empty()
     }

@@ -85,6 +85,8 @@ pub(crate) const USED: &[&str] = &[
     "node_claim",
     "node_holder",
     "node_register",
+    "session_pid",
+    "terminate_own_session",
     "node_heartbeat",
     "release_holder_batch",
     "notify_capacity",

@@ -814,6 +814,17 @@ WHERE l.locktype = 'advisory' AND l.granted
   AND l.objid = (hashtextextended('pharox:node:' || $1::text, 0) & 4294967295)::oid
   AND l.objsubid = 1;
 
+-- RUST: session_pid: this session's backend pid (remembered, see terminate_own_session).
+-- name: session_pid
+SELECT pg_backend_pid() AS pid;
+
+-- RUST: terminate_own_session: after the dedicated session was lost (a network partition),
+-- its old backend may still hold the node lock until the server notices the connection is
+-- gone; the daemon ends that backend, and only that one (its remembered pid, and only when
+-- node_holder names that pid). $1 int4 pid. Needs the same role (or pg_signal_backend).
+-- name: terminate_own_session
+SELECT pg_terminate_backend($1::int4) AS terminated;
+
 -- node_register: record the node (informational), after node_claim succeeded, on the
 -- dedicated session. $1 text node id, $2 text hostname, $3 text version.
 -- name: node_register
