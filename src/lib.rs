@@ -4,7 +4,8 @@
 //! - [`model`]: pools, proxies, consumers, leases, pool statistics.
 //! - [`filter`]: the filter language (scalar fields, geo radius, combinators, predicates).
 //! - [`selector`]: selector strategies.
-//! - [`storage`]: the storage contract and the in-memory backend.
+//! - [`storage`]: the storage contract, the in-memory backend and the PostgreSQL one (fleet
+//!   mode).
 //! - [`manager`]: [`ProxyManager`] (acquire, retry, release, renew, cleanup, callbacks) and
 //!   [`LeaseGuard`].
 //! - [`retry`]: retry policy and the clock/sleeper seams.
@@ -79,4 +80,4 @@ pub use model::{
 };
 pub use retry::{Clock, RetryPolicy, Sleeper};
 pub use selector::Selector;
-pub use storage::{AcquireRequest, InMemoryStorage, LeaseError, Storage};
+pub use storage::{AcquireRequest, InMemoryStorage, LeaseError, PostgresStorage, Storage};

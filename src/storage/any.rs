@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::{
-    AcquireRequest, Acquired, CapacitySignal, InMemoryStorage, LeaseError, Released, Renewal,
-    Storage,
+    AcquireRequest, Acquired, CapacitySignal, InMemoryStorage, LeaseError, PostgresStorage,
+    Released, Renewal, Storage,
 };
 use crate::model::{
     Consumer, HealthCheck, Lease, LeaseId, Pool, PoolStats, Proxy, ProxyId, ProxyInfo, ProxyStatus,
@@ -18,6 +18,8 @@ use crate::model::{
 pub enum AnyStorage {
     /// The embedded in-memory storage.
     Memory(InMemoryStorage),
+    /// Fleet mode: the lease state shared in PostgreSQL.
+    Postgres(PostgresStorage),
 }
 
 impl AnyStorage {
@@ -42,11 +44,18 @@ impl From<InMemoryStorage> for AnyStorage {
     }
 }
 
+impl From<PostgresStorage> for AnyStorage {
+    fn from(s: PostgresStorage) -> Self {
+        AnyStorage::Postgres(s)
+    }
+}
+
 /// Calls `$call` on the wrapped backend.
 macro_rules! each {
     ($self:ident, $s:ident => $call:expr) => {
         match $self {
             AnyStorage::Memory($s) => $call,
+            AnyStorage::Postgres($s) => $call,
         }
     };
 }
@@ -102,6 +111,10 @@ impl Storage for AnyStorage {
 
     async fn upsert_proxy(&self, proxy: Proxy) -> Result<(), LeaseError> {
         each!(self, s => s.upsert_proxy(proxy).await)
+    }
+
+    async fn upsert_proxies(&self, proxies: Vec<Proxy>) -> Result<(), LeaseError> {
+        each!(self, s => s.upsert_proxies(proxies).await)
     }
 
     async fn remove_proxy(&self, id: &ProxyId) -> Result<bool, LeaseError> {

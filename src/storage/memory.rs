@@ -126,7 +126,7 @@ fn released(freed: Freed, now: SystemTime) -> Released {
 }
 
 /// Rejects records the engine cannot work with.
-fn validate_proxy(p: &Proxy) -> Result<(), LeaseError> {
+pub(crate) fn validate_proxy(p: &Proxy) -> Result<(), LeaseError> {
     let bad = |reason: &str| {
         Err(LeaseError::InvalidProxy {
             id: p.id.clone(),

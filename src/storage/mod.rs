@@ -10,6 +10,7 @@ mod any;
 mod index;
 mod memory;
 mod pool;
+pub mod postgres;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,6 +27,8 @@ use crate::selector::Selector;
 
 pub use any::AnyStorage;
 pub use memory::InMemoryStorage;
+pub(crate) use memory::validate_proxy;
+pub use postgres::PostgresStorage;
 
 /// Default lease duration when a request does not set one: 300 s.
 pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(300);
@@ -296,6 +299,20 @@ pub trait Storage: Send + Sync + 'static {
     /// Inserts or updates a proxy (its pool must exist). Updating never touches the live
     /// lease count; a draining proxy comes back into rotation.
     fn upsert_proxy(&self, proxy: Proxy) -> impl Future<Output = Result<(), LeaseError>> + Send;
+
+    /// Inserts or updates many proxies (each as [`Storage::upsert_proxy`]); a backend may do
+    /// it in fewer round trips. Stops at the first error.
+    fn upsert_proxies(
+        &self,
+        proxies: Vec<Proxy>,
+    ) -> impl Future<Output = Result<(), LeaseError>> + Send {
+        async move {
+            for p in proxies {
+                self.upsert_proxy(p).await?;
+            }
+            Ok(())
+        }
+    }
 
     /// Removes a proxy: no new leases; live ones release normally. False if unknown.
     fn remove_proxy(&self, id: &ProxyId) -> impl Future<Output = Result<bool, LeaseError>> + Send;

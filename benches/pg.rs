@@ -1,0 +1,312 @@
+//! PostgreSQL lease engine benchmark (`harness = false`): acquire + release pairs per second
+//! and acquire latency through `ProxyManager<PostgresStorage>`, for 1 and 4 daemons (each an
+//! OS process of its own: this binary re-executed with `--worker`, its own manager and node
+//! id), pools of 10 / 1 000 / 10 000 proxies with `max_concurrency` 1 and unlimited, and the
+//! selectors first_available / least_used / round_robin. Over-leases are counted twice: a
+//! monitor samples `current_leases > max_concurrency` during each run, and the audit
+//! statement (counter = live lease rows) runs after it; both must stay 0.
+//!
+//! ```sh
+//! export PHAROX_TEST_PG=$(scripts/pg-cluster.sh start)
+//! cargo bench --bench pg                      # or: cargo bench --bench pg -- --url URL
+//! cargo bench --bench pg -- --secs 2 --sizes 10,1000 --instances 1
+//! ```
+//! The benchmark works in a database of its own (`pharox_bench_PID`), dropped at the end.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pharox::storage::postgres::{PgSettings, PostgresStorage};
+use pharox::{AcquireRequest, Pool, Proxy, ProxyManager, ProxyProtocol, Selector, Storage};
+use tokio_postgres::NoTls;
+
+/// Concurrent acquire loops per daemon (and pooled connections).
+const TASKS: usize = 4;
+
+struct Args {
+    url: String,
+    secs: f64,
+    sizes: Vec<usize>,
+    instances: Vec<usize>,
+    selectors: Vec<Selector>,
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn list<T: std::str::FromStr + Clone>(v: Option<String>, default: &[T]) -> Vec<T> {
+    v.map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if args.iter().any(|a| a == "--worker") {
+        rt.block_on(worker(&args));
+        return;
+    }
+    let url = arg(&args, "--url")
+        .or_else(|| args.iter().find(|a| a.starts_with("postgres")).cloned())
+        .or_else(|| std::env::var("PHAROX_TEST_PG").ok());
+    let Some(url) = url else {
+        eprintln!("pg bench: set PHAROX_TEST_PG or pass --url URL (skipping)");
+        return;
+    };
+    let a = Args {
+        url,
+        secs: arg(&args, "--secs")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3.0),
+        sizes: list(arg(&args, "--sizes"), &[10, 1000, 10000]),
+        instances: list(arg(&args, "--instances"), &[1, 4]),
+        selectors: list(
+            arg(&args, "--selectors"),
+            &[
+                Selector::FirstAvailable,
+                Selector::LeastUsed,
+                Selector::RoundRobin,
+            ],
+        ),
+    };
+    rt.block_on(run(a));
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let cut = base.find("://").map_or(0, |i| i + 3);
+    let base = base[cut..].find('/').map_or(base, |i| &base[..cut + i]);
+    query.map_or(format!("{base}/{db}"), |q| format!("{base}/{db}?{q}"))
+}
+
+async fn raw(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    c
+}
+
+fn settings(url: &str, node: &str) -> PgSettings {
+    let mut s = PgSettings::new(url, node);
+    s.pool_size = TASKS;
+    s.statement_timeout = Duration::from_secs(5);
+    s
+}
+
+fn pool_name(size: usize, cap: Option<u32>) -> String {
+    format!("b{size}{}", if cap.is_some() { "c1" } else { "un" })
+}
+
+async fn run(a: Args) {
+    let db = format!("pharox_bench_{}", std::process::id());
+    raw(&a.url)
+        .await
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let url = with_database(&a.url, &db);
+    let admin = PostgresStorage::connect(settings(&url, "bench-admin"))
+        .await
+        .unwrap();
+    let caps = [Some(1), None];
+    for &size in &a.sizes {
+        for cap in caps {
+            let name = pool_name(size, cap);
+            admin.upsert_pool(Pool::new(name.clone())).await.unwrap();
+            let proxies = (0..size)
+                .map(|i| {
+                    let id = format!("{name}/10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255);
+                    Proxy::new(id, &name, ProxyProtocol::Http, "10.0.0.1", 8080)
+                        .with_max_concurrency(cap)
+                })
+                .collect();
+            admin.upsert_proxies(proxies).await.unwrap();
+        }
+    }
+    let sql = raw(&url).await;
+    sql.batch_execute("VACUUM ANALYZE").await.unwrap();
+    println!(
+        "pairs/s (acquire p50 / p99 ms; misses) — {TASKS} tasks per daemon, {} s per cell",
+        a.secs
+    );
+    println!(
+        "| daemons | pool | cap | selector | pairs/s | p50 ms | p99 ms | misses | over-leases |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut over_total = 0;
+    for &n in &a.instances {
+        for &size in &a.sizes {
+            for cap in caps {
+                for &sel in &a.selectors {
+                    let pool = pool_name(size, cap);
+                    let (cell, over) = cell(&url, &sql, &admin, n, &pool, sel, a.secs).await;
+                    over_total += over;
+                    let cap = cap.map_or("∞".into(), |c| c.to_string());
+                    println!("| {n} | {size} | {cap} | {sel} | {cell} | {over} |");
+                }
+            }
+        }
+    }
+    println!("over-leases in all runs: {over_total}");
+    admin.close().await;
+    drop(sql);
+    raw(&a.url)
+        .await
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+    assert_eq!(over_total, 0, "over-leasing detected");
+}
+
+/// One measurement: `n` worker processes on one pool with one selector.
+async fn cell(
+    url: &str,
+    sql: &tokio_postgres::Client,
+    admin: &PostgresStorage,
+    n: usize,
+    pool: &str,
+    sel: Selector,
+    secs: f64,
+) -> (String, u64) {
+    let start_at =
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap() + Duration::from_millis(1500);
+    let exe = std::env::current_exe().unwrap();
+    let tag = format!("{}-{}", pool, sel.as_str());
+    let children: Vec<_> = (0..n)
+        .map(|i| {
+            tokio::process::Command::new(&exe)
+                .args([
+                    "--worker",
+                    "--url",
+                    url,
+                    "--pool",
+                    pool,
+                    "--selector",
+                    sel.as_str(),
+                ])
+                .args([
+                    "--node",
+                    &format!("bench-{tag}-{i}"),
+                    "--secs",
+                    &secs.to_string(),
+                ])
+                .args(["--start-at", &start_at.as_millis().to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("worker process")
+        })
+        .collect();
+    let mut over = 0u64;
+    let deadline =
+        Instant::now() + Duration::from_millis(1500) + Duration::from_secs_f64(secs + 1.0);
+    while Instant::now() < deadline {
+        let row = sql
+            .query_one(
+                "SELECT count(*) FROM proxy WHERE max_concurrency IS NOT NULL AND current_leases > max_concurrency",
+                &[],
+            )
+            .await
+            .unwrap();
+        over += row.get::<_, i64>(0) as u64;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut hits, mut misses, mut lat) = (0u64, 0u64, Vec::new());
+    for c in children {
+        let out = c.wait_with_output().await.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value =
+            serde_json::from_str(text.lines().last().unwrap_or("{}")).unwrap();
+        hits += v["hits"].as_u64().unwrap_or(0);
+        misses += v["misses"].as_u64().unwrap_or(0);
+        lat.extend(
+            v["lat_us"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_u64()),
+        );
+    }
+    over += admin.audit(Some(pool)).await.unwrap().len() as u64;
+    let live: i64 = sql
+        .query_one(
+            "SELECT count(*) FROM lease WHERE status = 'active' AND pool_name = $1",
+            &[&pool],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 0, "leases left behind");
+    lat.sort_unstable();
+    let q = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p) as usize)
+            .map_or(0.0, |&u| u as f64 / 1000.0)
+    };
+    let rate = hits as f64 / secs;
+    (
+        format!("{rate:.0} | {:.2} | {:.2} | {misses}", q(0.5), q(0.99)),
+        over,
+    )
+}
+
+/// A daemon: its own storage and manager; `TASKS` loops of acquire + release.
+async fn worker(args: &[String]) {
+    let get = |k| arg(args, k).expect(k);
+    let (url, pool, node) = (get("--url"), get("--pool"), get("--node"));
+    let sel: Selector = get("--selector").parse().unwrap();
+    let secs: f64 = get("--secs").parse().unwrap();
+    let start_ms: u128 = get("--start-at").parse().unwrap();
+    let storage = PostgresStorage::connect(settings(&url, &node))
+        .await
+        .expect("worker connect");
+    let m = ProxyManager::new(storage.clone());
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    tokio::time::sleep(Duration::from_millis(start_ms.saturating_sub(now_ms) as u64)).await;
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let (m, pool) = (m.clone(), pool.clone());
+            tokio::spawn(async move {
+                let req = AcquireRequest::new(pool)
+                    .selector(sel)
+                    .consumer(format!("bench-{t}"));
+                let (mut hits, mut misses, mut lat) = (0u64, 0u64, Vec::new());
+                while Instant::now() < until {
+                    let t0 = Instant::now();
+                    match m.acquire_proxy(&req).await {
+                        Ok(Some(lease)) => {
+                            lat.push(t0.elapsed().as_micros() as u64);
+                            m.release_proxy(&lease).await.expect("release");
+                            hits += 1;
+                        }
+                        Ok(None) => misses += 1,
+                        Err(e) => panic!("acquire: {e}"),
+                    }
+                }
+                (hits, misses, lat)
+            })
+        })
+        .collect();
+    let (mut hits, mut misses, mut lat) = (0, 0, Vec::new());
+    for t in tasks {
+        let (h, mi, l) = t.await.unwrap();
+        hits += h;
+        misses += mi;
+        lat.extend(l);
+    }
+    storage.close().await;
+    println!(
+        "{}",
+        serde_json::json!({"hits": hits, "misses": misses, "lat_us": lat})
+    );
+}

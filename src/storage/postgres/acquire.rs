@@ -1,0 +1,297 @@
+//! Acquire: one `acquire_<selector>` statement per attempt, retried at once while
+//! `contended` (an eligible proxy was locked by someone else or filled meanwhile), up to
+//! [`ATTEMPTS`] attempts with pauses of 0.5·k ms, the lab's policy. `round_robin` is strict
+//! (takes only the rotation's next proxy) on every attempt but the last, and creates the
+//! pool's cursor row when it is missing (one extra, uncounted attempt).
+//!
+//! Every attempt has a fresh lease id. When an attempt fails without a definite answer (the
+//! connection broke or the call timed out after the statement was sent) its id is queued
+//! for a background release: the lease may exist, and releasing an unknown id is a no-op.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::filter::filter_sql;
+use super::rows::LeaseRow;
+use super::sql::{self, FILTER_TOKEN};
+use super::{Core, Op, PgError};
+use crate::model::{DEFAULT_CONSUMER_NAME, Lease, LeaseId, ProxyId, default_consumer};
+use crate::selector::Selector;
+use crate::storage::{AcquireRequest, Acquired, LeaseError, expiry};
+
+/// Attempts per acquire while contended.
+pub(crate) const ATTEMPTS: u32 = 4;
+
+/// Prepared statements kept per connection before the cache is cleared.
+const STATEMENT_CACHE_MAX: usize = 512;
+
+/// Schemes this daemon can speak (Python rows may also say `socks4`: skipped).
+const SCHEMES: &[&str] = &["http", "https", "socks5", "socks5h"];
+
+/// One acquire's fixed parameters.
+struct Ask<'a> {
+    text: String,
+    pool: &'a str,
+    consumer: Uuid,
+    secs: f64,
+    exclude: Vec<Uuid>,
+    only: Option<Vec<Uuid>>,
+    round_robin: bool,
+    filter: Vec<super::filter::Param>,
+}
+
+/// What one attempt answered.
+enum Answer {
+    Hit(Row),
+    Miss { contended: bool },
+    NoCursor,
+    NoPool,
+}
+
+/// What an acquire's attempts came to.
+enum Outcome {
+    Hit(Row),
+    Miss,
+    NoPool,
+}
+
+impl Core {
+    /// [`Storage::acquire`](crate::storage::Storage::acquire) for this backend.
+    pub(crate) async fn acquire(&self, req: &AcquireRequest) -> Result<Acquired, LeaseError> {
+        expiry(SystemTime::now(), req.duration)?;
+        if self.withdrawn_pools.contains(&*req.pool) {
+            return Err(LeaseError::UnknownPool(req.pool.to_string()));
+        }
+        let filter = filter_sql(req.filter.as_deref(), sql::filter_start(req.selector))?;
+        if !self.session_up.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(PgError::NodeLockLost(self.node.to_string()).into());
+        }
+        let consumer = req.consumer.clone().unwrap_or_else(default_consumer);
+        let ask = Ask {
+            text: sql::acquire(req.selector).replace(FILTER_TOKEN, &filter.sql),
+            pool: &req.pool,
+            consumer: self.consumer_id(&consumer).await?,
+            secs: req.duration.as_secs_f64(),
+            exclude: self.excluded(&req.exclude),
+            only: req
+                .only
+                .as_ref()
+                .map(|ids| ids.iter().map(ProxyId::uuid).collect()),
+            round_robin: req.selector == Selector::RoundRobin,
+            filter: filter.params,
+        };
+        let in_flight = Mutex::new(None);
+        let result = self.run("acquire", self.attempts(&ask, &in_flight)).await;
+        let lease = match result {
+            Ok(Outcome::Hit(row)) => self.lease_of(&row, req, consumer)?,
+            Ok(Outcome::Miss) => None,
+            Ok(Outcome::NoPool) => return Err(LeaseError::UnknownPool(req.pool.to_string())),
+            Err(e) => {
+                if let Some(id) = *in_flight.lock().unwrap_or_else(|e| e.into_inner()) {
+                    self.release_unknown_acquire(id, req.duration);
+                }
+                if is_fk_violation(&e) {
+                    self.consumers.remove(&*consumer);
+                }
+                return Err(e.into());
+            }
+        };
+        Ok(Acquired {
+            lease,
+            stats: self.cached_stats(&req.pool).await,
+            expired: Vec::new(),
+        })
+    }
+
+    /// The attempts of one acquire. `in_flight` holds the lease id of a statement sent but
+    /// not answered.
+    async fn attempts(
+        &self,
+        ask: &Ask<'_>,
+        in_flight: &Mutex<Option<LeaseId>>,
+    ) -> Result<Outcome, PgError> {
+        let mut cursor_made = false;
+        let mut k = 1;
+        loop {
+            let strict = ask.round_robin && k < ATTEMPTS;
+            match self.attempt(ask, strict, in_flight).await? {
+                Answer::Hit(row) => return Ok(Outcome::Hit(row)),
+                Answer::NoPool => return Ok(Outcome::NoPool),
+                Answer::NoCursor if !cursor_made => {
+                    cursor_made = true;
+                    let rr = sql::stmt("rr_cursor_init");
+                    self.query_now("acquire", rr, &[&ask.pool]).await?;
+                    continue;
+                }
+                Answer::Miss { contended: true } | Answer::NoCursor if k < ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_micros(500 * u64::from(k))).await;
+                    k += 1;
+                }
+                _ => return Ok(Outcome::Miss),
+            }
+        }
+    }
+
+    /// One statement.
+    async fn attempt(
+        &self,
+        ask: &Ask<'_>,
+        strict: bool,
+        in_flight: &Mutex<Option<LeaseId>>,
+    ) -> Result<Answer, PgError> {
+        let client = self.client("acquire").await?;
+        if client.statement_cache.size() > STATEMENT_CACHE_MAX {
+            // Many filter shapes (library callers): start over rather than grow forever.
+            client.statement_cache.clear();
+        }
+        let prepared = tokio::time::timeout(self.timeout, client.prepare_cached(&ask.text)).await;
+        let st = match prepared {
+            Ok(st) => st.op(self, "acquire")?,
+            Err(_) => return Err(self.timed_out(client)),
+        };
+        let lease_id = LeaseId::new();
+        let uuid = lease_id.as_uuid();
+        let lease_slow: Option<bool> = None;
+        let node: &str = &self.node;
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &ask.pool,
+            &uuid,
+            &ask.consumer,
+            &ask.secs,
+            &node,
+            &lease_slow,
+            &SCHEMES,
+            &ask.exclude,
+            &ask.only,
+        ];
+        if ask.round_robin {
+            params.push(&strict);
+        }
+        params.extend(ask.filter.iter().map(|p| p.as_sql()));
+        *in_flight.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease_id);
+        let rows = match tokio::time::timeout(self.timeout, client.query(&st, &params)).await {
+            Ok(rows) => rows,
+            Err(_) => {
+                drop(params);
+                return Err(self.timed_out(client));
+            }
+        };
+        if rows.as_ref().is_ok() || rows.as_ref().is_err_and(|e| e.as_db_error().is_some()) {
+            *in_flight.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        let row = rows
+            .op(self, "acquire")?
+            .into_iter()
+            .next()
+            .ok_or_else(|| PgError::Statement {
+                op: "acquire",
+                reason: "no result row".into(),
+            })?;
+        answer(row, ask.round_robin)
+    }
+
+    /// A statement without an answer in time: its connection goes.
+    fn timed_out(&self, client: deadpool_postgres::Object) -> PgError {
+        self.discard(client);
+        PgError::Timeout {
+            op: "acquire",
+            after: self.timeout,
+        }
+    }
+
+    /// The lease of a hit row (and the pool's id, learnt).
+    fn lease_of(
+        &self,
+        row: &Row,
+        req: &AcquireRequest,
+        consumer: std::sync::Arc<str>,
+    ) -> Result<Option<Lease>, LeaseError> {
+        let pool_id: Uuid = row.try_get("pool_id").op(self, "acquire")?;
+        if !self.pool_ids.contains_key(&*req.pool) {
+            self.learn_pool(&req.pool, pool_id);
+        }
+        let lease = LeaseRow {
+            pool: req.pool.clone(),
+            consumer,
+            holder: Some(self.node.clone()),
+            ids: &self.ids,
+        }
+        .lease(row)
+        .op(self, "acquire")?;
+        if lease.is_none() {
+            // Cannot happen: the statement only picks schemes we speak. Give it back.
+            let id: Uuid = row.try_get("lease_id").op(self, "acquire")?;
+            self.release_later(LeaseId::from_uuid(id));
+        }
+        Ok(lease)
+    }
+
+    /// The proxies not to lease: the request's, plus those this node withdrew.
+    fn excluded(&self, exclude: &[ProxyId]) -> Vec<Uuid> {
+        let mut v: Vec<Uuid> = exclude.iter().map(ProxyId::uuid).collect();
+        v.extend(self.withdrawn_proxies.iter().map(|id| *id));
+        v
+    }
+
+    /// A consumer's id, resolved once per name (`consumer_upsert`).
+    pub(crate) async fn consumer_id(&self, name: &str) -> Result<Uuid, PgError> {
+        let name = if name.is_empty() {
+            DEFAULT_CONSUMER_NAME
+        } else {
+            name
+        };
+        if let Some(id) = self.consumers.get(name) {
+            return Ok(*id);
+        }
+        let new_id = crate::model::stable_id("consumer", name);
+        for _ in 0..3 {
+            let rows = self
+                .query("consumer", sql::stmt("consumer_upsert"), &[&name, &new_id])
+                .await?;
+            if let Some(row) = rows.first() {
+                let id: Uuid = row.try_get("id").op(self, "consumer")?;
+                self.consumers.insert(name.into(), id);
+                return Ok(id);
+            }
+        }
+        Err(PgError::Statement {
+            op: "consumer",
+            reason: format!("consumer `{name}` could not be created (concurrent creation)"),
+        })
+    }
+}
+
+/// Reads an attempt's result row.
+fn answer(row: Row, round_robin: bool) -> Result<Answer, PgError> {
+    let get = |k: &str| -> Result<bool, PgError> {
+        row.try_get::<_, Option<bool>>(k)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| PgError::Statement {
+                op: "acquire",
+                reason: e.to_string(),
+            })
+    };
+    if get("hit")? {
+        return Ok(Answer::Hit(row));
+    }
+    if !get("pool_found")? {
+        return Ok(Answer::NoPool);
+    }
+    if round_robin && !get("cursor_found")? {
+        return Ok(Answer::NoCursor);
+    }
+    Ok(Answer::Miss {
+        contended: get("contended")?,
+    })
+}
+
+/// A lease insert failed on its consumer's foreign key (the consumer row was deleted).
+fn is_fk_violation(e: &PgError) -> bool {
+    matches!(e, PgError::Statement { reason, .. }
+        if reason.contains(SqlState::FOREIGN_KEY_VIOLATION.code()))
+}

@@ -1,0 +1,132 @@
+//! The statement texts, loaded by name from `statements.sql` (the SQL lab's file, adapted:
+//! every adaptation is marked `RUST:` there), and `migrate.sql`, run as is.
+//!
+//! A statement starts at a line `-- name: NAME` and ends with the first line ending in `;`
+//! (the lab's format). Acquire statements carry the token [`FILTER_TOKEN`] where the
+//! generated filter fragment goes.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use crate::selector::Selector;
+
+/// The statements file.
+const STATEMENTS: &str = include_str!("statements.sql");
+
+/// The migration (one transaction, idempotent, serialised by an advisory lock).
+pub(crate) const MIGRATE: &str = include_str!("migrate.sql");
+
+/// Placeholder for the filter fragment in the acquire statements.
+pub(crate) const FILTER_TOKEN: &str = "TRUE /*FILTER*/";
+
+static BY_NAME: LazyLock<HashMap<&'static str, &'static str>> = LazyLock::new(|| parse(STATEMENTS));
+
+fn parse(text: &'static str) -> HashMap<&'static str, &'static str> {
+    let mut out = HashMap::new();
+    let mut current: Option<(&'static str, usize)> = None;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        offset += line.len();
+        if let Some(name) = line.trim_start().strip_prefix("-- name:") {
+            current = Some((name.trim(), offset));
+            continue;
+        }
+        if let Some((name, body)) = current
+            && line.trim_end().ends_with(';')
+        {
+            out.insert(name, text[body..offset].trim());
+            current = None;
+        }
+    }
+    out
+}
+
+/// The text of statement `name`. Panics on an unknown name (a programming error, caught by
+/// the unit test that loads every name the backend uses).
+pub(crate) fn stmt(name: &str) -> &'static str {
+    BY_NAME
+        .get(name)
+        .unwrap_or_else(|| panic!("statements.sql has no statement `{name}`"))
+}
+
+/// The acquire statement of a selector.
+pub(crate) fn acquire(selector: Selector) -> &'static str {
+    stmt(match selector {
+        Selector::FirstAvailable => "acquire_first_available",
+        Selector::LeastUsed => "acquire_least_used",
+        Selector::RoundRobin => "acquire_round_robin",
+        Selector::LowestLatency => "acquire_lowest_latency",
+        Selector::Random => "acquire_random",
+    })
+}
+
+/// Where an acquire statement's filter parameters start (`round_robin` has `$10 strict`).
+pub(crate) fn filter_start(selector: Selector) -> usize {
+    if selector == Selector::RoundRobin {
+        11
+    } else {
+        10
+    }
+}
+
+/// Every statement name the backend uses.
+#[cfg(test)]
+pub(crate) const USED: &[&str] = &[
+    "acquire_first_available",
+    "acquire_least_used",
+    "acquire_round_robin",
+    "acquire_lowest_latency",
+    "acquire_random",
+    "rr_cursor_init",
+    "release",
+    "renew_batch",
+    "sweep",
+    "rest_end",
+    "node_claim",
+    "node_holder",
+    "node_register",
+    "session_pid",
+    "terminate_own_session",
+    "node_heartbeat",
+    "release_holder_batch",
+    "notify_capacity",
+    "listen_capacity",
+    "consumer_upsert",
+    "pool_stats",
+    "list_leases",
+    "get_lease",
+    "list_proxies",
+    "get_proxy",
+    "pool_lookup",
+    "pool_name_of",
+    "audit_counters",
+    "pool_upsert",
+    "proxy_upsert_batch",
+    "proxy_remove",
+    "pool_withdraw",
+    "inventory_duplicates",
+    "proxy_health",
+    "proxy_rest",
+    "schema_missing",
+    "migrations_table",
+    "server_info",
+    "migration_version",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_used_statement_is_there_and_acquires_take_filters() {
+        for name in USED {
+            let text = stmt(name);
+            assert!(text.ends_with(';'), "{name}");
+            assert!(!text.contains("-- name:"), "{name}");
+        }
+        for &s in Selector::ALL {
+            assert!(acquire(s).matches(FILTER_TOKEN).count() >= 2, "{s}");
+        }
+        assert!(MIGRATE.contains("COMMIT;"));
+    }
+}

@@ -1,0 +1,329 @@
+//! One `PostgresStorage` and the database around it: Python pharox 0.11 on a database the
+//! daemon migrated and filled, rows that only the database has (Python's) leased with their
+//! stored credentials, the schema check, `check`, the observer, and passwords that never
+//! show (URL masking, `Debug`, every error message).
+
+mod pgsupport;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgsupport::TestDb;
+use pharox::storage::postgres::{PgError, PgSettings, mask_url};
+use pharox::{
+    AcquireRequest, Credentials, Filter, HealthCheck, Pool, PostgresStorage, Proxy, ProxyId,
+    ProxyManager, ProxyProtocol, ProxyStatus, Storage,
+};
+use uuid::Uuid;
+
+const PASSWORD: &str = "hunter2-Very-Secret";
+
+fn upstream(id: &str, protocol: ProxyProtocol) -> Proxy {
+    let mut p = Proxy::new(id, "mixed", protocol, "10.1.0.1", 1080).with_country("ar");
+    p.credentials = Some(Credentials::new("user", "pw-of-the-upstream"));
+    p.max_concurrency = Some(2);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_works_on_a_database_the_daemon_migrated() {
+    let Some(db) = TestDb::new("py_migrated").await else {
+        return;
+    };
+    let Some(py) = pgsupport::python() else {
+        return;
+    };
+    let s = db.storage("migrator").await;
+    s.upsert_pool(Pool::new("mixed")).await.unwrap();
+    s.upsert_proxies(vec![
+        upstream("h", ProxyProtocol::Http),
+        upstream("s", ProxyProtocol::Https),
+        upstream("5", ProxyProtocol::Socks5),
+        upstream("5h", ProxyProtocol::Socks5h),
+    ])
+    .await
+    .unwrap();
+    let check = HealthCheck {
+        status: ProxyStatus::Active,
+        checked_at: Some(std::time::SystemTime::now()),
+        latency: Some(Duration::from_millis(40)),
+    };
+    s.apply_health(&"h".into(), check).await.unwrap();
+    s.rest(
+        &"s".into(),
+        std::time::SystemTime::now() + Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let m = ProxyManager::new(s.clone());
+    let ours = m
+        .acquire_proxy(&AcquireRequest::new("mixed"))
+        .await
+        .unwrap()
+        .unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/on_migrated.py");
+    let out = tokio::process::Command::new(py)
+        .args([script, &db.url, "mixed"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    println!("python on the migrated database: {v}");
+    assert_eq!(v["pools"], serde_json::json!(["mixed"]));
+    // socks5h is stored as protocol socks5 (+ scheme socks5h): Python reads it as socks5.
+    assert_eq!(
+        v["protocols"],
+        serde_json::json!(["http", "https", "socks5", "socks5"])
+    );
+    assert_eq!(v["with_credentials"], 4);
+    assert_eq!(v["daemon_leases"], 1);
+    assert!(v["health_records"].as_u64().unwrap() >= 2);
+    assert_eq!(v["hit"], true);
+    assert_eq!(v["stats"][0], 4);
+    // Our lease is still live and releases normally; the counters agree.
+    assert!(m.release_proxy(&ours).await.unwrap());
+    assert!(s.audit(None).await.unwrap().is_empty());
+    let stats = s.pool_stats("mixed").await.unwrap().unwrap();
+    assert_eq!(stats.total_leases, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_only_the_database_has_are_leasable() {
+    let Some(db) = TestDb::new("db_only").await else {
+        return;
+    };
+    let s = db.storage("reader").await;
+    let sql = db.sql().await;
+    let pool_id = Uuid::new_v4();
+    let (good, socks4) = (Uuid::new_v4(), Uuid::new_v4());
+    // What Python pharox writes: a uuid4 pool, lower-case country, its credentials format.
+    sql.execute(
+        "INSERT INTO proxy_pool (id, name) VALUES ($1, 'python-pool')",
+        &[&pool_id],
+    )
+    .await
+    .unwrap();
+    for (id, protocol) in [(good, "socks5"), (socks4, "socks4")] {
+        sql.execute(
+            "INSERT INTO proxy (id, pool_id, host, port, protocol, status, credentials, country,
+                                max_concurrency)
+             VALUES ($1, $2, '192.0.2.7', 1080, $3, 'active',
+                     '{\"user\": \"py\", \"password\": \"py-pass\"}'::json, 'br', 1)",
+            &[&id, &pool_id, &protocol],
+        )
+        .await
+        .unwrap();
+    }
+    let m = ProxyManager::new(s.clone());
+    let req = AcquireRequest::new("python-pool").filter(Filter::new().country("BR"));
+    let lease = m.acquire_proxy(&req).await.unwrap().unwrap();
+    assert_eq!(lease.proxy_id().as_str(), good.to_string());
+    assert_eq!(lease.proxy.protocol, ProxyProtocol::Socks5);
+    let creds = lease.proxy.credentials.as_ref().unwrap();
+    assert_eq!(
+        (creds.username.as_str(), creds.password.expose()),
+        ("py", "py-pass")
+    );
+    assert_eq!(lease.holder.as_deref(), Some("reader"));
+    assert!(
+        m.acquire_proxy(&req).await.unwrap().is_none(),
+        "socks4 is skipped"
+    );
+    let listed = s.list_proxies("python-pool").await.unwrap();
+    assert_eq!(listed.len(), 1, "the socks4 row cannot be used");
+    // Not ours: a reload's remove_proxy leaves it alone.
+    assert!(
+        !s.remove_proxy(&ProxyId::new(good.to_string()))
+            .await
+            .unwrap()
+    );
+    assert!(!s.remove_pool("python-pool").await.unwrap());
+    assert!(m.release_proxy(&lease).await.unwrap());
+    assert!(
+        m.acquire_proxy(&req).await.unwrap().is_some(),
+        "still leasable"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_schema_is_named() {
+    let Some(db) = TestDb::new("schema").await else {
+        return;
+    };
+    let mut settings = db.settings("schema-check");
+    settings.migrate = false;
+    let err = PostgresStorage::connect(settings.clone())
+        .await
+        .unwrap_err();
+    let PgError::Schema(missing) = &err else {
+        panic!("{err}")
+    };
+    assert!(missing.contains(&"table proxy_pool".to_owned()), "{err}");
+    let report = PostgresStorage::check(&settings).await.unwrap();
+    assert!(!report.schema_ok());
+    assert_eq!(report.migration_version, None);
+    db.storage("schema-check").await.close().await;
+    db.sql()
+        .await
+        .batch_execute("ALTER TABLE proxy DROP COLUMN latency_us")
+        .await
+        .unwrap();
+    let err = PostgresStorage::connect(settings.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PgError::Schema(m) if *m == ["column proxy.latency_us"]),
+        "{err}"
+    );
+    assert!(err.to_string().contains("migrate = true"), "{err}");
+    // The migration puts it back (it is idempotent and additive).
+    db.storage("schema-check").await.close().await;
+    let report = PostgresStorage::check(&settings).await.unwrap();
+    assert!(report.schema_ok(), "{report}");
+    assert_eq!(report.migration_version, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_database() {
+    let Some(db) = TestDb::new("check").await else {
+        return;
+    };
+    let s = db.storage("checked").await;
+    s.upsert_pool(Pool::new("mixed")).await.unwrap();
+    s.upsert_proxy(upstream("h", ProxyProtocol::Http))
+        .await
+        .unwrap();
+    // The same endpoint added again by someone else (a uuid4 row): caps are not shared.
+    db.sql()
+        .await
+        .execute(
+            "INSERT INTO proxy (id, pool_id, host, port, protocol, status)
+             SELECT $1, pool_id, host, port, protocol, 'active' FROM proxy LIMIT 1",
+            &[&Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    let report = PostgresStorage::check(&db.settings("checked"))
+        .await
+        .unwrap();
+    let text = report.to_string();
+    println!("{text}");
+    assert!(report.schema_ok());
+    assert_eq!(report.migration_version, Some(1));
+    assert_eq!(report.duplicates.len(), 1);
+    assert!(report.drift.is_empty());
+    assert!(
+        report.node_holder.is_some(),
+        "the storage above holds the node id"
+    );
+    assert!(text.contains("PostgreSQL 1"), "{text}");
+    let free = PostgresStorage::check(&db.settings("nobody"))
+        .await
+        .unwrap();
+    assert!(free.node_holder.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_observer_sees_every_operation() {
+    let Some(db) = TestDb::new("observer").await else {
+        return;
+    };
+    let s = db.storage("observed").await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    s.set_observer(Arc::new(move |op, took, ok| {
+        log.lock().unwrap().push((op, ok));
+        assert!(took < Duration::from_secs(30));
+    }));
+    s.upsert_pool(Pool::new("mixed")).await.unwrap();
+    s.upsert_proxy(upstream("h", ProxyProtocol::Http))
+        .await
+        .unwrap();
+    let m = ProxyManager::new(s.clone());
+    let lease = m
+        .acquire_proxy(&AcquireRequest::new("mixed"))
+        .await
+        .unwrap()
+        .unwrap();
+    m.renew(&lease, Duration::from_secs(60)).await.unwrap();
+    m.release_proxy(&lease).await.unwrap();
+    m.cleanup_expired_leases().await.unwrap();
+    s.set_proxy_status(&"h".into(), ProxyStatus::Banned)
+        .await
+        .unwrap();
+    s.list_leases(None).await.unwrap();
+    let ops: Vec<&str> = seen.lock().unwrap().iter().map(|(op, _)| *op).collect();
+    for op in [
+        "inventory",
+        "acquire",
+        "consumer",
+        "renew",
+        "release",
+        "sweep",
+        "health",
+        "leases",
+        "stats",
+    ] {
+        assert!(ops.contains(&op), "{op} missing from {ops:?}");
+    }
+    assert!(seen.lock().unwrap().iter().all(|(_, ok)| *ok));
+    assert!(s.is_up());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_never_shows() {
+    let url = format!("postgres://pharox:{PASSWORD}@127.0.0.1:1/db?sslmode=disable");
+    assert_eq!(
+        mask_url(&url),
+        "postgres://pharox:***@127.0.0.1:1/db?sslmode=disable"
+    );
+    let settings = PgSettings::new(url.clone(), "masked");
+    let debug = format!("{settings:?}");
+    assert!(
+        !debug.contains(PASSWORD) && debug.contains("pharox:***@"),
+        "{debug}"
+    );
+    let mut errors = Vec::new();
+    // Nothing listens on port 1: a connection error.
+    errors.push(
+        PostgresStorage::connect(settings.clone())
+            .await
+            .unwrap_err(),
+    );
+    errors.push(PostgresStorage::check(&settings).await.unwrap_err());
+    // A URL that cannot be parsed.
+    let bad = PgSettings::new(format!("postgres://u:{PASSWORD}@h/db?sslmode=nope"), "m");
+    errors.push(PostgresStorage::connect(bad).await.unwrap_err());
+    let bad_ca = PgSettings {
+        ca_file: Some("/nonexistent/ca.pem".into()),
+        ..PgSettings::new(url.replace("disable", "verify-full"), "m")
+    };
+    errors.push(PostgresStorage::connect(bad_ca).await.unwrap_err());
+    if let Some(db) = TestDb::new("masking").await {
+        // The test server trusts everyone, so a password in the URL is accepted and ignored.
+        let with_password = db
+            .url
+            .replacen("postgres@", &format!("postgres:{PASSWORD}@"), 1);
+        let mut s = db.settings("masked");
+        s.url = pharox::Secret::new(with_password.clone());
+        let first = PostgresStorage::connect(s.clone()).await.unwrap();
+        errors.push(PostgresStorage::connect(s.clone()).await.unwrap_err());
+        s.migrate = false;
+        s.node_id = "other".into();
+        let report = PostgresStorage::check(&s).await.unwrap();
+        let text = format!("{report} {report:?} {first:?}");
+        assert!(!text.contains(PASSWORD), "{text}");
+        assert!(text.contains("postgres:***@"), "{text}");
+    }
+    for e in &errors {
+        let text = format!("{e} / {e:?}");
+        println!("{text}");
+        assert!(!text.contains(PASSWORD), "{text}");
+    }
+}
