@@ -4,7 +4,9 @@
 //! id), pools of 10 / 1 000 / 10 000 proxies with `max_concurrency` 1 and unlimited, and the
 //! selectors first_available / least_used / round_robin. Over-leases are counted twice: a
 //! monitor samples `current_leases > max_concurrency` during each run, and the audit
-//! statement (counter = live lease rows) runs after it; both must stay 0.
+//! statement (counter = live lease rows) runs after it; both must stay 0. CPU per pair: the
+//! worker processes' own (client), and the server's (the postmaster's children, live and
+//! reaped, read from /proc: only when the server runs on this machine).
 //!
 //! ```sh
 //! export PHAROX_TEST_PG=$(scripts/pg-cluster.sh start)
@@ -138,16 +140,26 @@ async fn run(a: Args) {
         a.secs
     );
     println!(
-        "| daemons | pool | cap | selector | pairs/s | p50 ms | p99 ms | misses | over-leases |"
+        "| daemons | pool | cap | selector | pairs/s | p50 ms | p99 ms | misses \
+         | client µs/pair | server µs/pair | over-leases |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let postmaster = postmaster_pid(&sql).await;
     let mut over_total = 0;
     for &n in &a.instances {
         for &size in &a.sizes {
             for cap in caps {
                 for &sel in &a.selectors {
                     let pool = pool_name(size, cap);
-                    let (cell, over) = cell(&url, &sql, &admin, n, &pool, sel, a.secs).await;
+                    let server_before = postmaster.map(server_cpu);
+                    let (cell, over, hits, client_cpu) =
+                        cell(&url, &sql, &admin, n, &pool, sel, a.secs).await;
+                    let per_pair = |cpu: f64| format!("{:.0}", cpu * 1e6 / hits.max(1) as f64);
+                    let server = match (postmaster, server_before) {
+                        (Some(pid), Some(before)) => per_pair(server_cpu(pid) - before),
+                        _ => "-".into(),
+                    };
+                    let cell = format!("{cell} | {} | {server}", per_pair(client_cpu));
                     over_total += over;
                     let cap = cap.map_or("∞".into(), |c| c.to_string());
                     println!("| {n} | {size} | {cap} | {sel} | {cell} | {over} |");
@@ -175,7 +187,7 @@ async fn cell(
     pool: &str,
     sel: Selector,
     secs: f64,
-) -> (String, u64) {
+) -> (String, u64, u64, f64) {
     let start_at =
         SystemTime::now().duration_since(UNIX_EPOCH).unwrap() + Duration::from_millis(1500);
     let exe = std::env::current_exe().unwrap();
@@ -218,7 +230,7 @@ async fn cell(
         over += row.get::<_, i64>(0) as u64;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (mut hits, mut misses, mut lat) = (0u64, 0u64, Vec::new());
+    let (mut hits, mut misses, mut lat, mut cpu) = (0u64, 0u64, Vec::new(), 0.0);
     for c in children {
         let out = c.wait_with_output().await.unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
@@ -226,6 +238,7 @@ async fn cell(
             serde_json::from_str(text.lines().last().unwrap_or("{}")).unwrap();
         hits += v["hits"].as_u64().unwrap_or(0);
         misses += v["misses"].as_u64().unwrap_or(0);
+        cpu += v["cpu_s"].as_f64().unwrap_or(0.0);
         lat.extend(
             v["lat_us"]
                 .as_array()
@@ -250,10 +263,64 @@ async fn cell(
             .map_or(0.0, |&u| u as f64 / 1000.0)
     };
     let rate = hits as f64 / secs;
-    (
-        format!("{rate:.0} | {:.2} | {:.2} | {misses}", q(0.5), q(0.99)),
-        over,
-    )
+    let text = format!("{rate:.0} | {:.2} | {:.2} | {misses}", q(0.5), q(0.99));
+    (text, over, hits, cpu)
+}
+
+/// utime + stime of a process, in seconds, and (with `children`) of its reaped children.
+fn proc_cpu(pid: u32, children: bool) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // After the comm: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
+    let mut ticks = field(11) + field(12);
+    if children {
+        ticks += field(13) + field(14);
+    }
+    Some(ticks / 100.0)
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The server's postmaster, when it runs on this machine (the parent of our backend).
+async fn postmaster_pid(sql: &tokio_postgres::Client) -> Option<u32> {
+    let row = sql.query_one("SELECT pg_backend_pid()", &[]).await.ok()?;
+    let backend = u32::try_from(row.get::<_, i32>(0)).ok()?;
+    let pm = parent_of(backend)?;
+    let comm = std::fs::read_to_string(format!("/proc/{pm}/comm")).ok()?;
+    comm.trim().starts_with("postgres").then_some(pm)
+}
+
+/// CPU seconds of the whole server: the postmaster with its reaped children, plus its live
+/// children.
+fn server_cpu(postmaster: u32) -> f64 {
+    let mut total = proc_cpu(postmaster, true).unwrap_or(0.0);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if parent_of(pid) == Some(postmaster) {
+            total += proc_cpu(pid, false).unwrap_or(0.0);
+        }
+    }
+    total
 }
 
 /// A daemon: its own storage and manager; `TASKS` loops of acquire + release.
@@ -263,9 +330,9 @@ async fn worker(args: &[String]) {
     let sel: Selector = get("--selector").parse().unwrap();
     let secs: f64 = get("--secs").parse().unwrap();
     let start_ms: u128 = get("--start-at").parse().unwrap();
-    let storage = PostgresStorage::connect(settings(&url, &node))
-        .await
-        .expect("worker connect");
+    let mut s = settings(&url, &node);
+    s.migrate = false; // the parent migrated
+    let storage = PostgresStorage::connect(s).await.expect("worker connect");
     let m = ProxyManager::new(storage.clone());
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -305,8 +372,9 @@ async fn worker(args: &[String]) {
         lat.extend(l);
     }
     storage.close().await;
+    let cpu = proc_cpu(std::process::id(), false).unwrap_or(0.0);
     println!(
         "{}",
-        serde_json::json!({"hits": hits, "misses": misses, "lat_us": lat})
+        serde_json::json!({"hits": hits, "misses": misses, "lat_us": lat, "cpu_s": cpu})
     );
 }

@@ -47,7 +47,7 @@ struct Ask<'a> {
 
 /// What one attempt answered.
 enum Answer {
-    Hit(Row),
+    Hit(Row, LeaseId),
     Miss { contended: bool },
     NoCursor,
     NoPool,
@@ -55,7 +55,7 @@ enum Answer {
 
 /// What an acquire's attempts came to.
 enum Outcome {
-    Hit(Row),
+    Hit(Row, LeaseId),
     Miss,
     NoPool,
 }
@@ -88,7 +88,13 @@ impl Core {
         let in_flight = Mutex::new(None);
         let result = self.run("acquire", self.attempts(&ask, &in_flight)).await;
         let lease = match result {
-            Ok(Outcome::Hit(row)) => self.lease_of(&row, req, consumer)?,
+            Ok(Outcome::Hit(row, id)) => match self.lease_of(&row, req, consumer) {
+                Ok(lease) => lease,
+                Err(e) => {
+                    self.release_later(id);
+                    return Err(e);
+                }
+            },
             Ok(Outcome::Miss) => None,
             Ok(Outcome::NoPool) => return Err(LeaseError::UnknownPool(req.pool.to_string())),
             Err(e) => {
@@ -120,7 +126,7 @@ impl Core {
         loop {
             let strict = ask.round_robin && k < ATTEMPTS;
             match self.attempt(ask, strict, in_flight).await? {
-                Answer::Hit(row) => return Ok(Outcome::Hit(row)),
+                Answer::Hit(row, id) => return Ok(Outcome::Hit(row, id)),
                 Answer::NoPool => return Ok(Outcome::NoPool),
                 Answer::NoCursor if !cursor_made => {
                     cursor_made = true;
@@ -192,7 +198,7 @@ impl Core {
                 op: "acquire",
                 reason: "no result row".into(),
             })?;
-        answer(row, ask.round_robin)
+        answer(row, lease_id, ask.round_robin)
     }
 
     /// A statement without an answer in time: its connection goes.
@@ -224,9 +230,12 @@ impl Core {
         .lease(row)
         .op(self, "acquire")?;
         if lease.is_none() {
-            // Cannot happen: the statement only picks schemes we speak. Give it back.
-            let id: Uuid = row.try_get("lease_id").op(self, "acquire")?;
-            self.release_later(LeaseId::from_uuid(id));
+            // Cannot happen: the statement only picks schemes we speak.
+            return Err(PgError::Statement {
+                op: "acquire",
+                reason: "leased a proxy of an unknown scheme".into(),
+            }
+            .into());
         }
         Ok(lease)
     }
@@ -267,7 +276,7 @@ impl Core {
 }
 
 /// Reads an attempt's result row.
-fn answer(row: Row, round_robin: bool) -> Result<Answer, PgError> {
+fn answer(row: Row, id: LeaseId, round_robin: bool) -> Result<Answer, PgError> {
     let get = |k: &str| -> Result<bool, PgError> {
         row.try_get::<_, Option<bool>>(k)
             .map(Option::unwrap_or_default)
@@ -277,7 +286,7 @@ fn answer(row: Row, round_robin: bool) -> Result<Answer, PgError> {
             })
     };
     if get("hit")? {
-        return Ok(Answer::Hit(row));
+        return Ok(Answer::Hit(row, id));
     }
     if !get("pool_found")? {
         return Ok(Answer::NoPool);

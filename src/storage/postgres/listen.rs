@@ -243,6 +243,8 @@ async fn serve(core: &Core, session: &mut Session, cancel: &CancellationToken) {
                 let started = std::time::Instant::now();
                 let beat = session.query("node_heartbeat", &[&&*core.node]).await;
                 core.observe("session", started.elapsed(), beat.is_ok());
+                // The database answers (or not): `is_up` follows even without traffic.
+                core.statement_ok.store(beat.is_ok(), Ordering::SeqCst);
                 if let Err(e) = beat {
                     tracing::warn!(error = %e, "heartbeat of the dedicated session failed");
                     return;
@@ -287,6 +289,7 @@ async fn reconnect(
         core.observe("session", started.elapsed(), result.is_ok());
         match result {
             Ok(s) => {
+                core.statement_ok.store(true, Ordering::SeqCst);
                 core.session_up.store(true, Ordering::SeqCst);
                 core.wake_all();
                 tracing::info!(node = %core.node, "dedicated database session back; node lock held");
