@@ -278,6 +278,7 @@ async fn leases(state: &ProxyState) -> Resp {
                 .map(|l| {
                     json!({
                         "id": l.id, "proxy_id": l.proxy_id(), "pool": l.pool_name, "consumer": l.consumer_name,
+                        "holder": l.holder,
                         "acquired_at": unix_seconds(l.acquired_at),
                         "expires_at": unix_seconds(l.expires_at),
                     })

@@ -18,6 +18,8 @@ use crate::manager::ProxyManager;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ProxyState};
 use crate::reload::{self, ReloadError};
+use crate::config::{StorageConfig, StorageKind};
+use crate::storage::postgres::{PgSettings, PostgresStorage};
 use crate::storage::{AnyStorage, InMemoryStorage};
 use crate::systemd;
 
@@ -51,9 +53,10 @@ impl Daemon {
     ) -> Result<(Daemon, Runner), ReloadError> {
         let proxy_addr = proxy.local_addr().map_err(ReloadError::Listener)?;
         let admin_addr = admin_listener.local_addr().map_err(ReloadError::Listener)?;
-        let manager = ProxyManager::new(AnyStorage::from(InMemoryStorage::new()));
+        let metrics = Arc::new(Metrics::new());
+        let manager = ProxyManager::new(open_storage(&config, &metrics).await?);
         let runtime = reload::initial(&manager, config, vec![proxy_addr, admin_addr]).await?;
-        let state = Arc::new(ProxyState::new(manager, runtime, Arc::new(Metrics::new())));
+        let state = Arc::new(ProxyState::new(manager, runtime, metrics));
         let admin = Arc::new(AdminState::new(config_path));
         let daemon = Daemon {
             state: state.clone(),
@@ -71,6 +74,36 @@ impl Daemon {
             },
         ))
     }
+}
+
+/// The storage the config names: in memory, or PostgreSQL (connected, node id claimed,
+/// schema migrated or checked; its operations feed the storage metrics).
+async fn open_storage(config: &Config, metrics: &Arc<Metrics>) -> Result<AnyStorage, ReloadError> {
+    let st = &config.storage;
+    match st.kind {
+        StorageKind::Memory => Ok(AnyStorage::from(InMemoryStorage::new())),
+        StorageKind::Postgres => {
+            let pg = PostgresStorage::connect(pg_settings(st)?).await?;
+            let m = metrics.clone();
+            pg.set_observer(Arc::new(move |op, took, ok| m.storage_op(op, took, ok)));
+            metrics.storage_up(true);
+            Ok(AnyStorage::Postgres(pg))
+        }
+    }
+}
+
+/// The PostgreSQL settings of `[storage]`.
+pub fn pg_settings(st: &StorageConfig) -> Result<PgSettings, ReloadError> {
+    let url = st
+        .url
+        .as_ref()
+        .ok_or_else(|| ReloadError::Invalid("storage.url: required for postgres".into()))?;
+    let mut s = PgSettings::new(url.expose(), st.node());
+    s.pool_size = st.pool_size;
+    s.statement_timeout = st.statement_timeout();
+    s.migrate = st.migrate;
+    s.ca_file = st.ca_file.clone();
+    Ok(s)
 }
 
 impl Runner {
@@ -136,6 +169,13 @@ impl Runner {
         state.stop.cancel();
         bg.close();
         bg.wait().await;
+        // A database backend releases on its own time: wait for it before the end.
+        if !state.manager.flush(grace).await {
+            warn!("some leases could not be released in time; they will expire");
+        }
+        if let AnyStorage::Postgres(pg) = state.manager.storage() {
+            pg.close().await;
+        }
         drop(admin_task);
         drop(sweeper);
         info!("stopped");

@@ -30,6 +30,10 @@ pub enum Command {
         /// Config file (default: $PHAROX_CONFIG, else config/pharox.toml).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Also connect to the storage (PostgreSQL) and check its schema, the node id and
+        /// the shared inventory; nothing is written.
+        #[arg(long)]
+        connect: bool,
     },
 }
 

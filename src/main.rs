@@ -3,7 +3,7 @@
 use anyhow::Context as _;
 use clap::Parser as _;
 use pharox::cli::{Cli, Command, LogFormat, config_path};
-use pharox::config::Config;
+use pharox::config::{Config, StorageKind};
 use tokio::signal::unix::{SignalKind, signal};
 
 fn main() {
@@ -16,7 +16,7 @@ fn main() {
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => check(&config_path(config)),
+        Command::Check { config, connect } => check(&config_path(config), connect),
         Command::Serve { config, log_format } => {
             init_tracing(log_format);
             // Every tunnel holds two sockets: take the whole hard limit of descriptors.
@@ -31,10 +31,28 @@ fn run() -> anyhow::Result<()> {
     }
 }
 
-fn check(path: &std::path::Path) -> anyhow::Result<()> {
+fn check(path: &std::path::Path, connect: bool) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     println!("{}: ok", path.display());
     println!("listen {}  admin {}", config.listen, config.admin.listen);
+    let st = &config.storage;
+    match st.kind {
+        StorageKind::Memory => println!("storage: memory"),
+        StorageKind::Postgres => println!(
+            "storage: postgres {} (node {}, {} connections, statement timeout {} ms, migrate {})",
+            st.url
+                .as_ref()
+                .map_or_else(|| "?".into(), |u| pharox::config::mask_url(u.expose())),
+            st.node(),
+            st.pool_size,
+            st.statement_timeout_ms,
+            st.migrate
+        ),
+    }
+    if !config.api.keys.is_empty() {
+        let names: Vec<&str> = config.api.keys.iter().map(|k| k.name.as_str()).collect();
+        println!("lease API keys: {}", names.join(", "));
+    }
     for pool in &config.pools {
         println!(
             "pool {} ({}, {} upstreams)",
@@ -52,6 +70,30 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             names.join(", ")
         }
     );
+    if connect && st.kind == StorageKind::Postgres {
+        check_database(&config)?;
+    }
+    Ok(())
+}
+
+/// `check --connect`: the database's own report; an error when the daemon could not start
+/// on it (schema missing without `migrate`, or the node id held by a live daemon).
+fn check_database(config: &Config) -> anyhow::Result<()> {
+    let settings = pharox::app::pg_settings(&config.storage)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(pharox::storage::postgres::PostgresStorage::check(&settings))?;
+    println!("{report}");
+    if !report.schema_ok() && !config.storage.migrate {
+        anyhow::bail!("the schema is incomplete and storage.migrate is false");
+    }
+    if let Some(holder) = &report.node_holder {
+        anyhow::bail!(
+            "node id `{}` is held by a live daemon ({holder})",
+            report.node_id
+        );
+    }
     Ok(())
 }
 

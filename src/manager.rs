@@ -27,6 +27,9 @@ struct Inner<S> {
     clock: Arc<dyn Clock>,
     sleeper: Arc<dyn Sleeper>,
     callbacks: Callbacks,
+    /// Releases that guards dropped but that did not finish at once (a database backend),
+    /// still running: [`ProxyManager::flush`] waits for them.
+    releases: tokio_util::task::TaskTracker,
 }
 
 impl<S: Storage> Clone for ProxyManager<S> {
@@ -57,6 +60,7 @@ impl<S: Storage> ProxyManager<S> {
                 clock,
                 sleeper,
                 callbacks: Callbacks::default(),
+                releases: tokio_util::task::TaskTracker::new(),
             }),
         }
     }
@@ -257,6 +261,16 @@ impl<S: Storage> ProxyManager<S> {
         SweeperHandle(task.abort_handle())
     }
 
+    /// Waits until every release that a dropped [`LeaseGuard`] started has finished (at most
+    /// `limit`); true if none is left. Call it before the runtime goes away.
+    pub async fn flush(&self, limit: Duration) -> bool {
+        let releases = &self.inner.releases;
+        releases.close();
+        let done = tokio::time::timeout(limit, releases.wait()).await.is_ok();
+        releases.reopen();
+        done
+    }
+
     fn fire_released(&self, released: &[Released]) -> usize {
         let callbacks = &self.inner.callbacks;
         if callbacks.has_release() {
@@ -364,7 +378,8 @@ impl<S: Storage> Drop for LeaseGuard<S> {
         }
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(release);
+                let releases = self.manager.inner.releases.clone();
+                releases.spawn_on(release, &rt);
             }
             Err(_) => tracing::warn!("lease dropped outside a runtime; it will expire instead"),
         }

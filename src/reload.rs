@@ -39,6 +39,10 @@ pub enum ReloadError {
     /// A listener's address could not be read.
     #[error("listener: {0}")]
     Listener(#[source] std::io::Error),
+    /// The storage could not be opened (PostgreSQL unreachable, schema missing, node id
+    /// taken).
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::postgres::PgError),
 }
 
 /// What a reload changed.

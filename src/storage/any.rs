@@ -27,6 +27,7 @@ impl AnyStorage {
     pub fn is_up(&self) -> bool {
         match self {
             AnyStorage::Memory(_) => true,
+            AnyStorage::Postgres(pg) => pg.is_up(),
         }
     }
 
@@ -34,6 +35,7 @@ impl AnyStorage {
     pub fn kind(&self) -> &'static str {
         match self {
             AnyStorage::Memory(_) => "memory",
+            AnyStorage::Postgres(_) => "postgres",
         }
     }
 }

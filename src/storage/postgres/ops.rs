@@ -283,6 +283,10 @@ impl Core {
                 id: row.try_get("pool_id").op(self, "stats")?,
                 description: row.try_get("description").op(self, "stats")?,
                 lease_slow: row.try_get("lease_slow").op(self, "stats")?,
+                owner: self
+                    .own_pools
+                    .contains(&*stats.pool_name)
+                    .then(|| self.node.clone()),
             };
             self.learn_pool(&pool.name, pool.id);
             out.push((pool, stats));

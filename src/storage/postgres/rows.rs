@@ -75,7 +75,13 @@ pub(crate) fn proxy(row: &Row, pool: &str, ids: &IdMap) -> RowResult<Option<Prox
             .try_get::<_, Option<i64>>("latency_us")?
             .and_then(|us| u64::try_from(us).ok())
             .map(Duration::from_micros),
-        rest_until: None,
+        // Statements that do not select these columns leave them unknown.
+        rest_until: row.try_get("rest_until").ok().flatten(),
+        owner: row
+            .try_get::<_, Option<String>>("owner")
+            .ok()
+            .flatten()
+            .map(Arc::from),
     }))
 }
 
