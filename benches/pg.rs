@@ -9,7 +9,7 @@
 //! reaped, read from /proc: only when the server runs on this machine).
 //!
 //! ```sh
-//! export PHAROX_TEST_PG=$(scripts/pg-cluster.sh start)
+//! export TEST_PHAROX_PG=$(scripts/pg-cluster.sh start)
 //! cargo bench --bench pg                      # or: cargo bench --bench pg -- --url URL
 //! cargo bench --bench pg -- --secs 2 --sizes 10,1000 --instances 1
 //! ```
@@ -57,9 +57,9 @@ fn main() {
     }
     let url = arg(&args, "--url")
         .or_else(|| args.iter().find(|a| a.starts_with("postgres")).cloned())
-        .or_else(|| std::env::var("PHAROX_TEST_PG").ok());
+        .or_else(|| std::env::var("TEST_PHAROX_PG").ok());
     let Some(url) = url else {
-        eprintln!("pg bench: set PHAROX_TEST_PG or pass --url URL (skipping)");
+        eprintln!("pg bench: set TEST_PHAROX_PG or pass --url URL (skipping)");
         return;
     };
     let a = Args {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Throwaway PostgreSQL cluster for tests, benchmarks and CI (from the SQL lab's cluster.sh).
 #
-#   export PHAROX_TEST_PG=$(scripts/pg-cluster.sh start)   # the PostgreSQL tests read it
+#   export TEST_PHAROX_PG=$(scripts/pg-cluster.sh start)   # the PostgreSQL tests read it
 #   cargo test --test storage_contract --test pg_fleet
 #   scripts/pg-cluster.sh stop
 #
@@ -17,25 +17,25 @@
 #   pg-cluster.sh env       print shell assignments (PG_URL=..., PG_DIR=..., PG_PORT=..., PG_SOCK=...).
 #
 # Environment:
-#   PHAROX_PG_STATE   state file (default /tmp/pharox-pg.state); use one per cluster if you
+#   PG_CLUSTER_STATE   state file (default /tmp/pharox-pg.state); use one per cluster if you
 #                     need several at once.
-#   PHAROX_PG_BIN     PostgreSQL bin dir (default: newest /usr/lib/postgresql/*/bin).
-#   PHAROX_PG_MAX_CONNECTIONS  max_connections of the server (default 300: tests run several
+#   PG_CLUSTER_BIN     PostgreSQL bin dir (default: newest /usr/lib/postgresql/*/bin).
+#   PG_CLUSTER_MAX_CONNECTIONS  max_connections of the server (default 300: tests run several
 #                     storages with their pools, plus Python workers, in parallel).
-#   PHAROX_PG_OPTS    extra server options, e.g. "-c log_min_duration_statement=100".
-#   PHAROX_PG_INSTALL if "1" (default when root) and no server binaries are found,
+#   PG_CLUSTER_OPTS    extra server options, e.g. "-c log_min_duration_statement=100".
+#   PG_CLUSTER_INSTALL if "1" (default when root) and no server binaries are found,
 #                     apt-get install postgresql.
 #
 # Works as root (initdb/pg_ctl run as the postgres user through runuser) and as any other
 # user (runs them directly). No prompt, no stdin; safe under `set -euo pipefail` and CI=true.
 set -euo pipefail
 
-STATE=${PHAROX_PG_STATE:-/tmp/pharox-pg.state}
+STATE=${PG_CLUSTER_STATE:-/tmp/pharox-pg.state}
 log() { printf 'pg-cluster.sh: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
 find_bin() {
-  if [ -n "${PHAROX_PG_BIN:-}" ]; then echo "$PHAROX_PG_BIN"; return; fi
+  if [ -n "${PG_CLUSTER_BIN:-}" ]; then echo "$PG_CLUSTER_BIN"; return; fi
   local v
   v=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n1 || true)
   if [ -n "$v" ] && [ -x "/usr/lib/postgresql/$v/bin/initdb" ]; then
@@ -48,7 +48,7 @@ find_bin() {
 ensure_installed() {
   local bin; bin=$(find_bin)
   if [ -n "$bin" ]; then echo "$bin"; return; fi
-  if [ "$(id -u)" = 0 ] && [ "${PHAROX_PG_INSTALL:-1}" = 1 ]; then
+  if [ "$(id -u)" = 0 ] && [ "${PG_CLUSTER_INSTALL:-1}" = 1 ]; then
     log "installing postgresql (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >&2
@@ -94,7 +94,7 @@ pg_up() { # data dir
 
 server_start() {
   as_owner "$BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w -t 60 \
-    -o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=${PHAROX_PG_MAX_CONNECTIONS:-300} ${PHAROX_PG_OPTS:-}" \
+    -o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=${PG_CLUSTER_MAX_CONNECTIONS:-300} ${PG_CLUSTER_OPTS:-}" \
     start >/dev/null || { tail -n 30 "$PG_DIR/log" >&2 || true; die "pg_ctl start failed"; }
 }
 

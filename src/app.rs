@@ -14,11 +14,11 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
+use crate::config::{StorageConfig, StorageKind};
 use crate::manager::ProxyManager;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ProxyState};
 use crate::reload::{self, ReloadError};
-use crate::config::{StorageConfig, StorageKind};
 use crate::storage::postgres::{PgSettings, PostgresStorage};
 use crate::storage::{AnyStorage, InMemoryStorage};
 use crate::systemd;

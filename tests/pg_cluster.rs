@@ -1,5 +1,5 @@
 //! Tests that need a PostgreSQL cluster of their own (started with `scripts/pg-cluster.sh`
-//! and a private state file; skipped like the others when `PHAROX_TEST_PG` is unset):
+//! and a private state file; skipped like the others when `TEST_PHAROX_PG` is unset):
 //! the server stopped and started under a connected storage, and TLS by `sslmode`.
 
 mod pgsupport;

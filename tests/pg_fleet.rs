@@ -1,5 +1,5 @@
 //! Fleet mode with several `PostgresStorage` instances (different node ids) on one database,
-//! and Python pharox 0.11 workers as separate processes (`PHAROX_TEST_VENV`): no
+//! and Python pharox 0.11 workers as separate processes (`TEST_PHAROX_VENV`): no
 //! over-leasing under contention, a shared round-robin rotation, wake-up across instances,
 //! node ids (duplicates refused, stale leases released at restart), renewals that a hand
 //! release in SQL has made impossible.

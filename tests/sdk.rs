@@ -3,7 +3,7 @@
 //! selectors and filters, `with_lease` (released on an exception too), `None` on exhaustion,
 //! release, expiry, deletes — and the daemon's own counts must agree with what it saw.
 //!
-//! The SDK's virtual environment comes from `PHAROX_TEST_SDK_VENV` (`.ci/run` makes it:
+//! The SDK's virtual environment comes from `TEST_PHAROX_SDK_VENV` (`.ci/run` makes it:
 //! `pip install pharox-sdk==0.2.0`). Without it the test says so and passes, except under
 //! `CI=true`, where it fails.
 
@@ -18,13 +18,13 @@ use pharox::storage::Storage;
 const KEY: &str = "sdk-ci-key-0123456789";
 
 fn sdk_python() -> Option<PathBuf> {
-    match std::env::var_os("PHAROX_TEST_SDK_VENV") {
+    match std::env::var_os("TEST_PHAROX_SDK_VENV") {
         Some(v) => Some(PathBuf::from(v).join("bin/python")),
         None if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("PHAROX_TEST_SDK_VENV is not set: CI must provide the pharox-sdk venv")
+            panic!("TEST_PHAROX_SDK_VENV is not set: CI must provide the pharox-sdk venv")
         }
         None => {
-            eprintln!("skipped: set PHAROX_TEST_SDK_VENV to a venv with pharox-sdk==0.2.0");
+            eprintln!("skipped: set TEST_PHAROX_SDK_VENV to a venv with pharox-sdk==0.2.0");
             None
         }
     }

@@ -1,10 +1,10 @@
-//! PostgreSQL test support: the server named by `PHAROX_TEST_PG`, one fresh database per
+//! PostgreSQL test support: the server named by `TEST_PHAROX_PG`, one fresh database per
 //! test (dropped when the test ends, so tests run in parallel and leave nothing behind), raw
-//! SQL access, and the Python venv of `PHAROX_TEST_VENV`.
+//! SQL access, and the Python venv of `TEST_PHAROX_VENV`.
 //!
-//! Without `PHAROX_TEST_PG` a test prints a notice and passes, except when `CI=true`: then it
-//! fails, since no PostgreSQL test may be skipped in CI. Same rule for `PHAROX_TEST_VENV`.
-//! Start a server with `export PHAROX_TEST_PG=$(scripts/pg-cluster.sh start)`.
+//! Without `TEST_PHAROX_PG` a test prints a notice and passes, except when `CI=true`: then it
+//! fails, since no PostgreSQL test may be skipped in CI. Same rule for `TEST_PHAROX_VENV`.
+//! Start a server with `export TEST_PHAROX_PG=$(scripts/pg-cluster.sh start)`.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -30,18 +30,18 @@ fn required(var: &str, what: &str) -> Option<String> {
     }
 }
 
-/// The server URL (`PHAROX_TEST_PG`).
+/// The server URL (`TEST_PHAROX_PG`).
 pub fn admin_url() -> Option<String> {
-    required("PHAROX_TEST_PG", "PostgreSQL")
+    required("TEST_PHAROX_PG", "PostgreSQL")
 }
 
-/// The Python interpreter of the pharox 0.11 venv (`PHAROX_TEST_VENV`).
+/// The Python interpreter of the pharox 0.11 venv (`TEST_PHAROX_VENV`).
 pub fn python() -> Option<PathBuf> {
-    let venv = required("PHAROX_TEST_VENV", "Python pharox")?;
+    let venv = required("TEST_PHAROX_VENV", "Python pharox")?;
     let py = PathBuf::from(venv).join("bin/python");
     assert!(
         py.exists(),
-        "PHAROX_TEST_VENV has no bin/python: {}",
+        "TEST_PHAROX_VENV has no bin/python: {}",
         py.display()
     );
     Some(py)
@@ -183,7 +183,7 @@ pub struct OwnCluster {
 }
 
 impl OwnCluster {
-    /// Starts one with extra server options; `None` (skip) when `PHAROX_TEST_PG` is unset,
+    /// Starts one with extra server options; `None` (skip) when `TEST_PHAROX_PG` is unset,
     /// the marker of an environment with PostgreSQL (outside CI).
     pub fn start(tag: &str, server_opts: &str) -> Option<OwnCluster> {
         admin_url()?;
@@ -199,9 +199,9 @@ impl OwnCluster {
         let out = std::process::Command::new("bash")
             .arg(script)
             .args(args)
-            .env("PHAROX_PG_STATE", state)
-            .env("PHAROX_PG_OPTS", opts)
-            .env("PHAROX_PG_MAX_CONNECTIONS", "100")
+            .env("PG_CLUSTER_STATE", state)
+            .env("PG_CLUSTER_OPTS", opts)
+            .env("PG_CLUSTER_MAX_CONNECTIONS", "100")
             .output()
             .expect("bash runs");
         assert!(

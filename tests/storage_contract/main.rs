@@ -1,7 +1,7 @@
 //! The storage contract, one suite run on both backends: every scenario is an async fn
 //! generic over `S: Storage` (`selection.rs`: selectors and filters; `lifecycle.rs`: leases,
 //! inventory, health), run on `InMemoryStorage` (module `memory`) and on `PostgresStorage`
-//! in a database of its own (module `postgres`; needs `PHAROX_TEST_PG`), with the same
+//! in a database of its own (module `postgres`; needs `TEST_PHAROX_PG`), with the same
 //! inventory and the same expected answers.
 //!
 //! Where an order depends on proxy ids (round_robin, tie-breaks), the ids are UUID strings:
