@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError, parse_upstream_url, proxy_id};
 use crate::identity::Authenticator;
-use crate::model::{Credentials, Pool, Proxy, ProxyId, ProxyProtocol};
+use crate::model::{Credentials, Pool, Proxy, ProxyId, ProxyInfo, ProxyProtocol};
 use crate::proxy::held::Manager;
 use crate::proxy::upstream::{UpstreamExtra, tls_connector};
 use crate::proxy::{PoolRuntime, ProxyState, Runtime};
@@ -198,16 +198,18 @@ async fn check_inventory(manager: &Manager, proxies: &[Proxy]) -> Result<(), Rel
     }
 }
 
-/// Brings the engine's inventory in line with `proxies` (grouped by their pools).
+/// Brings the engine's inventory in line with `proxies` (grouped by their pools), one batch
+/// of upserts. Removed are the pools and proxies of `previous` (the running config) that
+/// `config` no longer has, and those of the storage that this node's config once put there
+/// (its node id is their owner); never what the lease API or another client made.
 async fn sync_inventory(
     manager: &Manager,
+    previous: Option<&Config>,
     config: &Config,
     proxies: Vec<Proxy>,
     report: &mut ReloadReport,
 ) -> Result<(), LeaseError> {
     let storage = manager.storage();
-    // What this daemon's config defines carries its node id; pools and proxies made by
-    // others (the lease API, Python pharox, another daemon) are never removed here.
     let owner: Arc<str> = Arc::from(config.storage.node());
     let existing_pools: HashMap<String, Option<Arc<str>>> = storage
         .list_pools()
@@ -225,38 +227,60 @@ async fn sync_inventory(
         pool.owner = Some(owner.clone());
         storage.upsert_pool(pool).await?;
     }
-    let mut wanted: HashSet<ProxyId> = HashSet::new();
+    let mut existing: HashMap<ProxyId, ProxyInfo> = HashMap::new();
+    for name in existing_pools.keys() {
+        for info in storage.list_proxies(name).await? {
+            existing.insert(info.proxy.id.clone(), info);
+        }
+    }
+    let wanted: HashSet<ProxyId> = proxies.iter().map(|p| p.id.clone()).collect();
+    let mut batch = Vec::with_capacity(proxies.len());
     for mut p in proxies {
         p.owner = Some(owner.clone());
-        wanted.insert(p.id.clone());
-        match storage.get_proxy(&p.id).await? {
+        match existing.get(&p.id) {
             Some(old) if !old.draining => {
                 // Live state (a ban, a rest, measured latency) survives a reload.
                 p.status = old.proxy.status;
                 p.checked_at = old.proxy.checked_at;
                 p.latency = old.proxy.latency;
+                p.rest_until = old.proxy.rest_until;
                 if !same_record(&old.proxy, &p) {
                     report.proxies_changed += 1;
                 }
             }
             _ => report.proxies_added += 1,
         }
-        storage.upsert_proxy(p).await?;
+        batch.push(p);
     }
+    storage.upsert_proxies(batch).await?;
+    let (before_proxies, before_pools) = match previous {
+        Some(c) => (config_ids(c), c.pools.iter().map(|p| p.name.clone()).collect()),
+        None => (HashSet::new(), HashSet::new()),
+    };
     let ours = |o: &Option<Arc<str>>| o.as_deref() == Some(&*owner);
-    for (pool, pool_owner) in &existing_pools {
-        for info in storage.list_proxies(pool).await? {
-            if !info.draining && !wanted.contains(&info.proxy.id) && ours(&info.proxy.owner) {
-                storage.remove_proxy(&info.proxy.id).await?;
-                report.proxies_removed += 1;
-            }
+    for (id, info) in &existing {
+        let mine = ours(&info.proxy.owner) || before_proxies.contains(id);
+        if !info.draining && !wanted.contains(id) && mine && storage.remove_proxy(id).await? {
+            report.proxies_removed += 1;
         }
-        if !wanted_pools.contains(pool.as_str()) && ours(pool_owner) {
-            storage.remove_pool(pool).await?;
+    }
+    for (pool, pool_owner) in &existing_pools {
+        let mine = ours(pool_owner) || before_pools.contains(pool);
+        if !wanted_pools.contains(pool.as_str()) && mine && storage.remove_pool(pool).await? {
             report.pools_removed.push(pool.clone());
         }
     }
     Ok(())
+}
+
+/// The proxy ids a config defines.
+fn config_ids(config: &Config) -> HashSet<ProxyId> {
+    config
+        .pools
+        .iter()
+        .flat_map(|pc| pc.proxies.iter().filter_map(move |xc| proxy_id(pc, xc).ok()))
+        .map(ProxyId::new)
+        .collect()
 }
 
 fn same_record(a: &Proxy, b: &Proxy) -> bool {
@@ -283,7 +307,7 @@ pub async fn initial(
 ) -> Result<Runtime, ReloadError> {
     let (proxies, extras) = inventory(&config)?;
     check_inventory(manager, &proxies).await?;
-    sync_inventory(manager, &config, proxies, &mut ReloadReport::default()).await?;
+    sync_inventory(manager, None, &config, proxies, &mut ReloadReport::default()).await?;
     let discovered = discover(manager, &config).await?;
     Ok(runtime(config, extras, own, discovered))
 }
@@ -333,7 +357,14 @@ async fn apply_locked(state: &ProxyState, config: Config) -> Result<ReloadReport
     }
     let (proxies, extras) = inventory(&config)?;
     check_inventory(&state.manager, &proxies).await?;
-    sync_inventory(&state.manager, &config, proxies, &mut report).await?;
+    sync_inventory(
+        &state.manager,
+        Some(&current.config),
+        &config,
+        proxies,
+        &mut report,
+    )
+    .await?;
     let discovered = discover(&state.manager, &config).await?;
     state.runtime.store(Arc::new(runtime(
         config,
