@@ -43,6 +43,8 @@ pub async fn handle(
             return finish(state, "connect", None, "client_closed", Transferred::default(), started);
         }
     };
+    // The head (and the read buffer it shares) is not kept for the tunnel's life.
+    drop(head);
     let (lease, upstream, upstream_early) = match result {
         Ok(ok) => ok,
         Err(e) => {
