@@ -284,21 +284,31 @@ impl Relay {
     }
 }
 
-/// A storage connected through a relay to a database of its own.
-async fn relayed(tag: &str) -> Option<(pgsupport::TestDb, Relay, PostgresStorage)> {
+/// A storage connected through a relay to a database of its own, with at most `pool_size`
+/// pooled connections.
+async fn relayed(
+    tag: &str,
+    pool_size: usize,
+) -> Option<(pgsupport::TestDb, Relay, PostgresStorage)> {
     let db = pgsupport::TestDb::new(tag).await?;
     let target = db.url.split('@').nth(1)?.split('/').next()?.to_owned();
     let upstream = tokio::net::lookup_host(&target).await.ok()?.next()?;
     let relay = Relay::start(upstream).await;
     let url = db.url.replace(&target, &relay.addr.to_string());
-    let s = PostgresStorage::connect(settings(&url, tag)).await.unwrap();
+    let mut cfg = settings(&url, tag);
+    cfg.pool_size = pool_size;
+    let s = PostgresStorage::connect(cfg).await.unwrap();
     inventory(&s).await;
     Some((db, relay, s))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_server_fails_calls_within_the_statement_timeout() {
-    let Some((db, relay, s)) = relayed("hung").await else {
+    // One pooled connection: the frozen acquire runs on the connection where the first one
+    // prepared its statement, so its Execute is certainly sent (and reaches the server once
+    // the relay thaws). With several, it could land on a fresh connection, hang in the
+    // handshake or the prepare, never be sent, and leave no lease to release.
+    let Some((db, relay, s)) = relayed("hung", 1).await else {
         return;
     };
     let m = ProxyManager::new(s.clone());
@@ -355,7 +365,7 @@ async fn a_hung_server_fails_calls_within_the_statement_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_heals_without_a_new_connect() {
-    let Some((db, relay, s)) = relayed("partition").await else {
+    let Some((db, relay, s)) = relayed("partition", 4).await else {
         return;
     };
     let sql = db.sql().await;
