@@ -1,15 +1,18 @@
 //! [`InMemoryStorage`]: the embedded storage backend.
 //!
-//! Pools live in a `DashMap` (sharded, no global lock); each pool's state sits behind its own
-//! mutex, held for one short, allocation-free critical section per operation and never across
-//! an `.await`. Find and lease happen in that one critical section, which is what makes
+//! Pools live in a read-mostly map: a snapshot behind an `ArcSwap`, replaced whole (under a
+//! writers' mutex) when a pool is created or forgotten, so finding a pool writes no memory
+//! shared with other threads (no lock, no reference count). Each pool's state sits behind its
+//! own mutex, held for one short, allocation-free critical section per operation and never
+//! across an `.await`. Find and lease happen in that one critical section, which is what makes
 //! acquire atomic. See `pool.rs` for the per-pool indexes that keep a choice O(log n).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use rustc_hash::FxBuildHasher;
+use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use super::pool::{Freed, Pick, PoolState};
 use super::{
@@ -34,10 +37,55 @@ impl PoolEntry {
     }
 }
 
+type PoolMap = FxHashMap<Arc<str>, Arc<PoolEntry>>;
+
+/// The pools by name. Readers load the current snapshot (`ArcSwap::load` touches only the
+/// reading thread's own slots); writers, serialised by `write`, publish a changed copy. Pools
+/// change rarely and are few, so a copy per change is cheap.
+#[derive(Default)]
+struct Pools {
+    map: ArcSwap<PoolMap>,
+    write: Mutex<()>,
+}
+
+impl Pools {
+    fn write(&self) -> MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The entry of `name`, created by `make` if there is none.
+    fn get_or_insert(&self, name: &str, make: impl FnOnce() -> PoolEntry) -> Arc<PoolEntry> {
+        if let Some(e) = self.map.load().get(name) {
+            return e.clone();
+        }
+        let _w = self.write();
+        let current = self.map.load();
+        if let Some(e) = current.get(name) {
+            return e.clone();
+        }
+        let entry = Arc::new(make());
+        let mut next = PoolMap::clone(&current);
+        next.insert(Arc::from(name), entry.clone());
+        self.map.store(Arc::new(next));
+        entry
+    }
+
+    /// Forgets `name` if it still maps to `entry`.
+    fn remove_if_same(&self, name: &str, entry: &Arc<PoolEntry>) {
+        let _w = self.write();
+        let current = self.map.load();
+        if current.get(name).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            let mut next = PoolMap::clone(&current);
+            next.remove(name);
+            self.map.store(Arc::new(next));
+        }
+    }
+}
+
 /// The in-memory storage. Cheap to clone: clones share the same state.
 #[derive(Clone)]
 pub struct InMemoryStorage {
-    pools: Arc<DashMap<Arc<str>, Arc<PoolEntry>, FxBuildHasher>>,
+    pools: Arc<Pools>,
     consumers: Arc<DashMap<Arc<str>, Consumer, FxBuildHasher>>,
 }
 
@@ -50,7 +98,7 @@ impl Default for InMemoryStorage {
 impl std::fmt::Debug for InMemoryStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InMemoryStorage")
-            .field("pools", &self.pools.len())
+            .field("pools", &self.pools.map.load().len())
             .finish()
     }
 }
@@ -62,7 +110,7 @@ impl InMemoryStorage {
         let name = default_consumer();
         consumers.insert(name.clone(), Consumer { name });
         Self {
-            pools: Arc::new(DashMap::default()),
+            pools: Arc::default(),
             consumers: Arc::new(consumers),
         }
     }
@@ -74,18 +122,18 @@ impl InMemoryStorage {
     }
 
     fn pool(&self, name: &str) -> Option<Arc<PoolEntry>> {
-        self.pools.get(name).map(|e| e.value().clone())
+        self.pools.map.load().get(name).cloned()
     }
 
     fn all_pools(&self) -> Vec<Arc<PoolEntry>> {
-        self.pools.iter().map(|e| e.value().clone()).collect()
+        self.pools.map.load().values().cloned().collect()
     }
 
-    /// Forgets a removed pool once its last lease is gone.
+    /// Forgets a removed pool once its last lease is gone. Called with the pool's lock held
+    /// (lock order: a pool's state, then the map's writers' mutex; never the other way).
     fn forget_if_gone(&self, entry: &Arc<PoolEntry>, state: &PoolState) {
         if state.is_gone() {
-            self.pools
-                .remove_if(&**state.name(), |_, e| Arc::ptr_eq(e, entry));
+            self.pools.remove_if_same(state.name(), entry);
         }
     }
 
@@ -162,8 +210,9 @@ fn validate_proxy(p: &Proxy) -> Result<(), LeaseError> {
 impl Storage for InMemoryStorage {
     async fn acquire(&self, req: &AcquireRequest, now: SystemTime) -> Result<Acquired, LeaseError> {
         let expires_at = expiry(now, req.duration)?;
-        let entry = self
-            .pool(&req.pool)
+        let pools = self.pools.map.load();
+        let entry = pools
+            .get(&*req.pool)
             .ok_or_else(|| LeaseError::UnknownPool(req.pool.to_string()))?;
         let consumer = match &req.consumer {
             Some(name) => {
@@ -207,9 +256,10 @@ impl Storage for InMemoryStorage {
         lease: &Lease,
         now: SystemTime,
     ) -> Result<Option<Released>, LeaseError> {
-        Ok(self
-            .pool(&lease.pool_name)
-            .and_then(|entry| self.release_in(&entry, lease.id, now)))
+        let pools = self.pools.map.load();
+        Ok(pools
+            .get(&*lease.pool_name)
+            .and_then(|entry| self.release_in(entry, lease.id, now)))
     }
 
     async fn release_by_id(
@@ -288,22 +338,23 @@ impl Storage for InMemoryStorage {
     }
 
     async fn upsert_pool(&self, pool: Pool) -> Result<(), LeaseError> {
-        let entry = self
-            .pools
-            .entry(Arc::from(pool.name.as_str()))
-            .or_insert_with(|| {
-                Arc::new(PoolEntry {
-                    state: Mutex::new(PoolState::new(pool.name.as_str().into(), pool.id, None)),
-                    signal: Arc::default(),
-                })
-            })
-            .value()
-            .clone();
-        let mut state = entry.lock();
-        state.removed = false;
-        state.set_description(pool.description);
-        state.set_lease_slow(pool.lease_slow);
-        Ok(())
+        loop {
+            let entry = self.pools.get_or_insert(&pool.name, || PoolEntry {
+                state: Mutex::new(PoolState::new(pool.name.as_str().into(), pool.id, None)),
+                signal: Arc::default(),
+            });
+            let mut state = entry.lock();
+            // A removed pool whose last lease went between the look-up and the lock has been
+            // forgotten meanwhile: look again (a new one is made). One still mapped now stays
+            // mapped, since it is revived before the lock is released.
+            let mapped = self.pools.map.load().get(&*pool.name).cloned();
+            if mapped.is_some_and(|e| Arc::ptr_eq(&e, &entry)) {
+                state.removed = false;
+                state.set_description(pool.description);
+                state.set_lease_slow(pool.lease_slow);
+                return Ok(());
+            }
+        }
     }
 
     async fn remove_pool(&self, name: &str) -> Result<bool, LeaseError> {
