@@ -14,13 +14,14 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
+use super::names;
 use super::pool::{Freed, Pick, PoolState};
 use super::{
     AcquireRequest, Acquired, CapacitySignal, LeaseError, Released, Renewal, Storage, expiry,
 };
 use crate::model::{
     Consumer, DEFAULT_CONSUMER_NAME, HealthCheck, Lease, LeaseId, LeaseStatus, Pool, PoolStats,
-    Proxy, ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus, default_consumer,
+    Proxy, ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus, default_consumer, default_consumer_ref,
 };
 
 /// One pool: its state and its capacity signal.
@@ -85,6 +86,8 @@ impl Pools {
 /// The in-memory storage. Cheap to clone: clones share the same state.
 #[derive(Clone)]
 pub struct InMemoryStorage {
+    /// Unique per storage (clones share it): what per-thread caches are keyed by.
+    id: u64,
     pools: Arc<Pools>,
     consumers: Arc<DashMap<Arc<str>, Consumer, FxBuildHasher>>,
 }
@@ -109,7 +112,9 @@ impl InMemoryStorage {
         let consumers = DashMap::default();
         let name = default_consumer();
         consumers.insert(name.clone(), Consumer { name });
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
+            id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             pools: Arc::default(),
             consumers: Arc::new(consumers),
         }
@@ -145,16 +150,28 @@ impl InMemoryStorage {
         }
     }
 
-    /// Releases one live lease of `entry`.
-    fn release_in(&self, entry: &Arc<PoolEntry>, id: LeaseId, now: SystemTime) -> Option<Released> {
-        let freed = {
+    /// Releases one live lease of `entry`, the pool named `name`; its [`Released`] is made
+    /// after the lock is let go, with this thread's copy of the name.
+    fn release_in(
+        &self,
+        entry: &Arc<PoolEntry>,
+        name: &Arc<str>,
+        id: LeaseId,
+        now: SystemTime,
+    ) -> Option<Released> {
+        let (taken, figures) = {
             let mut state = entry.lock();
-            let freed = state.release(id, LeaseStatus::Released);
+            let taken = state.take(id);
             self.forget_if_gone(entry, &state);
-            freed
-        }?;
+            (taken?, state.figures())
+        };
         entry.signal.notify();
-        Some(released(freed, now))
+        let pool_name = names::local(name);
+        Some(Released {
+            lease: taken.lease(id, pool_name.clone(), LeaseStatus::Released),
+            released_at: now,
+            stats: figures.stats(pool_name),
+        })
     }
 
     /// Finds the pool holding a proxy id.
@@ -214,13 +231,14 @@ impl Storage for InMemoryStorage {
         let entry = pools
             .get(&*req.pool)
             .ok_or_else(|| LeaseError::UnknownPool(req.pool.to_string()))?;
+        // This thread's copies of the names (see `names`), and the new lease's id, before the
+        // lock is taken: the critical section stays short and writes no shared count.
+        let pool_name = names::local(&req.pool);
         let consumer = match &req.consumer {
-            Some(name) => {
-                self.intern_consumer(name);
-                name.clone()
-            }
-            None => default_consumer(),
+            Some(name) => names::local_consumer(name, self.id, || self.intern_consumer(name)),
+            None => names::local(default_consumer_ref()),
         };
+        let id = LeaseId::new();
         let pick = Pick {
             selector: req.selector,
             filter: req.filter.as_deref(),
@@ -231,22 +249,32 @@ impl Storage for InMemoryStorage {
             expires_at,
         };
         let mut expired = Vec::new();
-        let (lease, stats, rested) = {
+        let (proxy, figures, rested) = {
             let mut state = entry.lock();
             if state.removed {
                 return Err(LeaseError::UnknownPool(req.pool.to_string()));
             }
             let rested = state.sweep(now, &mut expired);
-            let lease = state.acquire(&pick);
-            (lease, state.stats(), rested)
+            let proxy = state.acquire(&pick, id);
+            (proxy, state.figures(), rested)
         };
         if !expired.is_empty() || rested {
             entry.signal.notify();
         }
         let expired = expired.into_iter().map(|f| released(f, now)).collect();
+        let lease = proxy.map(|proxy| Lease {
+            id,
+            pool_name: pool_name.clone(),
+            consumer_name: consumer,
+            acquired_at: now,
+            expires_at,
+            status: LeaseStatus::Active,
+            proxy,
+            holder: None,
+        });
         Ok(Acquired {
             lease,
-            stats,
+            stats: figures.stats(pool_name),
             expired,
         })
     }
@@ -259,7 +287,7 @@ impl Storage for InMemoryStorage {
         let pools = self.pools.map.load();
         Ok(pools
             .get(&*lease.pool_name)
-            .and_then(|entry| self.release_in(entry, lease.id, now)))
+            .and_then(|entry| self.release_in(entry, &lease.pool_name, lease.id, now)))
     }
 
     async fn release_by_id(
@@ -271,7 +299,10 @@ impl Storage for InMemoryStorage {
             .all_pools()
             .into_iter()
             .find(|e| e.lock().lease(id).is_some());
-        Ok(entry.and_then(|entry| self.release_in(&entry, id, now)))
+        Ok(entry.and_then(|entry| {
+            let name = entry.lock().name().clone();
+            self.release_in(&entry, &name, id, now)
+        }))
     }
 
     async fn renew(

@@ -9,6 +9,7 @@
 mod any;
 mod index;
 mod memory;
+mod names;
 mod pool;
 
 use std::future::Future;
