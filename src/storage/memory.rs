@@ -24,7 +24,10 @@ use crate::model::{
     Proxy, ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus, default_consumer, default_consumer_ref,
 };
 
-/// One pool: its state and its capacity signal.
+/// One pool: its state and its capacity signal. Aligned to 128 bytes (two cache lines: the
+/// unit of the adjacent-line prefetcher), so that no other pool's lock or state, nor anything
+/// else on the heap, shares a line with it.
+#[repr(align(128))]
 struct PoolEntry {
     state: Mutex<PoolState>,
     signal: Arc<CapacitySignal>,
