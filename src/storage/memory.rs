@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
+use super::lock::{PoolGuard, PoolLock};
 use super::names;
 use super::pool::{Freed, Pick, PoolState};
 use super::{
@@ -29,15 +30,15 @@ use crate::model::{
 /// else on the heap, shares a line with it.
 #[repr(align(128))]
 struct PoolEntry {
-    state: Mutex<PoolState>,
+    state: PoolLock<PoolState>,
     signal: Arc<CapacitySignal>,
 }
 
 impl PoolEntry {
-    fn lock(&self) -> MutexGuard<'_, PoolState> {
-        // The state is only mutated through methods that do not panic midway; a poisoned
-        // lock (a panic elsewhere while holding it) leaves it consistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> PoolGuard<'_, PoolState> {
+        // The state is only mutated through methods that do not panic midway: a panic
+        // elsewhere while holding the lock (which unlocks it) leaves it consistent.
+        self.state.lock()
     }
 }
 
@@ -374,7 +375,7 @@ impl Storage for InMemoryStorage {
     async fn upsert_pool(&self, pool: Pool) -> Result<(), LeaseError> {
         loop {
             let entry = self.pools.get_or_insert(&pool.name, || PoolEntry {
-                state: Mutex::new(PoolState::new(pool.name.as_str().into(), pool.id, None)),
+                state: PoolLock::new(PoolState::new(pool.name.as_str().into(), pool.id, None)),
                 signal: Arc::default(),
             });
             let mut state = entry.lock();

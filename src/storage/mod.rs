@@ -8,6 +8,7 @@
 
 mod any;
 mod index;
+mod lock;
 mod memory;
 mod names;
 mod pool;

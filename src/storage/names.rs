@@ -108,9 +108,14 @@ mod tests {
         assert!(Arc::ptr_eq(last, &local(&shared)));
         let theirs = {
             let shared = shared.clone();
-            std::thread::spawn(move || (0..8).map(|_| local(&shared)).last().unwrap())
-                .join()
-                .unwrap()
+            std::thread::spawn(move || {
+                for _ in 0..7 {
+                    local(&shared);
+                }
+                local(&shared)
+            })
+            .join()
+            .unwrap()
         };
         assert_eq!(&*theirs, "names-test-pool");
         assert!(!Arc::ptr_eq(last, &theirs));
