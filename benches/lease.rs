@@ -1,11 +1,12 @@
 //! Acquire + release pairs per second: the in-memory storage through the manager, for pools
-//! of 10, 1 000 and 100 000 exclusive proxies, each selector, one thread and two threads
-//! contending on one pool, next to a naive baseline (a `Mutex<Vec<_>>` scanned linearly on
-//! every acquire, as the Python library does). Run with `cargo bench --bench lease`.
+//! of 10, 1 000 and 100 000 exclusive proxies, each selector: one thread (`1t`), two threads
+//! contending on one pool (`2t`), two threads each on its own pool of the same storage
+//! (`2t-2pools`), next to a naive baseline (a `Mutex<Vec<_>>` scanned linearly on every
+//! acquire, as the Python library does). Run with `cargo bench --bench lease`.
 
 use std::future::Future;
 use std::hint::black_box;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Barrier, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,9 +27,14 @@ fn now<F: Future>(f: F) -> F::Output {
 }
 
 fn proxy(i: usize) -> Proxy {
+    pool_proxy("bench", "proxy", i)
+}
+
+/// Proxy `i` of `pool`, its id starting with `prefix` (ids are unique across pools).
+fn pool_proxy(pool: &str, prefix: &str, i: usize) -> Proxy {
     let mut p = Proxy::new(
-        format!("proxy-{i:06}"),
-        "bench",
+        format!("{prefix}-{i:06}"),
+        pool,
         ProxyProtocol::Http,
         "10.0.0.1",
         8080,
@@ -41,11 +47,36 @@ fn proxy(i: usize) -> Proxy {
 
 fn manager(size: usize) -> ProxyManager {
     let m = ProxyManager::new(InMemoryStorage::new());
-    now(m.storage().upsert_pool(Pool::new("bench"))).unwrap();
-    for i in 0..size {
-        now(m.storage().upsert_proxy(proxy(i))).unwrap();
-    }
+    add_pool(&m, "bench", "proxy", size);
     m
+}
+
+fn add_pool(m: &ProxyManager, pool: &str, prefix: &str, size: usize) {
+    now(m.storage().upsert_pool(Pool::new(pool))).unwrap();
+    for i in 0..size {
+        now(m.storage().upsert_proxy(pool_proxy(pool, prefix, i))).unwrap();
+    }
+}
+
+/// Two threads, `n` pairs in all: the second one on `(m2, req2)`. Returns the elapsed time
+/// from the moment both are ready until both are done.
+fn two_threads(
+    (m, req): (&ProxyManager, &AcquireRequest),
+    (m2, req2): (&ProxyManager, &AcquireRequest),
+    n: u64,
+) -> Duration {
+    let barrier = Barrier::new(2);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            barrier.wait();
+            pairs(m2, req2, n / 2);
+        });
+        barrier.wait();
+        let start = Instant::now();
+        pairs(m, req, n - n / 2);
+        other.join().unwrap();
+        start.elapsed()
+    })
 }
 
 fn pairs(m: &ProxyManager, req: &AcquireRequest, n: u64) {
@@ -123,21 +154,17 @@ fn bench(c: &mut Criterion) {
                 })
             });
             group.bench_function(BenchmarkId::new("pharox-2t", selector), |b| {
-                b.iter_custom(|n| {
-                    let barrier = Arc::new(Barrier::new(2));
-                    let start = std::thread::scope(|s| {
-                        let other = s.spawn(|| {
-                            barrier.wait();
-                            pairs(&m, &req, n / 2);
-                        });
-                        barrier.wait();
-                        let start = Instant::now();
-                        pairs(&m, &req, n - n / 2);
-                        other.join().unwrap();
-                        start
-                    });
-                    start.elapsed()
-                })
+                b.iter_custom(|n| two_threads((&m, &req), (&m, &req), n))
+            });
+            // Two pools of the same storage, one per thread: what does not scale here is
+            // shared by the whole storage.
+            let m2 = manager(size);
+            add_pool(&m2, "bench-2", "other", size);
+            let req2 = AcquireRequest::new("bench-2")
+                .selector(selector)
+                .consumer("bench");
+            group.bench_function(BenchmarkId::new("pharox-2t-2pools", selector), |b| {
+                b.iter_custom(|n| two_threads((&m2, &req), (&m2, &req2), n))
             });
             group.bench_function(BenchmarkId::new("naive-1t", selector), |b| {
                 b.iter(|| {

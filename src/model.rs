@@ -18,8 +18,13 @@ pub const DEFAULT_CONSUMER_NAME: &str = "default";
 
 /// [`DEFAULT_CONSUMER_NAME`] as a shared string (allocated once per process).
 pub(crate) fn default_consumer() -> Arc<str> {
+    default_consumer_ref().clone()
+}
+
+/// The shared [`DEFAULT_CONSUMER_NAME`] string, without touching its reference count.
+pub(crate) fn default_consumer_ref() -> &'static Arc<str> {
     static NAME: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(DEFAULT_CONSUMER_NAME));
-    NAME.clone()
+    &NAME
 }
 
 /// A string that must never be printed: `Debug` and `Display` show `***`.

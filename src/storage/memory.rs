@@ -1,43 +1,98 @@
 //! [`InMemoryStorage`]: the embedded storage backend.
 //!
-//! Pools live in a `DashMap` (sharded, no global lock); each pool's state sits behind its own
-//! mutex, held for one short, allocation-free critical section per operation and never across
-//! an `.await`. Find and lease happen in that one critical section, which is what makes
+//! Pools live in a read-mostly map: a snapshot behind an `ArcSwap`, replaced whole (under a
+//! writers' mutex) when a pool is created or forgotten, so finding a pool writes no memory
+//! shared with other threads (no lock, no reference count). Each pool's state sits behind its
+//! own mutex, held for one short, allocation-free critical section per operation and never
+//! across an `.await`. Find and lease happen in that one critical section, which is what makes
 //! acquire atomic. See `pool.rs` for the per-pool indexes that keep a choice O(log n).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use rustc_hash::FxBuildHasher;
+use rustc_hash::{FxBuildHasher, FxHashMap};
 
+use super::lock::{PoolGuard, PoolLock};
+use super::names;
 use super::pool::{Freed, Pick, PoolState};
 use super::{
     AcquireRequest, Acquired, CapacitySignal, LeaseError, Released, Renewal, Storage, expiry,
 };
 use crate::model::{
     Consumer, DEFAULT_CONSUMER_NAME, HealthCheck, Lease, LeaseId, LeaseStatus, Pool, PoolStats,
-    Proxy, ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus, default_consumer,
+    Proxy, ProxyId, ProxyInfo, ProxyProtocol, ProxyStatus, default_consumer, default_consumer_ref,
 };
 
-/// One pool: its state and its capacity signal.
+/// One pool: its state and its capacity signal. Aligned to 128 bytes (two cache lines: the
+/// unit of the adjacent-line prefetcher), so that no other pool's lock or state, nor anything
+/// else on the heap, shares a line with it.
+#[repr(align(128))]
 struct PoolEntry {
-    state: Mutex<PoolState>,
+    state: PoolLock<PoolState>,
     signal: Arc<CapacitySignal>,
 }
 
 impl PoolEntry {
-    fn lock(&self) -> MutexGuard<'_, PoolState> {
-        // The state is only mutated through methods that do not panic midway; a poisoned
-        // lock (a panic elsewhere while holding it) leaves it consistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> PoolGuard<'_, PoolState> {
+        // The state is only mutated through methods that do not panic midway: a panic
+        // elsewhere while holding the lock (which unlocks it) leaves it consistent.
+        self.state.lock()
+    }
+}
+
+type PoolMap = FxHashMap<Arc<str>, Arc<PoolEntry>>;
+
+/// The pools by name. Readers load the current snapshot (`ArcSwap::load` touches only the
+/// reading thread's own slots); writers, serialised by `write`, publish a changed copy. Pools
+/// change rarely and are few, so a copy per change is cheap.
+#[derive(Default)]
+struct Pools {
+    map: ArcSwap<PoolMap>,
+    write: Mutex<()>,
+}
+
+impl Pools {
+    fn write(&self) -> MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The entry of `name`, created by `make` if there is none.
+    fn get_or_insert(&self, name: &str, make: impl FnOnce() -> PoolEntry) -> Arc<PoolEntry> {
+        if let Some(e) = self.map.load().get(name) {
+            return e.clone();
+        }
+        let _w = self.write();
+        let current = self.map.load();
+        if let Some(e) = current.get(name) {
+            return e.clone();
+        }
+        let entry = Arc::new(make());
+        let mut next = PoolMap::clone(&current);
+        next.insert(Arc::from(name), entry.clone());
+        self.map.store(Arc::new(next));
+        entry
+    }
+
+    /// Forgets `name` if it still maps to `entry`.
+    fn remove_if_same(&self, name: &str, entry: &Arc<PoolEntry>) {
+        let _w = self.write();
+        let current = self.map.load();
+        if current.get(name).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            let mut next = PoolMap::clone(&current);
+            next.remove(name);
+            self.map.store(Arc::new(next));
+        }
     }
 }
 
 /// The in-memory storage. Cheap to clone: clones share the same state.
 #[derive(Clone)]
 pub struct InMemoryStorage {
-    pools: Arc<DashMap<Arc<str>, Arc<PoolEntry>, FxBuildHasher>>,
+    /// Unique per storage (clones share it): what per-thread caches are keyed by.
+    id: u64,
+    pools: Arc<Pools>,
     consumers: Arc<DashMap<Arc<str>, Consumer, FxBuildHasher>>,
 }
 
@@ -50,7 +105,7 @@ impl Default for InMemoryStorage {
 impl std::fmt::Debug for InMemoryStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InMemoryStorage")
-            .field("pools", &self.pools.len())
+            .field("pools", &self.pools.map.load().len())
             .finish()
     }
 }
@@ -61,8 +116,10 @@ impl InMemoryStorage {
         let consumers = DashMap::default();
         let name = default_consumer();
         consumers.insert(name.clone(), Consumer { name });
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
-            pools: Arc::new(DashMap::default()),
+            id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            pools: Arc::default(),
             consumers: Arc::new(consumers),
         }
     }
@@ -74,18 +131,18 @@ impl InMemoryStorage {
     }
 
     fn pool(&self, name: &str) -> Option<Arc<PoolEntry>> {
-        self.pools.get(name).map(|e| e.value().clone())
+        self.pools.map.load().get(name).cloned()
     }
 
     fn all_pools(&self) -> Vec<Arc<PoolEntry>> {
-        self.pools.iter().map(|e| e.value().clone()).collect()
+        self.pools.map.load().values().cloned().collect()
     }
 
-    /// Forgets a removed pool once its last lease is gone.
+    /// Forgets a removed pool once its last lease is gone. Called with the pool's lock held
+    /// (lock order: a pool's state, then the map's writers' mutex; never the other way).
     fn forget_if_gone(&self, entry: &Arc<PoolEntry>, state: &PoolState) {
         if state.is_gone() {
-            self.pools
-                .remove_if(&**state.name(), |_, e| Arc::ptr_eq(e, entry));
+            self.pools.remove_if_same(state.name(), entry);
         }
     }
 
@@ -97,16 +154,28 @@ impl InMemoryStorage {
         }
     }
 
-    /// Releases one live lease of `entry`.
-    fn release_in(&self, entry: &Arc<PoolEntry>, id: LeaseId, now: SystemTime) -> Option<Released> {
-        let freed = {
+    /// Releases one live lease of `entry`, the pool named `name`; its [`Released`] is made
+    /// after the lock is let go, with this thread's copy of the name.
+    fn release_in(
+        &self,
+        entry: &Arc<PoolEntry>,
+        name: &Arc<str>,
+        id: LeaseId,
+        now: SystemTime,
+    ) -> Option<Released> {
+        let (taken, figures) = {
             let mut state = entry.lock();
-            let freed = state.release(id, LeaseStatus::Released);
+            let taken = state.take(id);
             self.forget_if_gone(entry, &state);
-            freed
-        }?;
+            (taken?, state.figures())
+        };
         entry.signal.notify();
-        Some(released(freed, now))
+        let pool_name = names::local(name);
+        Some(Released {
+            lease: taken.lease(id, pool_name.clone(), LeaseStatus::Released),
+            released_at: now,
+            stats: figures.stats(pool_name),
+        })
     }
 
     /// Finds the pool holding a proxy id.
@@ -162,16 +231,18 @@ pub(crate) fn validate_proxy(p: &Proxy) -> Result<(), LeaseError> {
 impl Storage for InMemoryStorage {
     async fn acquire(&self, req: &AcquireRequest, now: SystemTime) -> Result<Acquired, LeaseError> {
         let expires_at = expiry(now, req.duration)?;
-        let entry = self
-            .pool(&req.pool)
+        let pools = self.pools.map.load();
+        let entry = pools
+            .get(&*req.pool)
             .ok_or_else(|| LeaseError::UnknownPool(req.pool.to_string()))?;
+        // This thread's copies of the names (see `names`), and the new lease's id, before the
+        // lock is taken: the critical section stays short and writes no shared count.
+        let pool_name = names::local(&req.pool);
         let consumer = match &req.consumer {
-            Some(name) => {
-                self.intern_consumer(name);
-                name.clone()
-            }
-            None => default_consumer(),
+            Some(name) => names::local_consumer(name, self.id, || self.intern_consumer(name)),
+            None => names::local(default_consumer_ref()),
         };
+        let id = LeaseId::new();
         let pick = Pick {
             selector: req.selector,
             filter: req.filter.as_deref(),
@@ -182,22 +253,32 @@ impl Storage for InMemoryStorage {
             expires_at,
         };
         let mut expired = Vec::new();
-        let (lease, stats, rested) = {
+        let (proxy, figures, rested) = {
             let mut state = entry.lock();
             if state.removed {
                 return Err(LeaseError::UnknownPool(req.pool.to_string()));
             }
             let rested = state.sweep(now, &mut expired);
-            let lease = state.acquire(&pick);
-            (lease, state.stats(), rested)
+            let proxy = state.acquire(&pick, id);
+            (proxy, state.figures(), rested)
         };
         if !expired.is_empty() || rested {
             entry.signal.notify();
         }
         let expired = expired.into_iter().map(|f| released(f, now)).collect();
+        let lease = proxy.map(|proxy| Lease {
+            id,
+            pool_name: pool_name.clone(),
+            consumer_name: consumer,
+            acquired_at: now,
+            expires_at,
+            status: LeaseStatus::Active,
+            proxy,
+            holder: None,
+        });
         Ok(Acquired {
             lease,
-            stats,
+            stats: figures.stats(pool_name),
             expired,
         })
     }
@@ -207,9 +288,10 @@ impl Storage for InMemoryStorage {
         lease: &Lease,
         now: SystemTime,
     ) -> Result<Option<Released>, LeaseError> {
-        Ok(self
-            .pool(&lease.pool_name)
-            .and_then(|entry| self.release_in(&entry, lease.id, now)))
+        let pools = self.pools.map.load();
+        Ok(pools
+            .get(&*lease.pool_name)
+            .and_then(|entry| self.release_in(entry, &lease.pool_name, lease.id, now)))
     }
 
     async fn release_by_id(
@@ -221,7 +303,10 @@ impl Storage for InMemoryStorage {
             .all_pools()
             .into_iter()
             .find(|e| e.lock().lease(id).is_some());
-        Ok(entry.and_then(|entry| self.release_in(&entry, id, now)))
+        Ok(entry.and_then(|entry| {
+            let name = entry.lock().name().clone();
+            self.release_in(&entry, &name, id, now)
+        }))
     }
 
     async fn renew(
@@ -289,23 +374,24 @@ impl Storage for InMemoryStorage {
     }
 
     async fn upsert_pool(&self, pool: Pool) -> Result<(), LeaseError> {
-        let entry = self
-            .pools
-            .entry(Arc::from(pool.name.as_str()))
-            .or_insert_with(|| {
-                Arc::new(PoolEntry {
-                    state: Mutex::new(PoolState::new(pool.name.as_str().into(), pool.id, None)),
-                    signal: Arc::default(),
-                })
-            })
-            .value()
-            .clone();
-        let mut state = entry.lock();
-        state.removed = false;
-        state.set_description(pool.description);
-        state.owner = pool.owner;
-        state.set_lease_slow(pool.lease_slow);
-        Ok(())
+        loop {
+            let entry = self.pools.get_or_insert(&pool.name, || PoolEntry {
+                state: PoolLock::new(PoolState::new(pool.name.as_str().into(), pool.id, None)),
+                signal: Arc::default(),
+            });
+            let mut state = entry.lock();
+            // A removed pool whose last lease went between the look-up and the lock has been
+            // forgotten meanwhile: look again (a new one is made). One still mapped now stays
+            // mapped, since it is revived before the lock is released.
+            let mapped = self.pools.map.load().get(&*pool.name).cloned();
+            if mapped.is_some_and(|e| Arc::ptr_eq(&e, &entry)) {
+                state.removed = false;
+                state.set_description(pool.description);
+                state.owner = pool.owner;
+                state.set_lease_slow(pool.lease_slow);
+                return Ok(());
+            }
+        }
     }
 
     async fn remove_pool(&self, name: &str) -> Result<bool, LeaseError> {

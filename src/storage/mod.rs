@@ -8,7 +8,9 @@
 
 mod any;
 mod index;
+mod lock;
 mod memory;
+mod names;
 mod pool;
 pub mod postgres;
 

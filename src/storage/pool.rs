@@ -170,6 +170,48 @@ pub(crate) struct Freed {
     pub stats: PoolStats,
 }
 
+/// A live lease just taken out of the table: what its [`Lease`] value is made of, so that it
+/// can be made after the pool's lock is released.
+pub(crate) struct Taken {
+    consumer: Arc<str>,
+    acquired_at: SystemTime,
+    expires_at: SystemTime,
+    proxy: Arc<Proxy>,
+}
+
+impl Taken {
+    pub fn lease(self, id: LeaseId, pool_name: Arc<str>, status: LeaseStatus) -> Lease {
+        Lease {
+            id,
+            pool_name,
+            consumer_name: self.consumer,
+            acquired_at: self.acquired_at,
+            expires_at: self.expires_at,
+            status,
+            proxy: self.proxy,
+            holder: None,
+        }
+    }
+}
+
+/// A pool's counters at one moment, to be made into [`PoolStats`] outside the lock.
+#[derive(Clone, Copy)]
+pub(crate) struct Figures(Counters);
+
+impl Figures {
+    pub fn stats(self, pool_name: Arc<str>) -> PoolStats {
+        let c = self.0;
+        PoolStats {
+            pool_name,
+            total: c.total,
+            active: c.active,
+            available: c.available,
+            leased: c.leased,
+            total_leases: c.leases,
+        }
+    }
+}
+
 /// The live state of one pool.
 pub(crate) struct PoolState {
     name: Arc<str>,
@@ -260,15 +302,11 @@ impl PoolState {
     }
 
     pub fn stats(&self) -> PoolStats {
-        let c = self.counters;
-        PoolStats {
-            pool_name: self.name.clone(),
-            total: c.total,
-            active: c.active,
-            available: c.available,
-            leased: c.leased,
-            total_leases: c.leases,
-        }
+        self.figures().stats(self.name.clone())
+    }
+
+    pub fn figures(&self) -> Figures {
+        Figures(self.counters)
     }
 
     /// Applies `change` to a slot and brings counters and indexes up to date.
@@ -483,8 +521,9 @@ impl PoolState {
         self.slots.iter().flatten().map(info).collect()
     }
 
-    /// Finds an eligible proxy and leases it, in one step.
-    pub fn acquire(&mut self, pick: &Pick<'_>) -> Option<Lease> {
+    /// Finds an eligible proxy and leases it under `id`, in one step. Returns the leased
+    /// proxy's record; the caller makes the [`Lease`] (outside the lock).
+    pub fn acquire(&mut self, pick: &Pick<'_>, id: LeaseId) -> Option<Arc<Proxy>> {
         let i = match pick.only {
             Some(only) => self.choose_among(pick, only),
             None => self.choose(pick.selector, pick.filter, pick.exclude),
@@ -502,10 +541,14 @@ impl PoolState {
             acquired_at: pick.now,
             expires_at,
         };
-        let lease = self.lease_of(LeaseId::new(), &live, LeaseStatus::Active);
+        let proxy = self.slots[i as usize]
+            .as_ref()
+            .expect("a leased slot is live")
+            .proxy
+            .clone();
         self.next_expiry = Some(self.next_expiry.map_or(expires_at, |e| e.min(expires_at)));
-        self.leases.insert(lease.id, live);
-        Some(lease)
+        self.leases.insert(id, live);
+        Some(proxy)
     }
 
     /// The public view of a live lease.
@@ -699,16 +742,32 @@ impl PoolState {
 
     /// Gives a lease back. `None` if it is not live (already released, expired, unknown).
     pub fn release(&mut self, id: LeaseId, status: LeaseStatus) -> Option<Freed> {
+        let taken = self.take(id)?;
+        Some(Freed {
+            lease: taken.lease(id, self.name.clone(), status),
+            stats: self.stats(),
+        })
+    }
+
+    /// Gives a lease back and returns what its [`Lease`] is made of. `None` if it is not
+    /// live (already released, expired, unknown).
+    pub fn take(&mut self, id: LeaseId) -> Option<Taken> {
         let live = self.leases.remove(&id)?;
-        let lease = self.lease_of(id, &live, status);
+        let proxy = self.slots[live.slot as usize]
+            .as_ref()
+            .expect("a leased slot is live")
+            .proxy
+            .clone();
         self.update_slot(live.slot, |s| s.leases -= 1);
         self.reap(live.slot);
         if self.leases.is_empty() {
             self.next_expiry = None;
         }
-        Some(Freed {
-            lease,
-            stats: self.stats(),
+        Some(Taken {
+            consumer: live.consumer,
+            acquired_at: live.acquired_at,
+            expires_at: live.expires_at,
+            proxy,
         })
     }
 
