@@ -20,6 +20,7 @@ mod common;
 #[path = "../pgsupport/mod.rs"]
 mod pgsupport;
 
+mod contention;
 mod crash;
 mod shared;
 mod support;

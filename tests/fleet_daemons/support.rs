@@ -246,14 +246,6 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill {sig} {pid}");
 }
 
-/// The CONNECT request of a tunnel to `x.test:443` in `pool` as `w:x`.
-pub fn connect_request(pool: &str) -> String {
-    format!(
-        "CONNECT x.test:443 HTTP/1.1\r\nHost: x.test:443\r\nProxy-Authorization: {}\r\nX-Pharox-Pool: {pool}\r\n\r\n",
-        basic("w", "x")
-    )
-}
-
 /// Opens a CONNECT tunnel through `proxy` in `pool` (the upstream fakes echo); returns the
 /// stream and the reply head.
 pub async fn tunnel(proxy: SocketAddr, pool: &str) -> (TcpStream, String) {
