@@ -22,5 +22,6 @@ mod pgsupport;
 
 mod contention;
 mod crash;
+mod outage;
 mod shared;
 mod support;
