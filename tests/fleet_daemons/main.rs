@@ -22,6 +22,7 @@ mod pgsupport;
 
 mod contention;
 mod crash;
+mod ops;
 mod outage;
 mod shared;
 mod support;
