@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use crate::common::daemon::status;
+use crate::common::admin::admin;
+use crate::common::daemon::{header, status};
 use crate::common::hostile::{Behaviour, Upstream};
 use crate::pgsupport::{TestDb, eventually};
 use crate::support::*;
@@ -187,4 +188,65 @@ async fn a_duplicate_node_id_is_refused() {
     assert!(echoes(&mut s).await);
     drop(s);
     first.stop().await;
+}
+
+/// Daemon A stops and starts again (same node id) with a config that dropped one of its
+/// three proxies: the two it kept stay in the fleet with their stored state (an operator's
+/// ban survives the restart), the dropped one leaves the fleet (`removed_at`, `inactive`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_its_proxies_and_their_stored_state() {
+    let Some(db) = TestDb::new("fleet_restart_inventory").await else {
+        return;
+    };
+    let ups: Vec<Upstream> = (0..3)
+        .map(|_| Upstream::start(Behaviour::Ok, None))
+        .collect();
+    let all: Vec<Up> = ["k-1", "k-2", "k-3"]
+        .iter()
+        .zip(&ups)
+        .map(|(id, u)| (*id, u.addr, None))
+        .collect();
+    let full = pool("keep", "first_available", 60, NO_RETRY, &all);
+    let a = Node::start(&config("keep-a", STATEMENT_MS, "", &full), &db.url).await;
+    let (code, body) = admin(
+        a.admin,
+        "PUT",
+        "/api/v1/proxies/k-1/status",
+        None,
+        r#"{"status": "banned"}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    a.stop().await;
+
+    let fewer = pool("keep", "first_available", 60, NO_RETRY, &all[..2]);
+    let a = Node::start(&config("keep-a", STATEMENT_MS, "", &fewer), &db.url).await;
+    let sql = db.sql().await;
+    let mut rows = Vec::new();
+    for u in &ups {
+        let row = sql
+            .query_one(
+                "SELECT status::text, removed_at IS NOT NULL FROM proxy WHERE port = $1",
+                &[&i32::from(u.addr.port())],
+            )
+            .await
+            .unwrap();
+        rows.push((row.get::<_, String>(0), row.get::<_, bool>(1)));
+    }
+    assert_eq!(
+        rows,
+        [
+            ("banned".to_owned(), false),
+            ("active".to_owned(), false),
+            ("inactive".to_owned(), true)
+        ],
+        "(status, removed) of k-1 (banned before the restart), k-2 and k-3 (dropped)"
+    );
+    for _ in 0..3 {
+        let (mut s, head) = a.tunnel("keep").await;
+        ok(&head);
+        assert_eq!(header(&head, "x-pharox-proxy-id"), Some("k-2"), "{head}");
+        assert!(echoes(&mut s).await);
+    }
+    a.stop().await;
 }
