@@ -6,7 +6,8 @@
 //! - `shared`: one round-robin rotation for the fleet, a release on one daemon waking a
 //!   waiter on another;
 //! - `crash`: SIGKILL (leases come back by expiry), a restart with the same node id (stale
-//!   leases released at start), a duplicate node id refused;
+//!   leases released at start, the config's proxies and their stored state kept), a
+//!   duplicate node id refused;
 //! - `outage`: PostgreSQL stopped and started under traffic (a cluster of its own);
 //! - `ops`: a lease released by hand in SQL closes its connection, no password anywhere,
 //!   `pharox check --connect` exit codes.
