@@ -227,17 +227,19 @@ async fn sync_inventory(
         pool.owner = Some(owner.clone());
         storage.upsert_pool(pool).await?;
     }
-    let mut existing: HashMap<ProxyId, ProxyInfo> = HashMap::new();
+    // Keyed by UUID: a storage names a proxy this process has not upserted yet (every proxy,
+    // at start) by its UUID text, not by the config id it was stored under.
+    let mut existing: HashMap<uuid::Uuid, ProxyInfo> = HashMap::new();
     for name in existing_pools.keys() {
         for info in storage.list_proxies(name).await? {
-            existing.insert(info.proxy.id.clone(), info);
+            existing.insert(info.proxy.id.uuid(), info);
         }
     }
-    let wanted: HashSet<ProxyId> = proxies.iter().map(|p| p.id.clone()).collect();
+    let wanted: HashSet<uuid::Uuid> = proxies.iter().map(|p| p.id.uuid()).collect();
     let mut batch = Vec::with_capacity(proxies.len());
     for mut p in proxies {
         p.owner = Some(owner.clone());
-        match existing.get(&p.id) {
+        match existing.get(&p.id.uuid()) {
             Some(old) if !old.draining => {
                 // Live state (a ban, a rest, measured latency) survives a reload.
                 p.status = old.proxy.status;
@@ -254,13 +256,17 @@ async fn sync_inventory(
     }
     storage.upsert_proxies(batch).await?;
     let (before_proxies, before_pools) = match previous {
-        Some(c) => (config_ids(c), c.pools.iter().map(|p| p.name.clone()).collect()),
+        Some(c) => (
+            config_ids(c),
+            c.pools.iter().map(|p| p.name.clone()).collect(),
+        ),
         None => (HashSet::new(), HashSet::new()),
     };
     let ours = |o: &Option<Arc<str>>| o.as_deref() == Some(&*owner);
-    for (id, info) in &existing {
-        let mine = ours(&info.proxy.owner) || before_proxies.contains(id);
-        if !info.draining && !wanted.contains(id) && mine && storage.remove_proxy(id).await? {
+    for (uuid, info) in &existing {
+        let id = &info.proxy.id;
+        let mine = ours(&info.proxy.owner) || before_proxies.contains(uuid);
+        if !info.draining && !wanted.contains(uuid) && mine && storage.remove_proxy(id).await? {
             report.proxies_removed += 1;
         }
     }
@@ -273,13 +279,17 @@ async fn sync_inventory(
     Ok(())
 }
 
-/// The proxy ids a config defines.
-fn config_ids(config: &Config) -> HashSet<ProxyId> {
+/// The UUIDs of the proxies a config defines.
+fn config_ids(config: &Config) -> HashSet<uuid::Uuid> {
     config
         .pools
         .iter()
-        .flat_map(|pc| pc.proxies.iter().filter_map(move |xc| proxy_id(pc, xc).ok()))
-        .map(ProxyId::new)
+        .flat_map(|pc| {
+            pc.proxies
+                .iter()
+                .filter_map(move |xc| proxy_id(pc, xc).ok())
+        })
+        .map(|id| ProxyId::new(id).uuid())
         .collect()
 }
 
@@ -307,7 +317,14 @@ pub async fn initial(
 ) -> Result<Runtime, ReloadError> {
     let (proxies, extras) = inventory(&config)?;
     check_inventory(manager, &proxies).await?;
-    sync_inventory(manager, None, &config, proxies, &mut ReloadReport::default()).await?;
+    sync_inventory(
+        manager,
+        None,
+        &config,
+        proxies,
+        &mut ReloadReport::default(),
+    )
+    .await?;
     let discovered = discover(manager, &config).await?;
     Ok(runtime(config, extras, own, discovered))
 }
