@@ -363,6 +363,57 @@ async fn a_hung_server_fails_calls_within_the_statement_timeout() {
     s.close().await;
 }
 
+/// A caller that stops waiting (the acquire's future dropped, as when a client leaves while
+/// its acquire is in flight) leaves no lease behind: the statement still runs once it reaches
+/// the server, and the lease it makes, which nobody holds, is released in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_dropped_in_flight_leaves_no_lease() {
+    // One pooled connection, as in the hung-server test: the statement is certainly sent.
+    let Some((db, relay, s)) = relayed("dropped", 1).await else {
+        return;
+    };
+    let m = ProxyManager::new(s.clone());
+    let held = m
+        .acquire_proxy(&AcquireRequest::new("p"))
+        .await
+        .unwrap()
+        .unwrap();
+
+    relay.freeze(true);
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        m.acquire_proxy(&AcquireRequest::new("p")),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "the acquire was still waiting: {gave_up:?}"
+    );
+    relay.freeze(false);
+
+    let sql = db.sql().await;
+    let settled = eventually(Duration::from_secs(20), || async {
+        let row = sql
+            .query_one(
+                "SELECT count(*) FILTER (WHERE release_reason = 'lost'), \
+                        count(*) FILTER (WHERE status = 'active') FROM lease",
+                &[],
+            )
+            .await
+            .ok()?;
+        let (lost, active): (i64, i64) = (row.get(0), row.get(1));
+        (lost == 1 && active == 1).then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "the dropped acquire's lease was made and released; only `held` is active"
+    );
+    assert!(m.release_proxy(&held).await.unwrap());
+    assert!(s.audit(None).await.unwrap().is_empty());
+    s.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_heals_without_a_new_connect() {
     let Some((db, relay, s)) = relayed("partition", 4).await else {

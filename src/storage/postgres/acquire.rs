@@ -7,6 +7,9 @@
 //! Every attempt has a fresh lease id. When an attempt fails without a definite answer (the
 //! connection broke or the call timed out after the statement was sent) its id is queued
 //! for a background release: the lease may exist, and releasing an unknown id is a no-op.
+//! The same holds when the acquire's future is dropped (the daemon's client left while its
+//! acquire was in flight): the statement still runs on the server, and nobody else knows
+//! the lease it makes ([`Unclaimed`]).
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -69,6 +72,8 @@ impl Core {
         }
         let filter = filter_sql(req.filter.as_deref(), sql::filter_start(req.selector))?;
         if !self.session_up.load(std::sync::atomic::Ordering::SeqCst) {
+            // Refused, not sent: counted as a failed acquire, not timed.
+            self.observe("acquire", None, false);
             return Err(PgError::NodeLockLost(self.node.to_string()).into());
         }
         let consumer = req.consumer.clone().unwrap_or_else(default_consumer);
@@ -85,31 +90,37 @@ impl Core {
             round_robin: req.selector == Selector::RoundRobin,
             filter: filter.params,
         };
-        let in_flight = Mutex::new(None);
-        let result = self.run("acquire", self.attempts(&ask, &in_flight)).await;
+        let mut unclaimed = Unclaimed {
+            core: self,
+            duration: req.duration,
+            in_flight: Mutex::new(None),
+            made: None,
+        };
+        let result = self
+            .run("acquire", self.attempts(&ask, &unclaimed.in_flight))
+            .await;
         let lease = match result {
-            Ok(Outcome::Hit(row, id)) => match self.lease_of(&row, req, consumer) {
-                Ok(lease) => lease,
-                Err(e) => {
-                    self.release_later(id);
-                    return Err(e);
-                }
-            },
+            Ok(Outcome::Hit(row, id)) => {
+                // Released if the lease cannot be read, or this future is dropped before
+                // the lease is handed over.
+                unclaimed.made = Some(id);
+                self.lease_of(&row, req, consumer)?
+            }
             Ok(Outcome::Miss) => None,
             Ok(Outcome::NoPool) => return Err(LeaseError::UnknownPool(req.pool.to_string())),
             Err(e) => {
-                if let Some(id) = *in_flight.lock().unwrap_or_else(|e| e.into_inner()) {
-                    self.release_unknown_acquire(id, req.duration);
-                }
+                // `unclaimed` releases the id of a statement sent but not answered.
                 if is_fk_violation(&e) {
                     self.consumers.remove(&*consumer);
                 }
                 return Err(e.into());
             }
         };
+        let stats = self.cached_stats(&req.pool).await;
+        unclaimed.handed_over();
         Ok(Acquired {
             lease,
-            stats: self.cached_stats(&req.pool).await,
+            stats,
             expired: Vec::new(),
         })
     }
@@ -272,6 +283,43 @@ impl Core {
             op: "consumer",
             reason: format!("consumer `{name}` could not be created (concurrent creation)"),
         })
+    }
+}
+
+/// The lease an acquire may have made, until the acquire returns it: dropped earlier (the
+/// acquire failed, or its future was dropped because the caller stopped waiting, e.g. a
+/// client that left while its acquire statement was in flight), it queues the release of
+/// that lease. Without it such a lease would hold its slot, held by nobody, until it expired.
+struct Unclaimed<'a> {
+    core: &'a Core,
+    duration: Duration,
+    /// The lease id of a statement sent but not answered: the lease may exist.
+    in_flight: Mutex<Option<LeaseId>>,
+    /// A lease made, not handed over yet.
+    made: Option<LeaseId>,
+}
+
+impl Unclaimed<'_> {
+    /// The acquire returns its lease (or its miss): nothing to release.
+    fn handed_over(mut self) {
+        self.made = None;
+        *self.in_flight.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+impl Drop for Unclaimed<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.made.take() {
+            self.core.release_later(id);
+        }
+        if let Some(id) = self
+            .in_flight
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            self.core.release_unknown_acquire(id, self.duration);
+        }
     }
 }
 
