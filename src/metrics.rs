@@ -373,9 +373,11 @@ impl Metrics {
     }
 
     /// One storage operation: its time, and whether it failed.
-    pub fn storage_op(&self, op: &'static str, took: std::time::Duration, ok: bool) {
-        self.histogram(names::STORAGE_DURATION, &[("op", op)])
-            .record(took.as_secs_f64());
+    pub fn storage_op(&self, op: &'static str, took: Option<std::time::Duration>, ok: bool) {
+        if let Some(took) = took {
+            self.histogram(names::STORAGE_DURATION, &[("op", op)])
+                .record(took.as_secs_f64());
+        }
         if !ok {
             self.counter(names::STORAGE_ERRORS, &[("op", op)])
                 .increment(1);

@@ -242,7 +242,7 @@ async fn serve(core: &Core, session: &mut Session, cancel: &CancellationToken) {
             _ = tick.tick() => {
                 let started = std::time::Instant::now();
                 let beat = session.query("node_heartbeat", &[&&*core.node]).await;
-                core.observe("session", started.elapsed(), beat.is_ok());
+                core.observe("session", Some(started.elapsed()), beat.is_ok());
                 // The database answers (or not): `is_up` follows even without traffic.
                 core.statement_ok.store(beat.is_ok(), Ordering::SeqCst);
                 if let Err(e) = beat {
@@ -286,7 +286,7 @@ async fn reconnect(
     loop {
         let started = std::time::Instant::now();
         let result = reopen(core, spec, old_pid).await;
-        core.observe("session", started.elapsed(), result.is_ok());
+        core.observe("session", Some(started.elapsed()), result.is_ok());
         match result {
             Ok(s) => {
                 core.statement_ok.store(true, Ordering::SeqCst);

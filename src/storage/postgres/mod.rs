@@ -116,8 +116,10 @@ impl fmt::Debug for PgSettings {
     }
 }
 
-/// The storage-operation observer: op name, duration, success.
-pub type Observer = Arc<dyn Fn(&'static str, Duration, bool) + Send + Sync>;
+/// The storage-operation observer: op name, duration (`None` for an operation refused
+/// before it reached the database, such as an acquire while the node's session is down),
+/// success.
+pub type Observer = Arc<dyn Fn(&'static str, Option<Duration>, bool) + Send + Sync>;
 
 /// A pool's figures as last read from the database, for acquire and release events.
 struct CachedStats {
@@ -249,7 +251,8 @@ impl PostgresStorage {
 
     /// Registers the observer of storage operations: called with the op name (`acquire`,
     /// `release`, `renew`, `sweep`, `stats`, `leases`, `consumer`, `inventory`, `health`,
-    /// `notify`, `session`), its duration and whether it succeeded.
+    /// `notify`, `session`), its duration (`None`: refused without reaching the database) and
+    /// whether it succeeded.
     pub fn set_observer(&self, f: Observer) {
         self.core().observer.store(Some(Arc::new(f)));
     }
@@ -378,12 +381,12 @@ impl Core {
         };
         let ok = result.is_ok();
         self.statement_ok.store(ok, Ordering::SeqCst);
-        self.observe(op, started.elapsed(), ok);
+        self.observe(op, Some(started.elapsed()), ok);
         result
     }
 
     /// Reports one operation to the observer.
-    fn observe(&self, op: &'static str, took: Duration, ok: bool) {
+    fn observe(&self, op: &'static str, took: Option<Duration>, ok: bool) {
         if let Some(observer) = self.observer.load().as_ref() {
             observer(op, took, ok);
         }
