@@ -26,7 +26,9 @@ pub async fn handle(
 ) {
     let started = Instant::now();
     Span::current().record("kind", "connect");
-    let prepared = async {
+    // Boxed: the identification, lease and dial state is freed once the tunnel is open,
+    // instead of sizing the connection's future for its whole life.
+    let prepared = Box::pin(async {
         let target = Target::parse_authority(head.target())?;
         let id = super::identify(&rt.auth, &head)?;
         record_identity(&id, &target, None);
@@ -34,7 +36,7 @@ pub async fn handle(
             .lease_and_dial(rt, &id, &target, DialMode::Tunnel, &[])
             .await?;
         Ok::<_, crate::error::ProxyError>((lease, upstream, early))
-    };
+    });
     let result = tokio::select! {
         biased;
         r = prepared => r,

@@ -91,7 +91,7 @@ pub async fn serve(
         End::Done(outcome) => finish(&state, "http", pool.as_deref(), outcome, bytes, started),
         End::Connect(head) => {
             finish(&state, "http", pool.as_deref(), "ok", bytes, started);
-            connect_after(&state, &rt, client, head, cbuf).await;
+            Box::pin(connect_after(&state, &rt, client, head, cbuf)).await;
         }
     }
 }
@@ -358,11 +358,9 @@ impl Relay<'_> {
             }
             l.upstream = None;
             let proxy = l.lease.proxy().clone();
-            match self
-                .state
-                .dial(self.rt, &proxy, target, DialMode::Forward)
-                .await
-            {
+            // Dials and leases are boxed (here and below): their state would otherwise size
+            // the connection's future for its whole life, idle keep-alive time included.
+            match Box::pin(self.state.dial(self.rt, &proxy, target, DialMode::Forward)).await {
                 Ok((io, early)) => {
                     l.upstream = Some(Upstream::new(io, early, &proxy.protocol, target));
                     return Ok(());
@@ -385,9 +383,11 @@ impl Relay<'_> {
                 }
             }
         }
-        let (lease, io, early) = self
-            .state
-            .lease_and_dial(self.rt, id, target, DialMode::Forward, failed)
+        let (lease, io, early) =
+            Box::pin(
+                self.state
+                    .lease_and_dial(self.rt, id, target, DialMode::Forward, failed),
+            )
             .await?;
         record_identity(id, target, Some(&lease.proxy().id));
         let protocol = lease.proxy().protocol;

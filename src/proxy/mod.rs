@@ -302,17 +302,21 @@ async fn handle(state: Arc<ProxyState>, mut stream: TcpStream) {
     };
     let (head, rest) = match opening {
         Ok(Opening::Http(head, rest)) => (head, rest),
-        Ok(Opening::Socks5(greeting)) => return socks::handle(&state, &rt, stream, greeting).await,
+        Ok(Opening::Socks5(greeting)) => {
+            return Box::pin(socks::handle(&state, &rt, stream, greeting)).await;
+        }
         Err(HeadError::Closed | HeadError::Io(_)) => return,
         Err(HeadError::Bad(e)) => {
             state.metrics.connection_done("http", e.code());
             return reply_error(&mut stream, &e).await;
         }
     };
+    // Each kind's future is boxed: the task's own future stays the size of this opening
+    // step, and a connection holds only the memory of the kind it turned out to be.
     if head.method() == "CONNECT" {
-        connect::handle(&state, &rt, stream, head, rest).await;
+        Box::pin(connect::handle(&state, &rt, stream, head, rest)).await;
     } else if head.absolute_uri().is_ok() {
-        forward::serve(state, rt, stream, head, rest).await;
+        Box::pin(forward::serve(state, rt, stream, head, rest)).await;
     } else {
         let e = ProxyError::BadRequest(format!(
             "`{}` is not a proxy request (absolute URI or CONNECT)",
@@ -368,7 +372,8 @@ pub async fn close_gracefully(stream: &mut TcpStream) {
         return;
     }
     let drain = async {
-        let mut sink = [0u8; 8192];
+        // On the heap: an array here would size every connection's future by it.
+        let mut sink = vec![0u8; 8192];
         let mut left = LINGER_BYTES;
         while left > 0 {
             match stream.read(&mut sink).await {

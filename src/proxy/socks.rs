@@ -77,7 +77,8 @@ pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream
     record_identity(&id, &target, None);
     let dialed = tokio::select! {
         biased;
-        r = state.lease_and_dial(rt, &id, &target, DialMode::Tunnel, &[]) => r,
+        // Boxed: the lease and dial state is freed once the tunnel is open.
+        r = Box::pin(state.lease_and_dial(rt, &id, &target, DialMode::Tunnel, &[])) => r,
         () = super::connect::client_gone(&client) => {
             return finish(state, "socks5", None, "client_closed", Transferred::default(), started);
         }

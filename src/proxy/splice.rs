@@ -104,13 +104,15 @@ impl Activity {
 }
 
 /// Runs `copy` until it ends, the tunnel idles (or half-closes and goes quiet), or `cancel`.
-async fn supervise(
-    copy: impl Future<Output = io::Result<()>>,
+///
+/// `copy` is pinned by the caller: taken by value, it would be stored twice in this future
+/// (as the argument and as the pinned local), which every open tunnel would pay for.
+async fn supervise<F: Future<Output = io::Result<()>>>(
+    mut copy: Pin<&mut F>,
     act: &Activity,
     idle: Option<Duration>,
     cancel: &CancellationToken,
 ) -> SpliceEnd {
-    tokio::pin!(copy);
     // The idle window: the configured limit, shortened to the grace once a side closed.
     let grace = idle.map_or(HALF_CLOSE_GRACE, |i| i.min(HALF_CLOSE_GRACE));
     let mut half_closed = false;
@@ -125,7 +127,7 @@ async fn supervise(
         };
         tokio::select! {
             biased;
-            r = &mut copy => return if r.is_ok() { SpliceEnd::Closed } else { SpliceEnd::Error },
+            r = copy.as_mut() => return if r.is_ok() { SpliceEnd::Closed } else { SpliceEnd::Error },
             () = cancel.cancelled() => return SpliceEnd::Shutdown,
             () = act.eof.notified(), if !half_closed => {
                 half_closed = true;
@@ -209,11 +211,11 @@ where
         bytes: &act.rx,
         act: &act,
     };
-    let copy = async {
+    let copy = std::pin::pin!(async {
         tokio::io::copy_bidirectional(&mut c, &mut u)
             .await
             .map(|_| ())
-    };
+    });
     let end = supervise(copy, &act, idle, cancel).await;
     (end, act.transferred())
 }
@@ -231,13 +233,13 @@ pub async fn splice_tcp(
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
     let zero_copy = zero_copy && zero_copy::AVAILABLE;
-    let copy = async {
+    let copy = std::pin::pin!(async {
         tokio::try_join!(
             pump(&mut cr, &mut uw, &act.tx, &act, zero_copy),
             pump(&mut ur, &mut cw, &act.rx, &act, zero_copy)
         )
         .map(|_| ())
-    };
+    });
     let end = supervise(copy, &act, idle, cancel).await;
     (end, act.transferred())
 }
