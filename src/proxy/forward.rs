@@ -204,9 +204,9 @@ impl Relay<'_> {
     /// stays idle, or the daemon drains.
     async fn next_request(&mut self) -> Result<Option<RequestHead>, Stop> {
         let limits = self.rt.limits();
-        let cancel = self.lease.as_ref().map(|l| l.lease.cancelled().clone());
+        let cancel = self.lease.as_ref().map(|l| l.lease.cancelled());
         let lost = async {
-            match &cancel {
+            match cancel {
                 Some(c) => c.cancelled().await,
                 None => std::future::pending().await,
             }
@@ -292,10 +292,11 @@ impl Relay<'_> {
                 }
                 Err(stop) => return Err(stop),
             }
-            let cancel = self.leased().lease.cancelled().clone();
+            // The lease itself (one reference count), not a clone of its token (which locks).
+            let held = self.leased().lease.held().clone();
             let sent = tokio::select! {
                 biased;
-                () = cancel.cancelled() => return Err(Stop::Quiet("closed_by_proxy")),
+                () = held.cancelled().cancelled() => return Err(Stop::Quiet("closed_by_proxy")),
                 r = self.send(head, &uri) => r,
             };
             match sent {
@@ -417,7 +418,8 @@ impl Relay<'_> {
             keep_alive: head.keep_alive(),
             proxy_authorization: auth.as_deref().map(str::as_bytes),
         };
-        let mut out = BytesMut::new();
+        // Room for the head as sent plus the lines the rewrite adds: one allocation.
+        let mut out = BytesMut::with_capacity(head.raw().len() + 256);
         rewrite
             .write(head, uri, &mut out)
             .map_err(|e| stop(ProxyError::BadRequest(format!("request head: {e}"))))?;

@@ -191,8 +191,37 @@ fn trim_ows(mut value: &[u8]) -> &[u8] {
 
 /// `tchar` (RFC 9110 §5.6.2).
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[b as usize]
 }
+
+/// [`is_tchar`] as a table: header names are checked byte by byte on every head built.
+static TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    t
+};
 
 /// A non-empty run of `tchar`.
 fn is_token(s: &[u8]) -> bool {
@@ -209,9 +238,34 @@ fn is_field_byte(b: u8) -> bool {
     b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80
 }
 
+/// Every byte of `s` is [`is_field_byte`]. Computed without an early exit, so that it runs
+/// many bytes per step: every header value of every head built goes through it.
+fn is_field_content(s: &[u8]) -> bool {
+    s.iter().fold(true, |ok, &b| {
+        ok & ((b >= b' ' && b != 0x7f) | (b == b'\t'))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_content_is_field_bytes_throughout() {
+        for b in 0..=255u8 {
+            assert_eq!(is_field_content(&[b]), is_field_byte(b), "byte {b:#04x}");
+            assert_eq!(is_field_content(&[b'a', b, b'z']), is_field_byte(b));
+        }
+        assert!(is_field_content(b""));
+    }
+
+    #[test]
+    fn the_tchar_table_is_rfc_9110s_set() {
+        for b in 0..=255u8 {
+            let rfc = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            assert_eq!(is_tchar(b), rfc, "byte {b:#04x}");
+        }
+    }
 
     #[test]
     fn statuses_and_proxy_errors() {

@@ -234,7 +234,7 @@ fn locate_head(buf: &[u8], max: usize) -> Result<Option<(usize, usize)>, Framing
         start += 2;
     }
     let (mut line, mut fields) = (start, 0);
-    while let Some(lf) = window[line..].iter().position(|&b| b == b'\n') {
+    while let Some(lf) = memchr::memchr(b'\n', &window[line..]) {
         let lf = line + lf;
         if lf == line || window[lf - 1] != b'\r' {
             return Err(FramingError::BareLf);
@@ -262,7 +262,7 @@ fn check_field_line(line: &[u8]) -> Result<(), FramingError> {
     if matches!(line[0], b' ' | b'\t') {
         return Err(FramingError::ObsFold);
     }
-    match line.iter().position(|&b| b == b':') {
+    match memchr::memchr(b':', line) {
         Some(colon) if colon > 0 && matches!(line[colon - 1], b' ' | b'\t') => {
             Err(FramingError::SpaceBeforeColon)
         }
@@ -369,9 +369,28 @@ fn version(v: &[u8]) -> Result<u8, FramingError> {
 /// The header lines of `head` from `from` (httparse tokenises; names are tokens, values
 /// field content), as spans of `head`.
 fn header_spans(head: &[u8], from: usize) -> Result<Vec<(Span, Span)>, FramingError> {
-    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // Most heads have a few fields: a small array first, since initialising all
+    // `MAX_HEADERS` entries for every head costs more than parsing a typical one.
+    let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+    match spans_into(head, from, &mut few) {
+        Err(FramingError::TooManyHeaders) => {
+            let mut all = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            spans_into(head, from, &mut all)
+        }
+        r => r,
+    }
+}
+
+/// Entries of the first parse attempt of [`header_spans`].
+const FEW_HEADERS: usize = 24;
+
+fn spans_into<'h>(
+    head: &'h [u8],
+    from: usize,
+    parsed: &mut [httparse::Header<'h>],
+) -> Result<Vec<(Span, Span)>, FramingError> {
     let block = &head[from.min(head.len())..];
-    let headers = match httparse::parse_headers(block, &mut parsed) {
+    let headers = match httparse::parse_headers(block, parsed) {
         Ok(httparse::Status::Complete((len, headers))) if len == block.len() => headers,
         Ok(_) | Err(httparse::Error::HeaderName) => return Err(FramingError::InvalidHeaderName),
         Err(httparse::Error::TooManyHeaders) => return Err(FramingError::TooManyHeaders),
@@ -644,6 +663,15 @@ mod tests {
         };
         assert_eq!(many(MAX_HEADERS), Ok(()));
         assert_eq!(many(MAX_HEADERS + 1), Err(TooManyHeaders));
+        // Around the size of the first parse attempt: every field is kept, in order.
+        for n in [FEW_HEADERS - 1, FEW_HEADERS, FEW_HEADERS + 1, MAX_HEADERS] {
+            let lines: String = (0..n).map(|i| format!("X-{i}: v{i}\r\n")).collect();
+            let text = format!("GET / HTTP/1.1\r\n{lines}\r\n");
+            let (head, _) = parse_request(text.as_bytes(), MAX).unwrap().unwrap();
+            let got: Vec<_> = head.headers().collect();
+            assert_eq!(got.len(), n);
+            assert_eq!(got[n - 1].1, format!("v{}", n - 1).as_bytes());
+        }
         let lines = "X: v\r\n".repeat(MAX_HEADERS + 1);
         let unfinished = format!("GET / HTTP/1.1\r\n{lines}");
         let early = parse_request(unfinished.as_bytes(), MAX).map(|_| ());

@@ -9,7 +9,8 @@ use smallvec::SmallVec;
 
 use super::uri::AbsoluteUri;
 use super::{
-    BodyFraming, RequestHead, ResponseHead, is, is_field_byte, is_token, is_vchar, list, trim_ows,
+    BodyFraming, RequestHead, ResponseHead, is, is_field_byte, is_field_content, is_token,
+    is_vchar, list, trim_ows,
 };
 
 /// Why a head was not written.
@@ -147,10 +148,15 @@ fn header(out: &mut BytesMut, name: &[u8], value: &[u8]) -> Result<(), BuildErro
         return Err(BuildError::HeaderName);
     }
     let value = trim_ows(value);
-    if !value.iter().all(|&b| is_field_byte(b)) {
+    if !is_field_content(value) {
         return Err(BuildError::HeaderValue);
     }
-    put(out, &[name, b": ", value, b"\r\n"]);
+    // One reservation, and each piece copied by its own call (constant lengths inline).
+    out.reserve(name.len() + value.len() + 4);
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
     Ok(())
 }
 
