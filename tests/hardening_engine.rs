@@ -235,6 +235,32 @@ fn configuration_bounds_every_duration_and_names_the_key() {
             "drain_timeout_secs",
         ),
         (
+            with("limits", &format!("response_timeout_ms = {BIG}")),
+            "response_timeout_ms",
+        ),
+        (
+            with(
+                "",
+                &format!(
+                    "[storage]\nkind = \"postgres\"\nurl = \"postgres://u@127.0.0.1/db\"\n\
+                     statement_timeout_ms = {BIG}"
+                ),
+            )
+            // A fleet shares no `direct` upstream.
+            .replace("url = \"direct\"", "url = \"http://10.0.0.1:8080\""),
+            "statement_timeout_ms",
+        ),
+        (
+            with(
+                "",
+                &format!(
+                    "[[api.keys]]\nname = \"farm\"\nkey = \"0123456789abcdef\"\n\
+                     max_ttl_seconds = {BIG}"
+                ),
+            ),
+            "max_ttl_seconds",
+        ),
+        (
             with(
                 "health_check",
                 &format!("{health_check}\ninterval_secs = {BIG}"),

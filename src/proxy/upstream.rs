@@ -474,3 +474,115 @@ pub fn tls_connector(ca_file: Option<&std::path::Path>) -> Result<TlsConnector, 
         .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::socks_reply;
+
+    fn os(code: i32) -> io::Error {
+        io::Error::from_raw_os_error(code)
+    }
+
+    /// Every dial error, as the client sees it once every upstream failed like it: HTTP
+    /// status, `X-Pharox-Error` code, SOCKS5 reply; and whether the upstream is blamed.
+    #[test]
+    fn dial_errors_map_to_one_answer_each() {
+        let refused = || io::Error::from(io::ErrorKind::ConnectionRefused);
+        let cases: Vec<(DialError, u16, &str, u8, bool)> = vec![
+            (
+                DialError::Timeout,
+                502,
+                "upstream_failed",
+                socks_reply::REFUSED,
+                true,
+            ),
+            (
+                DialError::connect(refused()),
+                502,
+                "upstream_failed",
+                socks_reply::REFUSED,
+                true,
+            ),
+            (
+                DialError::from(refused()),
+                502,
+                "upstream_failed",
+                socks_reply::REFUSED,
+                true,
+            ),
+            (
+                DialError::Tls(refused()),
+                502,
+                "upstream_failed",
+                socks_reply::REFUSED,
+                true,
+            ),
+            (
+                DialError::Rejected(403),
+                502,
+                "upstream_failed",
+                socks_reply::REFUSED,
+                true,
+            ),
+            (
+                DialError::AuthRejected,
+                502,
+                "upstream_failed",
+                socks_reply::REFUSED,
+                true,
+            ),
+            (
+                DialError::Unreachable("x.test does not resolve".into()),
+                502,
+                "upstream_failed",
+                socks_reply::HOST_UNREACHABLE,
+                true,
+            ),
+            (
+                DialError::Protocol("junk".into()),
+                502,
+                "upstream_failed",
+                socks_reply::REFUSED,
+                true,
+            ),
+            (
+                DialError::Denied(Denied::Private("127.0.0.1".parse().unwrap())),
+                403,
+                "destination_denied",
+                socks_reply::NOT_ALLOWED,
+                false,
+            ),
+        ];
+        for (e, status, code, reply, fault) in cases {
+            let label = e.reason();
+            assert_eq!(e.is_upstream_fault(ProxyProtocol::Http), fault, "{label}");
+            let p = e.into_proxy_error("p1: failed".into(), false);
+            assert_eq!((p.status(), p.code()), (status, code), "{label}");
+            assert_eq!(p.socks_reply(), reply, "{label}");
+        }
+        let timeout = DialError::Timeout.into_proxy_error("p1".into(), true);
+        assert_eq!(
+            (timeout.status(), timeout.code()),
+            (504, "upstream_timeout")
+        );
+        assert_eq!(timeout.socks_reply(), socks_reply::TTL_EXPIRED);
+    }
+
+    /// This host's shortages are never the upstream's fault, whichever call hit them.
+    #[test]
+    fn local_shortages_blame_no_upstream() {
+        for code in [24, 23, 105, 12, 99] {
+            for e in [DialError::from(os(code)), DialError::connect(os(code))] {
+                assert_eq!(e.reason(), "local");
+                assert!(!e.is_upstream_fault(ProxyProtocol::Http));
+                let p = e.into_proxy_error("p1".into(), false);
+                assert_eq!((p.status(), p.code()), (503, "resource_exhausted"));
+                assert_eq!(p.socks_reply(), socks_reply::GENERAL);
+            }
+        }
+        // A direct upstream is not blamed for a target that refuses.
+        let refused = DialError::connect(io::Error::from(io::ErrorKind::ConnectionRefused));
+        assert!(!refused.is_upstream_fault(ProxyProtocol::Direct));
+    }
+}

@@ -13,32 +13,35 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Every `X-Pharox-Error` code of the error table, with its status.
-pub const CODES: &[(&str, &[u16])] = &[
-    ("bad_request", &[400, 431]),
-    ("bad_username", &[400]),
-    ("pool_forbidden", &[403]),
-    ("unknown_pool", &[403]),
-    ("destination_denied", &[403]),
-    ("auth_required", &[407]),
-    ("auth_failed", &[407]),
-    ("session_limit", &[429]),
-    ("upstream_failed", &[502]),
-    ("pool_exhausted", &[503]),
-    ("storage_unavailable", &[503]),
-    ("resource_exhausted", &[503]),
-    ("too_many_connections", &[503]),
-    ("upstream_timeout", &[504]),
-];
+/// Every `X-Pharox-Error` code with its status, as README.md's error table documents them
+/// (rows ending `| STATUS | `code` |`): the oracle is the documentation itself.
+pub fn codes() -> &'static [(String, u16)] {
+    static CODES: OnceLock<Vec<(String, u16)>> = OnceLock::new();
+    CODES.get_or_init(|| {
+        let rows: Vec<(String, u16)> = include_str!("../../README.md")
+            .lines()
+            .filter_map(|line| {
+                let cells: Vec<&str> = line.trim().trim_matches('|').split('|').collect();
+                let [.., status, code] = cells.as_slice() else {
+                    return None;
+                };
+                let status: u16 = status.trim().parse().ok()?;
+                let code = code.trim().strip_prefix('`')?.strip_suffix('`')?;
+                (code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+                    .then(|| (code.to_owned(), status))
+            })
+            .collect();
+        assert!(rows.len() >= 18, "README's error table: {rows:?}");
+        rows
+    })
+}
 
 /// SOCKS5 reply codes pharox may send (RFC 1928 §6, `ProxyError::socks_reply`).
 pub const SOCKS_REPLIES: &[u8] = &[0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x07, 0x08];
 
 /// True when `status` is the documented status of `code`.
 pub fn documented(status: u16, code: &str) -> bool {
-    CODES
-        .iter()
-        .any(|(c, statuses)| *c == code && statuses.contains(&status))
+    codes().iter().any(|(c, s)| c == code && *s == status)
 }
 
 /// How a [`Upstream`] treats a new connection.
