@@ -2,6 +2,7 @@
 //! finish its handshake, and only then answer 200 and splice (the tail is in `tunnel.rs`). A
 //! client that goes away while we wait for a lease or an upstream stops the work at once.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
@@ -17,18 +18,43 @@ use super::{DialMode, ProxyState, Runtime, finish, record_identity, reply_error}
 use crate::target::Target;
 
 /// Handles a CONNECT whose head has been read.
-pub async fn handle(
+///
+/// The opening step (identification, lease, dial, or the error answer) is a boxed future of
+/// its own, made here before anything is awaited: it takes the client socket, the head and
+/// the read buffer with it, and is freed once the tunnel is open. The tunnel's future thus
+/// holds only what the tunnel needs, not the opening's state nor this function's arguments,
+/// for the connection's whole life.
+pub fn handle<'a>(
+    state: &'a Arc<ProxyState>,
+    rt: &'a Runtime,
+    client: TcpStream,
+    head: RequestHead,
+    rest: BytesMut,
+) -> impl Future<Output = ()> + 'a {
+    let opening = Box::pin(open(state, rt, client, head, rest));
+    async move {
+        let tunnel = {
+            let Some(open) = opening.await else {
+                return;
+            };
+            tunnel::run(state, rt, Reply::Http, open)
+        };
+        tunnel.await;
+    }
+}
+
+/// Identifies, leases and dials: what the tunnel starts from, or `None` once the client has
+/// been answered (or has left).
+async fn open(
     state: &Arc<ProxyState>,
     rt: &Runtime,
     mut client: TcpStream,
     head: RequestHead,
     rest: BytesMut,
-) {
+) -> Option<Open> {
     let started = Instant::now();
     Span::current().record("kind", "connect");
-    // Boxed: the identification, lease and dial state is freed once the tunnel is open,
-    // instead of sizing the connection's future for its whole life.
-    let prepared = Box::pin(async {
+    let prepared = async {
         let target = Target::parse_authority(head.target())?;
         let id = super::identify(&rt.auth, &head)?;
         record_identity(&id, &target, None);
@@ -36,19 +62,25 @@ pub async fn handle(
             .lease_and_dial(rt, &id, &target, DialMode::Tunnel, &[])
             .await?;
         Ok::<_, crate::error::ProxyError>((lease, upstream, early))
-    });
+    };
     let result = tokio::select! {
         biased;
         r = prepared => r,
         () = client_gone(&client) => {
             debug!("client left during the upstream handshake");
-            return finish(state, "connect", None, "client_closed", Transferred::default(), started);
+            finish(state, "connect", None, "client_closed", Transferred::default(), started);
+            return None;
         }
     };
-    // The head (and the read buffer it shares) is not kept for the tunnel's life.
-    drop(head);
-    let (lease, upstream, upstream_early) = match result {
-        Ok(ok) => ok,
+    match result {
+        Ok((lease, upstream, upstream_early)) => Some(Open {
+            client,
+            client_early: rest.freeze(),
+            lease,
+            upstream,
+            upstream_early,
+            started,
+        }),
         Err(e) => {
             finish(
                 state,
@@ -58,18 +90,10 @@ pub async fn handle(
                 Transferred::default(),
                 started,
             );
-            return reply_error(&mut client, &e).await;
+            reply_error(&mut client, &e).await;
+            None
         }
-    };
-    let open = Open {
-        client,
-        client_early: rest.freeze(),
-        lease,
-        upstream,
-        upstream_early,
-        started,
-    };
-    tunnel::run(state, rt, Reply::Http, open).await;
+    }
 }
 
 /// Resolves when the client has closed its side (or failed); never if it sent data.

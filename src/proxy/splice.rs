@@ -284,7 +284,9 @@ async fn pump(
         tokio::task::coop::consume_budget().await;
         src.readable().await?;
         if bulk {
-            match zero_copy::burst(src.as_ref(), dst.as_ref(), bytes, act).await? {
+            // Boxed: a bulk burst's state (its pipe and readiness waits) is allocated while it
+            // runs, not carried by every idle tunnel's future.
+            match Box::pin(zero_copy::burst(src.as_ref(), dst.as_ref(), bytes, act)).await? {
                 Burst::Drained => continue,
                 Burst::Eof => return pass_eof(dst, act).await,
                 Burst::Unsupported => bulk = false,
