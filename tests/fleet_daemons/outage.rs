@@ -1,7 +1,8 @@
 //! PostgreSQL stopped and started under traffic, on a cluster of the test's own: new CONNECTs
 //! are refused with 503 `storage_unavailable` and `Retry-After` (never a hang, never another
 //! answer), `/readyz` and `pharox_storage_up` follow the database, a tunnel opened before the
-//! stop goes on, and the daemon serves again by itself once the server is back.
+//! stop goes on, and the daemon serves again by itself once the server is back; down for
+//! longer than a lease, an open tunnel is closed when its last granted lease runs out.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -219,4 +220,59 @@ async fn postgres_stopped_and_started_under_traffic() {
         !log.contains(PASSWORD),
         "the password is in the log:\n{log}"
     );
+}
+
+/// The database stays down for longer than a lease: a tunnel opened before the stop runs
+/// while its last granted lease lasts, then closes (counted in `pharox_leases_lost_total`)
+/// instead of outliving a lease the other daemons' sweeper may already hand out again. Once
+/// the server is back, the lease is released and nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_outliving_its_lease_while_the_database_is_down_is_closed() {
+    let Some(cluster) = tokio::task::block_in_place(|| OwnCluster::start("fleet-expiry", ""))
+    else {
+        return;
+    };
+    let up = Upstream::start(Behaviour::Ok, None);
+    let pools = pool(
+        "out",
+        "first_available",
+        4,
+        NO_RETRY,
+        &[("o-1", up.addr, Some(1))],
+    );
+    let node = Node::start(
+        &config("expiry-a", OUTAGE_STATEMENT_MS, "", &pools),
+        &cluster.url,
+    )
+    .await;
+    let (mut held, head) = node.tunnel("out").await;
+    ok(&head);
+    assert!(echoes(&mut held).await);
+
+    tokio::task::block_in_place(|| cluster.pgstop());
+    assert!(
+        closed_within(&mut held, Duration::from_secs(30)).await,
+        "the tunnel was closed while the database was down"
+    );
+    let lost = eventually(Duration::from_secs(10), || async {
+        node.metric("pharox_leases_lost_total", &[("pool", "out")])
+            .await
+            .filter(|n| *n >= 1.0)
+    })
+    .await;
+    assert_eq!(lost, Some(1.0), "one lease lost");
+
+    tokio::task::block_in_place(|| cluster.pgstart(""));
+    let sql = raw(&cluster.url).await;
+    let settled = eventually(Duration::from_secs(30), || async {
+        (snapshot(&sql).await == (0, 0, 0, 0)).then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "the lease was released once the server was back: {:?}",
+        snapshot(&sql).await
+    );
+    assert_eq!(up.max_open(), 1);
+    node.stop().await;
 }
