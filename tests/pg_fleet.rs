@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use pgsupport::{TestDb, eventually};
+use pgsupport::{TestDb, eventually, snapshot};
 use pharox::storage::Renewal;
 use pharox::storage::postgres::PgError;
 use pharox::{
@@ -32,25 +32,6 @@ fn proxy(id: &str, cap: Option<u32>) -> Proxy {
 async fn inventory(s: &PostgresStorage, proxies: Vec<Proxy>) {
     s.upsert_pool(Pool::new("shared")).await.unwrap();
     s.upsert_proxies(proxies).await.unwrap();
-}
-
-/// One snapshot: proxies over their cap, counters that disagree with their lease rows, and
-/// live leases.
-async fn snapshot(sql: &tokio_postgres::Client) -> (i64, i64, i64) {
-    let row = sql
-        .query_one(
-            "SELECT (SELECT count(*) FROM proxy WHERE max_concurrency IS NOT NULL
-                        AND current_leases > max_concurrency) AS over,
-                    (SELECT count(*) FROM proxy p LEFT JOIN
-                        (SELECT proxy_id, count(*) AS n FROM lease WHERE status = 'active'
-                         GROUP BY proxy_id) a ON a.proxy_id = p.id
-                     WHERE p.current_leases <> coalesce(a.n, 0)) AS drift,
-                    (SELECT count(*) FROM lease WHERE status = 'active') AS live",
-            &[],
-        )
-        .await
-        .unwrap();
-    (row.get("over"), row.get("drift"), row.get("live"))
 }
 
 /// A Rust worker: random selectors and filters, short holds, renewals, 5 % abandoned
@@ -137,7 +118,7 @@ async fn no_over_leasing_under_contention() {
         let (stop, samples, peak) = (monitor_stop.clone(), samples.clone(), peak.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let (over, drift, live) = snapshot(&sql).await;
+                let (over, drift, live, _) = snapshot(&sql).await;
                 assert_eq!(
                     (over, drift),
                     (0, 0),
@@ -216,7 +197,7 @@ async fn no_over_leasing_under_contention() {
     let m = ProxyManager::new(storages[1].clone());
     let clean = eventually(Duration::from_secs(20), || async {
         m.cleanup_expired_leases().await.unwrap();
-        let (over, drift, live) = snapshot(&sql).await;
+        let (over, drift, live, _) = snapshot(&sql).await;
         assert_eq!((over, drift), (0, 0));
         (live == 0).then_some(())
     })

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::common::admin::{admin, metric};
 use crate::common::daemon::{basic, connect, header, status};
+pub use crate::pgsupport::snapshot;
 
 /// The variable that carries the database URL into the daemon (`storage.url_env`).
 pub const URL_VAR: &str = "DB_URL_FOR_TEST";
@@ -297,31 +298,6 @@ pub async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
         }
     };
     tokio::time::timeout(within, eof).await.is_ok()
-}
-
-/// One snapshot of the shared state: proxies over their cap, proxies whose counter
-/// disagrees with their active lease rows, active lease rows, and the sum of the counters.
-pub async fn snapshot(sql: &tokio_postgres::Client) -> (i64, i64, i64, i64) {
-    let row = sql
-        .query_one(
-            "SELECT (SELECT count(*) FROM proxy WHERE max_concurrency IS NOT NULL
-                        AND current_leases > max_concurrency) AS over,
-                    (SELECT count(*) FROM proxy p LEFT JOIN
-                        (SELECT proxy_id, count(*) AS n FROM lease WHERE status = 'active'
-                         GROUP BY proxy_id) a ON a.proxy_id = p.id
-                     WHERE p.current_leases <> coalesce(a.n, 0)) AS drift,
-                    (SELECT count(*) FROM lease WHERE status = 'active') AS live,
-                    (SELECT coalesce(sum(current_leases), 0)::bigint FROM proxy) AS counted",
-            &[],
-        )
-        .await
-        .unwrap();
-    (
-        row.get("over"),
-        row.get("drift"),
-        row.get("live"),
-        row.get("counted"),
-    )
 }
 
 /// A lease row: (status, release_reason, holder).

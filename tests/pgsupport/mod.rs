@@ -228,3 +228,28 @@ impl Drop for OwnCluster {
         Self::script(&self.state, "", &["stop"]);
     }
 }
+
+/// One snapshot of the shared state: proxies over their cap, proxies whose counter
+/// disagrees with their active lease rows, active lease rows, and the sum of the counters.
+pub async fn snapshot(sql: &tokio_postgres::Client) -> (i64, i64, i64, i64) {
+    let row = sql
+        .query_one(
+            "SELECT (SELECT count(*) FROM proxy WHERE max_concurrency IS NOT NULL
+                        AND current_leases > max_concurrency) AS over,
+                    (SELECT count(*) FROM proxy p LEFT JOIN
+                        (SELECT proxy_id, count(*) AS n FROM lease WHERE status = 'active'
+                         GROUP BY proxy_id) a ON a.proxy_id = p.id
+                     WHERE p.current_leases <> coalesce(a.n, 0)) AS drift,
+                    (SELECT count(*) FROM lease WHERE status = 'active') AS live,
+                    (SELECT coalesce(sum(current_leases), 0)::bigint FROM proxy) AS counted",
+            &[],
+        )
+        .await
+        .unwrap();
+    (
+        row.get("over"),
+        row.get("drift"),
+        row.get("live"),
+        row.get("counted"),
+    )
+}
