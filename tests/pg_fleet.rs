@@ -80,19 +80,8 @@ async fn rust_worker(
 }
 
 async fn python_worker(py: &std::path::Path, url: &str, idx: u32, secs: u32) -> serde_json::Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/worker.py");
-    let out = tokio::process::Command::new(py)
-        .args([script, url, "shared", &secs.to_string(), &idx.to_string()])
-        .output()
-        .await
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "python worker failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("worker prints JSON")
+    let (secs, idx) = (secs.to_string(), idx.to_string());
+    pgsupport::run_script(py, "worker.py", &[url, "shared", &secs, &idx]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

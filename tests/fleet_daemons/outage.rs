@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::common::daemon::{header, status};
 use crate::common::hostile::{Behaviour, Upstream};
-use crate::pgsupport::{OwnCluster, eventually, raw};
+use crate::pgsupport::{OwnCluster, eventually, raw, settles_to_zero};
 use crate::support::*;
 
 /// The statement timeout of the outage daemon.
@@ -200,14 +200,11 @@ async fn postgres_stopped_and_started_under_traffic() {
 
     drop(held);
     let sql = raw(&cluster.url).await;
-    let settled = eventually(Duration::from_secs(30), || async {
-        (snapshot(&sql).await == (0, 0, 0, 0)).then_some(())
-    })
-    .await;
+    let settled = settles_to_zero(&sql).await;
     assert!(
-        settled.is_some(),
+        settled.is_ok(),
         "no lease left, every counter 0: {:?}",
-        snapshot(&sql).await
+        settled
     );
     assert!(up.max_open() <= 8);
     let metrics = node.metrics().await;
@@ -264,14 +261,11 @@ async fn a_tunnel_outliving_its_lease_while_the_database_is_down_is_closed() {
 
     tokio::task::block_in_place(|| cluster.pgstart(""));
     let sql = raw(&cluster.url).await;
-    let settled = eventually(Duration::from_secs(30), || async {
-        (snapshot(&sql).await == (0, 0, 0, 0)).then_some(())
-    })
-    .await;
+    let settled = settles_to_zero(&sql).await;
     assert!(
-        settled.is_some(),
+        settled.is_ok(),
         "the lease was released once the server was back: {:?}",
-        snapshot(&sql).await
+        settled
     );
     assert_eq!(up.max_open(), 1);
     node.stop().await;

@@ -3,7 +3,6 @@
 //! ports, SQL snapshots of the shared lease state, and Python pharox 0.11 workers.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::common::admin::{admin, metric};
 use crate::common::daemon::{basic, connect, header, status};
-pub use crate::pgsupport::snapshot;
+pub use crate::pgsupport::{run_script as python, snapshot};
 
 /// The variable that carries the database URL into the daemon (`storage.url_env`).
 pub const URL_VAR: &str = "DB_URL_FOR_TEST";
@@ -323,24 +322,4 @@ pub async fn sessions_of(sql: &tokio_postgres::Client, node: &str) -> i64 {
     .await
     .unwrap()
     .get(0)
-}
-
-/// Runs `tests/py/SCRIPT ARGS` in the venv; the JSON object of its last stdout line.
-pub async fn python(py: &Path, script: &str, args: &[&str]) -> Value {
-    let path = format!("{}/tests/py/{script}", env!("CARGO_MANIFEST_DIR"));
-    let out = tokio::process::Command::new(py)
-        .arg(&path)
-        .args(args)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{script} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
-        .unwrap_or_else(|e| panic!("{script} prints JSON ({e}): {stdout}"))
 }

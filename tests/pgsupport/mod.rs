@@ -253,3 +253,36 @@ pub async fn snapshot(sql: &tokio_postgres::Client) -> (i64, i64, i64, i64) {
         row.get("counted"),
     )
 }
+
+/// Runs `tests/py/SCRIPT ARGS` in the venv; the JSON object of its last stdout line.
+pub async fn run_script(py: &std::path::Path, script: &str, args: &[&str]) -> serde_json::Value {
+    let path = format!("{}/tests/py/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::process::Command::new(py)
+        .arg(&path)
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
+        .unwrap_or_else(|e| panic!("{script} prints JSON ({e}): {stdout}"))
+}
+
+/// Polls [`snapshot`] (up to 30 s) until nothing is leased and every counter is 0; the last
+/// snapshot otherwise.
+pub async fn settles_to_zero(sql: &tokio_postgres::Client) -> Result<(), (i64, i64, i64, i64)> {
+    let zero = eventually(Duration::from_secs(30), || async {
+        (snapshot(sql).await == (0, 0, 0, 0)).then_some(())
+    })
+    .await;
+    match zero {
+        Some(()) => Ok(()),
+        None => Err(snapshot(sql).await),
+    }
+}
