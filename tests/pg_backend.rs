@@ -182,6 +182,14 @@ async fn a_missing_schema_is_named() {
         "{err}"
     );
     assert!(err.to_string().contains("migrate = true"), "{err}");
+    // A failed start gives its node id back before it returns: starting again at once finds
+    // the schema problem again, never the id still held by the session that just failed.
+    for _ in 0..20 {
+        let again = PostgresStorage::connect(settings.clone())
+            .await
+            .unwrap_err();
+        assert!(matches!(&again, PgError::Schema(_)), "{again}");
+    }
     // The migration puts it back (it is idempotent and additive).
     db.storage("schema-check").await.close().await;
     let report = PostgresStorage::check(&settings).await.unwrap();

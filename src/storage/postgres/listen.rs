@@ -151,6 +151,14 @@ impl Session {
         })
     }
 
+    /// Gives the node id back (a start that failed after [`Session::claim`]); best effort:
+    /// if this fails, the session's end releases it.
+    pub async fn unclaim(&self, node: &str) {
+        if let Err(e) = self.query("node_unclaim", &[&node]).await {
+            tracing::debug!(error = %e, node, "giving the node id back failed");
+        }
+    }
+
     /// Who holds the node lock, for the log ("unknown" if that cannot be read).
     pub async fn holder(&self, node: &str) -> String {
         let Ok(rows) = self.query("node_holder", &[&node]).await else {

@@ -198,16 +198,23 @@ impl PostgresStorage {
             tracing::error!(node = %s.node_id, holder = %holder, "node id is held by another live daemon");
             return Err(PgError::NodeTaken(s.node_id.clone()));
         }
-        if s.migrate {
-            schema::migrate(session.client(), &spec.scrub).await?;
-        }
-        schema::require(session.client(), &spec.scrub).await?;
-        session.register(&s.node_id).await?;
         let (notify_tx, notify_rx) = mpsc::unbounded_channel();
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         let core = Arc::new(Core::new(pool, &s, &spec, notify_tx, retry_tx));
-        core.release_stale().await?;
-        session.listen().await?;
+        let ready = async {
+            if s.migrate {
+                schema::migrate(session.client(), &spec.scrub).await?;
+            }
+            schema::require(session.client(), &spec.scrub).await?;
+            session.register(&s.node_id).await?;
+            core.release_stale().await?;
+            session.listen().await
+        };
+        if let Err(e) = ready.await {
+            // Not left to the session's end: a start retried at once would find it held.
+            session.unclaim(&s.node_id).await;
+            return Err(e);
+        }
         core.session_up.store(true, Ordering::SeqCst);
         let cancel = CancellationToken::new();
         let tasks = vec![

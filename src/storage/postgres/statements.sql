@@ -805,6 +805,12 @@ SELECT (SELECT ok FROM leader) AS leader,
 -- name: node_claim
 SELECT pg_try_advisory_lock(hashtextextended('pharox:node:' || $1::text, 0)) AS claimed;
 
+-- node_unclaim: give a node id back, on a start that failed after node_claim (the session
+-- would release it when it ends, but only once the server notices the closed socket: a
+-- restart right away would find the id still held). $1 text node id.
+-- name: node_unclaim
+SELECT pg_advisory_unlock(hashtextextended('pharox:node:' || $1::text, 0)) AS released;
+
 -- node_holder: who holds a node id (for the error message). $1 text node id.
 -- name: node_holder
 SELECT l.pid, a.client_addr, a.application_name, a.backend_start
