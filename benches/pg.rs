@@ -13,7 +13,8 @@
 //! cargo bench --bench pg                      # or: cargo bench --bench pg -- --url URL
 //! cargo bench --bench pg -- --secs 2 --sizes 10,1000 --instances 1
 //! ```
-//! The benchmark works in a database of its own (`pharox_bench_PID`), dropped at the end.
+//! The benchmark works in a database of its own (`pharox_bench_PID`), dropped at the end
+//! (`--keep` leaves it, to look at plans with `EXPLAIN` or replay a statement in pgbench).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -31,6 +32,8 @@ struct Args {
     sizes: Vec<usize>,
     instances: Vec<usize>,
     selectors: Vec<Selector>,
+    /// Leave the database in place at the end (to look at its plans).
+    keep: bool,
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -69,6 +72,7 @@ fn main() {
             .unwrap_or(3.0),
         sizes: list(arg(&args, "--sizes"), &[10, 1000, 10000]),
         instances: list(arg(&args, "--instances"), &[1, 4]),
+        keep: args.iter().any(|a| a == "--keep"),
         selectors: list(
             arg(&args, "--selectors"),
             &[
@@ -80,6 +84,21 @@ fn main() {
     };
     rt.block_on(run(a));
 }
+
+/// About 200 000 rows of lease history, like a database that has served for a while (released rows, kept for
+/// `keep_released_hours`), so that the statements run on the plans of a steady state:
+/// fresh from `CREATE DATABASE` the lease table is empty, and its first plans (a sequential
+/// scan of a table thought to be one page) stay cached until statistics catch up.
+const HISTORY: &str = "
+    INSERT INTO consumer (id, name) VALUES ('00000000-0000-4000-8000-000000000001', 'bench-history')
+        ON CONFLICT DO NOTHING;
+    INSERT INTO lease (id, proxy_id, pool_id, consumer_id, pool_name, status, acquired_at,
+                       expires_at, released_at, holder)
+    SELECT gen_random_uuid(), p.id, p.pool_id, '00000000-0000-4000-8000-000000000001',
+           pp.name, 'released', now() - interval '1 hour', now(), now() - interval '30 minutes',
+           'bench-history'
+    FROM generate_series(1, 200000 / (SELECT count(*) FROM proxy) + 1) AS g,
+         proxy p JOIN proxy_pool pp ON pp.id = p.pool_id;";
 
 fn with_database(url: &str, db: &str) -> String {
     let (base, query) = url
@@ -134,6 +153,7 @@ async fn run(a: Args) {
         }
     }
     let sql = raw(&url).await;
+    sql.batch_execute(HISTORY).await.unwrap();
     sql.batch_execute("VACUUM ANALYZE").await.unwrap();
     println!(
         "pairs/s (acquire p50 / p99 ms; misses) — {TASKS} tasks per daemon, {} s per cell",
@@ -151,6 +171,9 @@ async fn run(a: Args) {
             for cap in caps {
                 for &sel in &a.selectors {
                     let pool = pool_name(size, cap);
+                    // What autovacuum does in a long-lived database: statistics that
+                    // follow the lease table's growth (each cell adds thousands of rows).
+                    sql.batch_execute("ANALYZE lease").await.unwrap();
                     let server_before = postmaster.map(server_cpu);
                     let (cell, over, hits, client_cpu) =
                         cell(&url, &sql, &admin, n, &pool, sel, a.secs).await;
@@ -170,6 +193,10 @@ async fn run(a: Args) {
     println!("over-leases in all runs: {over_total}");
     admin.close().await;
     drop(sql);
+    if a.keep {
+        println!("kept the database {db} (--keep)");
+        return;
+    }
     raw(&a.url)
         .await
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))

@@ -335,3 +335,56 @@ async fn the_password_never_shows() {
         assert!(!text.contains(PASSWORD), "{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_row_is_a_contended_miss_and_a_full_pool_a_plain_one() {
+    let Some(db) = TestDb::new("contended").await else {
+        return;
+    };
+    let s = db.storage("locker").await;
+    s.upsert_pool(Pool::new("locked")).await.unwrap();
+    let only = Proxy::new("only", "locked", ProxyProtocol::Http, "10.1.0.9", 8080)
+        .with_country("ar")
+        .with_max_concurrency(Some(1));
+    s.upsert_proxies(vec![only]).await.unwrap();
+    let m = ProxyManager::new(s.clone());
+    let mut sql = db.sql().await;
+    // Another session holds the proxy's row lock: every acquire statement skips it, and the
+    // probe (with the filter's parameters numbered from its own start) finds it eligible.
+    let tx = sql.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM proxy p JOIN proxy_pool pp ON pp.id = p.pool_id
+         WHERE pp.name = 'locked' FOR UPDATE OF p",
+        &[],
+    )
+    .await
+    .unwrap();
+    for &selector in pharox::Selector::ALL {
+        let req = AcquireRequest::new("locked")
+            .selector(selector)
+            .filter(Filter::new().country("AR"));
+        let got = m.acquire_proxy(&req).await;
+        assert!(
+            matches!(got, Ok(None)),
+            "{selector}: a locked row is a miss: {got:?}"
+        );
+    }
+    tx.commit().await.unwrap();
+    let req = AcquireRequest::new("locked").filter(Filter::new().country("AR"));
+    let lease = m.acquire_proxy(&req).await.unwrap().expect("free again");
+    // Full (at its cap): a plain miss, for every selector.
+    for &selector in pharox::Selector::ALL {
+        let req = AcquireRequest::new("locked")
+            .selector(selector)
+            .filter(Filter::new().country("AR"));
+        assert!(m.acquire_proxy(&req).await.unwrap().is_none(), "{selector}");
+    }
+    assert!(m.release_proxy(&lease).await.unwrap());
+    let sql = db.sql().await;
+    let live: i64 = sql
+        .query_one("SELECT count(*) FROM lease WHERE status = 'active'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 0);
+}

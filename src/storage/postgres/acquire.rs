@@ -1,5 +1,6 @@
-//! Acquire: one `acquire_<selector>` statement per attempt, retried at once while
-//! `contended` (an eligible proxy was locked by someone else or filled meanwhile), up to
+//! Acquire: one `acquire_<selector>` statement per attempt; after a miss, `acquire_probe`
+//! tells whether it was contended (an eligible proxy was locked by someone else or filled
+//! meanwhile), and a contended miss is retried at once, up to
 //! [`ATTEMPTS`] attempts with pauses of 0.5·k ms, the lab's policy. `round_robin` is strict
 //! (takes only the rotation's next proxy) on every attempt but the last, and creates the
 //! pool's cursor row when it is missing (one extra, uncounted attempt).
@@ -33,12 +34,16 @@ pub(crate) const ATTEMPTS: u32 = 4;
 /// Prepared statements kept per connection before the cache is cleared.
 const STATEMENT_CACHE_MAX: usize = 512;
 
+/// Where `acquire_probe`'s filter parameters start.
+const PROBE_FILTER_START: usize = 6;
+
 /// Schemes this daemon can speak (Python rows may also say `socks4`: skipped).
 const SCHEMES: &[&str] = &["http", "https", "socks5", "socks5h"];
 
 /// One acquire's fixed parameters.
 struct Ask<'a> {
     text: String,
+    req: &'a AcquireRequest,
     pool: &'a str,
     consumer: Uuid,
     secs: f64,
@@ -51,7 +56,7 @@ struct Ask<'a> {
 /// What one attempt answered.
 enum Answer {
     Hit(Row, LeaseId),
-    Miss { contended: bool },
+    Miss,
     NoCursor,
     NoPool,
 }
@@ -79,6 +84,7 @@ impl Core {
         let consumer = req.consumer.clone().unwrap_or_else(default_consumer);
         let ask = Ask {
             text: sql::acquire(req.selector).replace(FILTER_TOKEN, &filter.sql),
+            req,
             pool: &req.pool,
             consumer: self.consumer_id(&consumer).await?,
             secs: req.duration.as_secs_f64(),
@@ -145,13 +151,41 @@ impl Core {
                     self.query_now("acquire", rr, &[&ask.pool]).await?;
                     continue;
                 }
-                Answer::Miss { contended: true } | Answer::NoCursor if k < ATTEMPTS => {
-                    tokio::time::sleep(Duration::from_micros(500 * u64::from(k))).await;
-                    k += 1;
+                Answer::NoCursor if k < ATTEMPTS => self.pause(&mut k).await,
+                Answer::Miss if k < ATTEMPTS && self.contended(ask).await? => {
+                    self.pause(&mut k).await;
                 }
                 _ => return Ok(Outcome::Miss),
             }
         }
+    }
+
+    /// The pause before attempt `k + 1`.
+    async fn pause(&self, k: &mut u32) {
+        tokio::time::sleep(Duration::from_micros(500 * u64::from(*k))).await;
+        *k += 1;
+    }
+
+    /// After a miss: is some proxy of the pool eligible, locks aside (`acquire_probe`)?
+    async fn contended(&self, ask: &Ask<'_>) -> Result<bool, PgError> {
+        let filter = filter_sql(ask.req.filter.as_deref(), PROBE_FILTER_START).map_err(|e| {
+            PgError::Statement {
+                op: "acquire",
+                reason: e.to_string(),
+            }
+        })?;
+        let text = sql::stmt("acquire_probe").replace(FILTER_TOKEN, &filter.sql);
+        let lease_slow: Option<bool> = None;
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            vec![&ask.pool, &lease_slow, &SCHEMES, &ask.exclude, &ask.only];
+        params.extend(filter.params.iter().map(|p| p.as_sql()));
+        let rows = self.query_now("acquire", &text, &params).await?;
+        let contended = rows
+            .first()
+            .map(|row| row.try_get::<_, Option<bool>>("contended"))
+            .transpose()
+            .op(self, "acquire")?;
+        Ok(contended.flatten().unwrap_or(false))
     }
 
     /// One statement.
@@ -342,9 +376,7 @@ fn answer(row: Row, id: LeaseId, round_robin: bool) -> Result<Answer, PgError> {
     if round_robin && !get("cursor_found")? {
         return Ok(Answer::NoCursor);
     }
-    Ok(Answer::Miss {
-        contended: get("contended")?,
-    })
+    Ok(Answer::Miss)
 }
 
 /// A lease insert failed on its consumer's foreign key (the consumer row was deleted).

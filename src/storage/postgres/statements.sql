@@ -52,8 +52,8 @@
 --   $9  uuid[]    only: restrict to these proxies; NULL = no restriction ('{}' = nothing).
 --   $10.. filter parameters, see FILTERS below (round_robin: $10 is `strict`,
 --                 random_sampled: $10 is the random start uuid; their filters start at $11).
---                 Every `TRUE /*FILTER*/` (in the pick CTEs and in the contention probe) is
---                 replaced by the generated fragment; with no filter leave it as is.
+--                 Every `TRUE /*FILTER*/` (in the pick CTEs) is replaced by the generated
+--                 fragment; with no filter leave it as is.
 -- Returns exactly ONE row:
 --   hit:        hit = true; lease_id, acquired_at, expires_at, plus the proxy row AFTER the bump:
 --               proxy_id, pool_id, host, port, protocol (as stored), scheme
@@ -61,11 +61,16 @@
 --               {"user": ..., "password": ...} or NULL), status, max_concurrency,
 --               current_leases, source, country, city, isp, asn, latitude, longitude,
 --               latency_us, checked_at; db_now. round_robin also returns cursor_found.
---   miss:       hit = false, lease_id IS NULL. pool_found = false: unknown pool. contended = true: some
---               proxy was eligible in this statement's snapshot but every such row was
---               locked by another transaction (SKIP LOCKED) or filled up meanwhile: the
---               caller retries (up to 3 more attempts, pausing 0.5·k ms) before it reports
---               a miss. contended = false: a true miss (nothing eligible).
+--   miss:       hit = false, lease_id IS NULL. pool_found = false: unknown pool. Otherwise
+--               the caller runs `acquire_probe` (below) to tell a contended miss (a proxy
+--               is eligible, but its row was locked by another transaction — SKIP LOCKED —
+--               or filled up meanwhile: retry, up to 3 more attempts, pausing 0.5·k ms)
+--               from a true miss (nothing eligible).
+-- RUST: the probe was a scalar subquery of every acquire statement; it moved to a statement
+-- of its own, run only after a miss. Planned on every execution (custom plans), it made a
+-- quarter of each acquire's server CPU, for an answer only a miss needs (pgbench, one
+-- session, acquire + release of first_available at 1 000 proxies: 870-980 pairs/s with it,
+-- 1 090-1 380 without).
 -- Why it cannot over-lease: the pick locks the proxy row (FOR UPDATE ... SKIP LOCKED) and
 -- PostgreSQL re-evaluates the WHERE clause (cap included) on the newest row version before
 -- returning a locked row (EvalPlanQual, READ COMMITTED); bump repeats the cap guard; Python's
@@ -101,8 +106,9 @@
 -- eligible cap-1 proxy has 0 leases). A pool whose every proxy carries leases (unlimited
 -- caps, more lessees than proxies) pays an O(pool) sort per acquire: fine for small pools;
 -- for big saturated ones see REPORT.md (optional index).
--- The contention probe is written as an id-ordered LIMIT 1 (not EXISTS): the generic plan
--- of an EXISTS here was a Seq Scan of the whole proxy table (every pool), measured.
+-- The contention probe (`acquire_probe`) is written as an id-ordered LIMIT 1 (not EXISTS):
+-- the generic plan of an EXISTS here was a Seq Scan of the whole proxy table (every pool),
+-- measured.
 
 -- name: acquire_first_available
 WITH pool AS MATERIALIZED (
@@ -145,23 +151,34 @@ SELECT ins.id IS NOT NULL AS hit, ins.id AS lease_id, ins.acquired_at, ins.expir
        coalesce(b.scheme, b.protocol) AS scheme, b.credentials, b.status,
        b.max_concurrency, b.current_leases, b.source, b.country, b.city, b.isp, b.asn,
        b.latitude, b.longitude, b.latency_us, b.checked_at,
-       EXISTS (SELECT 1 FROM pool) AS pool_found,
-       (ins.id IS NULL AND (
-            SELECT p.id FROM proxy p
-            WHERE p.pool_id = (SELECT id FROM pool)
-              AND (p.status = 'active' OR (p.status = 'slow' AND (SELECT lease_slow FROM pool)))
-              AND (p.max_concurrency IS NULL OR p.current_leases < p.max_concurrency)
-              AND (p.rest_until IS NULL OR p.rest_until <= now())
-              AND p.removed_at IS NULL
-              AND coalesce(p.scheme, p.protocol) = ANY ($7::text[])
-              AND p.id <> ALL (coalesce($8::uuid[], '{}'))
-              AND ($9::uuid[] IS NULL OR p.id = ANY ($9::uuid[]))
-              AND TRUE /*FILTER*/
-            ORDER BY p.id LIMIT 1
-       ) IS NOT NULL) AS contended
+       EXISTS (SELECT 1 FROM pool) AS pool_found
 FROM (SELECT 1) AS one
 LEFT JOIN ins ON true
 LEFT JOIN bump b ON true;
+
+-- acquire_probe: after a miss of any acquire statement, is some proxy of the pool eligible
+-- (the same predicate, without locks)? true = the miss was contended: retry.
+-- $1 text pool name, $2 boolean lease_slow (as acquire's $6), $3 text[] schemes (as $7),
+-- $4 uuid[] exclude (as $8), $5 uuid[] only (as $9); the filter fragment's parameters start
+-- at $6. Returns one row: contended.
+-- name: acquire_probe
+WITH pool AS MATERIALIZED (
+    SELECT id, coalesce($2::boolean, lease_slow, false) AS lease_slow
+    FROM proxy_pool WHERE name = $1::text
+)
+SELECT (
+    SELECT p.id FROM proxy p
+    WHERE p.pool_id = (SELECT id FROM pool)
+      AND (p.status = 'active' OR (p.status = 'slow' AND (SELECT lease_slow FROM pool)))
+      AND (p.max_concurrency IS NULL OR p.current_leases < p.max_concurrency)
+      AND (p.rest_until IS NULL OR p.rest_until <= now())
+      AND p.removed_at IS NULL
+      AND coalesce(p.scheme, p.protocol) = ANY ($3::text[])
+      AND p.id <> ALL (coalesce($4::uuid[], '{}'))
+      AND ($5::uuid[] IS NULL OR p.id = ANY ($5::uuid[]))
+      AND TRUE /*FILTER*/
+    ORDER BY p.id LIMIT 1
+) IS NOT NULL AS contended;
 
 -- name: acquire_least_used
 WITH pool AS MATERIALIZED (
@@ -224,20 +241,7 @@ SELECT ins.id IS NOT NULL AS hit, ins.id AS lease_id, ins.acquired_at, ins.expir
        coalesce(b.scheme, b.protocol) AS scheme, b.credentials, b.status,
        b.max_concurrency, b.current_leases, b.source, b.country, b.city, b.isp, b.asn,
        b.latitude, b.longitude, b.latency_us, b.checked_at,
-       EXISTS (SELECT 1 FROM pool) AS pool_found,
-       (ins.id IS NULL AND (
-            SELECT p.id FROM proxy p
-            WHERE p.pool_id = (SELECT id FROM pool)
-              AND (p.status = 'active' OR (p.status = 'slow' AND (SELECT lease_slow FROM pool)))
-              AND (p.max_concurrency IS NULL OR p.current_leases < p.max_concurrency)
-              AND (p.rest_until IS NULL OR p.rest_until <= now())
-              AND p.removed_at IS NULL
-              AND coalesce(p.scheme, p.protocol) = ANY ($7::text[])
-              AND p.id <> ALL (coalesce($8::uuid[], '{}'))
-              AND ($9::uuid[] IS NULL OR p.id = ANY ($9::uuid[]))
-              AND TRUE /*FILTER*/
-            ORDER BY p.id LIMIT 1
-       ) IS NOT NULL) AS contended
+       EXISTS (SELECT 1 FROM pool) AS pool_found
 FROM (SELECT 1) AS one
 LEFT JOIN ins ON true
 LEFT JOIN bump b ON true;
@@ -373,20 +377,7 @@ SELECT ins.id IS NOT NULL AS hit, ins.id AS lease_id, ins.acquired_at, ins.expir
        b.max_concurrency, b.current_leases, b.source, b.country, b.city, b.isp, b.asn,
        b.latitude, b.longitude, b.latency_us, b.checked_at,
        EXISTS (SELECT 1 FROM pool) AS pool_found,
-       EXISTS (SELECT 1 FROM cur) AS cursor_found,
-       (ins.id IS NULL AND (
-            SELECT p.id FROM proxy p
-            WHERE p.pool_id = (SELECT id FROM pool)
-              AND (p.status = 'active' OR (p.status = 'slow' AND (SELECT lease_slow FROM pool)))
-              AND (p.max_concurrency IS NULL OR p.current_leases < p.max_concurrency)
-              AND (p.rest_until IS NULL OR p.rest_until <= now())
-              AND p.removed_at IS NULL
-              AND coalesce(p.scheme, p.protocol) = ANY ($7::text[])
-              AND p.id <> ALL (coalesce($8::uuid[], '{}'))
-              AND ($9::uuid[] IS NULL OR p.id = ANY ($9::uuid[]))
-              AND TRUE /*FILTER*/
-            ORDER BY p.id LIMIT 1
-       ) IS NOT NULL) AS contended
+       EXISTS (SELECT 1 FROM cur) AS cursor_found
 FROM (SELECT 1) AS one
 LEFT JOIN ins ON true
 LEFT JOIN bump b ON true;
@@ -442,20 +433,7 @@ SELECT ins.id IS NOT NULL AS hit, ins.id AS lease_id, ins.acquired_at, ins.expir
        coalesce(b.scheme, b.protocol) AS scheme, b.credentials, b.status,
        b.max_concurrency, b.current_leases, b.source, b.country, b.city, b.isp, b.asn,
        b.latitude, b.longitude, b.latency_us, b.checked_at,
-       EXISTS (SELECT 1 FROM pool) AS pool_found,
-       (ins.id IS NULL AND (
-            SELECT p.id FROM proxy p
-            WHERE p.pool_id = (SELECT id FROM pool)
-              AND (p.status = 'active' OR (p.status = 'slow' AND (SELECT lease_slow FROM pool)))
-              AND (p.max_concurrency IS NULL OR p.current_leases < p.max_concurrency)
-              AND (p.rest_until IS NULL OR p.rest_until <= now())
-              AND p.removed_at IS NULL
-              AND coalesce(p.scheme, p.protocol) = ANY ($7::text[])
-              AND p.id <> ALL (coalesce($8::uuid[], '{}'))
-              AND ($9::uuid[] IS NULL OR p.id = ANY ($9::uuid[]))
-              AND TRUE /*FILTER*/
-            ORDER BY p.id LIMIT 1
-       ) IS NOT NULL) AS contended
+       EXISTS (SELECT 1 FROM pool) AS pool_found
 FROM (SELECT 1) AS one
 LEFT JOIN ins ON true
 LEFT JOIN bump b ON true;
@@ -501,20 +479,7 @@ SELECT ins.id IS NOT NULL AS hit, ins.id AS lease_id, ins.acquired_at, ins.expir
        coalesce(b.scheme, b.protocol) AS scheme, b.credentials, b.status,
        b.max_concurrency, b.current_leases, b.source, b.country, b.city, b.isp, b.asn,
        b.latitude, b.longitude, b.latency_us, b.checked_at,
-       EXISTS (SELECT 1 FROM pool) AS pool_found,
-       (ins.id IS NULL AND (
-            SELECT p.id FROM proxy p
-            WHERE p.pool_id = (SELECT id FROM pool)
-              AND (p.status = 'active' OR (p.status = 'slow' AND (SELECT lease_slow FROM pool)))
-              AND (p.max_concurrency IS NULL OR p.current_leases < p.max_concurrency)
-              AND (p.rest_until IS NULL OR p.rest_until <= now())
-              AND p.removed_at IS NULL
-              AND coalesce(p.scheme, p.protocol) = ANY ($7::text[])
-              AND p.id <> ALL (coalesce($8::uuid[], '{}'))
-              AND ($9::uuid[] IS NULL OR p.id = ANY ($9::uuid[]))
-              AND TRUE /*FILTER*/
-            ORDER BY p.id LIMIT 1
-       ) IS NOT NULL) AS contended
+       EXISTS (SELECT 1 FROM pool) AS pool_found
 FROM (SELECT 1) AS one
 LEFT JOIN ins ON true
 LEFT JOIN bump b ON true;
@@ -587,20 +552,7 @@ SELECT ins.id IS NOT NULL AS hit, ins.id AS lease_id, ins.acquired_at, ins.expir
        coalesce(b.scheme, b.protocol) AS scheme, b.credentials, b.status,
        b.max_concurrency, b.current_leases, b.source, b.country, b.city, b.isp, b.asn,
        b.latitude, b.longitude, b.latency_us, b.checked_at,
-       EXISTS (SELECT 1 FROM pool) AS pool_found,
-       (ins.id IS NULL AND (
-            SELECT p.id FROM proxy p
-            WHERE p.pool_id = (SELECT id FROM pool)
-              AND (p.status = 'active' OR (p.status = 'slow' AND (SELECT lease_slow FROM pool)))
-              AND (p.max_concurrency IS NULL OR p.current_leases < p.max_concurrency)
-              AND (p.rest_until IS NULL OR p.rest_until <= now())
-              AND p.removed_at IS NULL
-              AND coalesce(p.scheme, p.protocol) = ANY ($7::text[])
-              AND p.id <> ALL (coalesce($8::uuid[], '{}'))
-              AND ($9::uuid[] IS NULL OR p.id = ANY ($9::uuid[]))
-              AND TRUE /*FILTER*/
-            ORDER BY p.id LIMIT 1
-       ) IS NOT NULL) AS contended
+       EXISTS (SELECT 1 FROM pool) AS pool_found
 FROM (SELECT 1) AS one
 LEFT JOIN ins ON true
 LEFT JOIN bump b ON true;
