@@ -103,6 +103,7 @@ pub fn pg_settings(st: &StorageConfig) -> Result<PgSettings, ReloadError> {
     s.statement_timeout = st.statement_timeout();
     s.migrate = st.migrate;
     s.ca_file = st.ca_file.clone();
+    s.keep_released = st.keep_released();
     Ok(s)
 }
 

@@ -39,14 +39,19 @@ fn check(path: &std::path::Path, connect: bool) -> anyhow::Result<()> {
     match st.kind {
         StorageKind::Memory => println!("storage: memory"),
         StorageKind::Postgres => println!(
-            "storage: postgres {} (node {}, {} connections, statement timeout {} ms, migrate {})",
+            "storage: postgres {} (node {}, {} connections, statement timeout {} ms, migrate {}, \
+             released leases kept {})",
             st.url
                 .as_ref()
                 .map_or_else(|| "?".into(), |u| pharox::config::mask_url(u.expose())),
             st.node(),
             st.pool_size,
             st.statement_timeout_ms,
-            st.migrate
+            st.migrate,
+            match st.keep_released_hours {
+                0 => "for good".to_string(),
+                h => format!("{h} h"),
+            }
         ),
     }
     if !config.api.keys.is_empty() {

@@ -254,6 +254,17 @@ fn configuration_bounds_every_duration_and_names_the_key() {
             with(
                 "",
                 &format!(
+                    "[storage]\nkind = \"postgres\"\nurl = \"postgres://u@127.0.0.1/db\"\n\
+                     keep_released_hours = {BIG}"
+                ),
+            )
+            .replace("url = \"direct\"", "url = \"http://10.0.0.1:8080\""),
+            "keep_released_hours",
+        ),
+        (
+            with(
+                "",
+                &format!(
                     "[[api.keys]]\nname = \"farm\"\nkey = \"0123456789abcdef\"\n\
                      max_ttl_seconds = {BIG}"
                 ),

@@ -388,3 +388,72 @@ async fn a_locked_row_is_a_contended_miss_and_a_full_pool_a_plain_one() {
         .get(0);
     assert_eq!(live, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_history_is_pruned_after_its_retention() {
+    let Some(db) = TestDb::new("prune").await else {
+        return;
+    };
+    let mut settings = db.settings("pruner");
+    settings.keep_released = Some(Duration::from_secs(3600));
+    let s = PostgresStorage::connect(settings).await.unwrap();
+    s.upsert_pool(Pool::new("hist")).await.unwrap();
+    let p = Proxy::new("h1", "hist", ProxyProtocol::Http, "10.1.0.10", 8080);
+    s.upsert_proxies(vec![p]).await.unwrap();
+    let m = ProxyManager::new(s.clone());
+    let req = AcquireRequest::new("hist");
+    let (old, recent, live) = (
+        m.acquire_proxy(&req).await.unwrap().unwrap(),
+        m.acquire_proxy(&req).await.unwrap().unwrap(),
+        m.acquire_proxy(&req).await.unwrap().unwrap(),
+    );
+    assert!(m.release_proxy(&old).await.unwrap());
+    assert!(m.release_proxy(&recent).await.unwrap());
+    let sql = db.sql().await;
+    // One released two hours ago (past the retention), one a minute ago.
+    sql.execute(
+        "UPDATE lease SET released_at = now() - interval '2 hours' WHERE id = $1",
+        &[&old.id.as_uuid()],
+    )
+    .await
+    .unwrap();
+    s.cleanup_expired(std::time::SystemTime::now())
+        .await
+        .unwrap();
+    let ids = |status: &'static str| {
+        let sql = &sql;
+        async move {
+            let rows = sql
+                .query("SELECT id FROM lease WHERE status = $1", &[&status])
+                .await
+                .unwrap();
+            rows.iter().map(|r| r.get::<_, Uuid>(0)).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(ids("released").await, vec![recent.id.as_uuid()]);
+    assert_eq!(ids("active").await, vec![live.id.as_uuid()]);
+    assert!(m.release_proxy(&live).await.unwrap());
+
+    // keep_released = None: the history stays, however old.
+    let mut settings = db.settings("keeper");
+    settings.keep_released = None;
+    let keeper = PostgresStorage::connect(settings).await.unwrap();
+    sql.execute(
+        "UPDATE lease SET released_at = now() - interval '3000 days'",
+        &[],
+    )
+    .await
+    .unwrap();
+    keeper
+        .cleanup_expired(std::time::SystemTime::now())
+        .await
+        .unwrap();
+    assert_eq!(ids("released").await.len(), 2);
+    s.cleanup_expired(std::time::SystemTime::now())
+        .await
+        .unwrap();
+    assert!(
+        ids("released").await.is_empty(),
+        "the pruning node deletes them"
+    );
+}

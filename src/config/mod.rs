@@ -158,6 +158,9 @@ pub struct StorageConfig {
     /// PEM file with CA certificates trusted for the database's TLS certificate, besides the
     /// system's.
     pub ca_file: Option<PathBuf>,
+    /// Hours released leases stay in the `lease` table as history before the sweeping node
+    /// deletes them; 0 keeps them for good (as Python pharox does). Default 24.
+    pub keep_released_hours: u64,
 }
 
 impl Default for StorageConfig {
@@ -171,11 +174,17 @@ impl Default for StorageConfig {
             statement_timeout_ms: 2000,
             migrate: true,
             ca_file: None,
+            keep_released_hours: 24,
         }
     }
 }
 
 impl StorageConfig {
+    /// `keep_released_hours` as a duration; `None` for 0 (kept for good).
+    pub fn keep_released(&self) -> Option<Duration> {
+        (self.keep_released_hours > 0).then(|| Duration::from_secs(self.keep_released_hours * 3600))
+    }
+
     /// `statement_timeout_ms` as a duration.
     pub fn statement_timeout(&self) -> Duration {
         Duration::from_millis(self.statement_timeout_ms)

@@ -11,6 +11,8 @@ use crate::model::ProxyProtocol;
 
 /// An hour in milliseconds: the bound of every timeout given in ms.
 const HOUR_MS: u64 = 3_600_000;
+/// Longest `storage.keep_released_hours`: ten years.
+const KEEP_RELEASED_MAX_HOURS: u64 = 87_600;
 /// A week in seconds.
 const WEEK_SECS: u64 = 7 * 24 * 3600;
 /// 30 days in seconds: the longest lease or session.
@@ -111,6 +113,12 @@ impl Config {
             "storage.statement_timeout_ms",
             st.statement_timeout_ms,
             HOUR_MS,
+        );
+        bounded(
+            problems,
+            "storage.keep_released_hours",
+            st.keep_released_hours,
+            KEEP_RELEASED_MAX_HOURS,
         );
         if let Some(ca) = &st.ca_file
             && !ca.exists()

@@ -69,6 +69,9 @@ use crate::storage::CapacitySignal;
 use error::Scrub;
 use rows::IdMap;
 
+/// Default of [`PgSettings::keep_released`].
+pub const DEFAULT_KEEP_RELEASED: Duration = Duration::from_secs(24 * 3600);
+
 /// Settings of the PostgreSQL storage (`[storage]` with `kind = "postgres"`).
 #[derive(Clone)]
 pub struct PgSettings {
@@ -87,10 +90,14 @@ pub struct PgSettings {
     pub migrate: bool,
     /// PEM CA certificates to trust besides the system roots.
     pub ca_file: Option<PathBuf>,
+    /// How long released leases stay in the `lease` table (history) before the sweeping
+    /// node deletes them; `None` keeps them for good (what Python pharox does).
+    pub keep_released: Option<Duration>,
 }
 
 impl PgSettings {
-    /// Settings with the defaults: 16 connections, 2 s statement timeout, migrate, no CA file.
+    /// Settings with the defaults: 16 connections, 2 s statement timeout, migrate, no CA
+    /// file, released leases kept for 24 hours.
     pub fn new(url: impl Into<String>, node_id: impl Into<String>) -> Self {
         Self {
             url: Secret::new(url),
@@ -99,6 +106,7 @@ impl PgSettings {
             statement_timeout: Duration::from_secs(2),
             migrate: true,
             ca_file: None,
+            keep_released: Some(DEFAULT_KEEP_RELEASED),
         }
     }
 }
@@ -112,6 +120,7 @@ impl fmt::Debug for PgSettings {
             .field("statement_timeout", &self.statement_timeout)
             .field("migrate", &self.migrate)
             .field("ca_file", &self.ca_file)
+            .field("keep_released", &self.keep_released)
             .finish()
     }
 }
@@ -132,6 +141,7 @@ pub(crate) struct Core {
     pool: Pool,
     node: Arc<str>,
     timeout: Duration,
+    keep_released: Option<Duration>,
     scrub: Scrub,
     masked_url: String,
     /// Config ids of the proxies this node upserted.
@@ -354,6 +364,7 @@ impl Core {
             pool,
             node: s.node_id.as_str().into(),
             timeout: s.statement_timeout,
+            keep_released: s.keep_released,
             scrub: spec.scrub.clone(),
             masked_url: spec.masked.clone(),
             ids: DashMap::new(),

@@ -83,6 +83,7 @@ pub(crate) const USED: &[&str] = &[
     "renew_batch",
     "sweep",
     "rest_end",
+    "prune_released",
     "node_claim",
     "node_holder",
     "node_register",

@@ -1248,12 +1248,18 @@ SELECT max(version) AS version FROM pharox_schema_migrations;
 -- MAINTENANCE
 -- ===========================================================================================
 -- prune_released: delete released lease history older than $1 seconds, $2 rows at a time
--- (pharox 0.11 never deletes lease rows; its FKs then block delete_proxy forever). Run by
--- the sweeper leader, e.g. hourly with a 7-day retention; repeat while deleted = $2.
+-- (pharox 0.11 never deletes lease rows; its FKs then block delete_proxy forever).
+-- RUST: run with every sweep, by the sweeper leader only (the same transaction-scoped
+-- advisory lock as `sweep`; deleted = 0 elsewhere), repeated while deleted = $2;
+-- retention `[storage] keep_released_hours` (default 24; 0 keeps the history for good).
 -- name: prune_released
-WITH old AS (
+WITH leader AS MATERIALIZED (
+    SELECT pg_try_advisory_xact_lock(hashtextextended('pharox:sweeper', 0)) AS ok
+),
+old AS (
     SELECT id FROM lease
-    WHERE status = 'released' AND released_at < now() - make_interval(secs => $1::float8)
+    WHERE (SELECT ok FROM leader)
+      AND status = 'released' AND released_at < now() - make_interval(secs => $1::float8)
     ORDER BY released_at
     LIMIT $2::int4
     FOR UPDATE SKIP LOCKED
