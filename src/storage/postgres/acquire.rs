@@ -82,13 +82,19 @@ impl Core {
             return Err(PgError::NodeLockLost(self.node.to_string()).into());
         }
         let consumer = req.consumer.clone().unwrap_or_else(default_consumer);
+        let exclude = self.excluded(&req.exclude);
         let ask = Ask {
-            text: sql::acquire(req.selector).replace(FILTER_TOKEN, &filter.sql),
+            text: sql::acquire_text(
+                req.selector,
+                &filter.sql,
+                !exclude.is_empty(),
+                req.only.is_some(),
+            ),
             req,
             pool: &req.pool,
             consumer: self.consumer_id(&consumer).await?,
             secs: req.duration.as_secs_f64(),
-            exclude: self.excluded(&req.exclude),
+            exclude,
             only: req
                 .only
                 .as_ref()
@@ -200,7 +206,11 @@ impl Core {
             // Many filter shapes (library callers): start over rather than grow forever.
             client.statement_cache.clear();
         }
-        let prepared = tokio::time::timeout(self.timeout, client.prepare_cached(&ask.text)).await;
+        let prepared = tokio::time::timeout(
+            self.timeout,
+            client.prepare_typed_cached(&ask.text, sql::ACQUIRE_TYPES),
+        )
+        .await;
         let st = match prepared {
             Ok(st) => st.op(self, "acquire")?,
             Err(_) => return Err(self.timed_out(client)),

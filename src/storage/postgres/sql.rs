@@ -19,6 +19,52 @@ pub(crate) const MIGRATE: &str = include_str!("migrate.sql");
 /// Placeholder for the filter fragment in the acquire statements.
 pub(crate) const FILTER_TOKEN: &str = "TRUE /*FILTER*/";
 
+/// The acquire statements' `exclude` clause (`$8`), left out of the text when there is
+/// nothing to exclude, and their `only` clause (`$9`), left out when there is no such set.
+/// With them, a generic plan cannot know that they filter nothing, estimates a pool's
+/// eligible rows at one and sorts the pool (bitmap scan + sort) instead of walking the
+/// selector's index to the first free proxy; so PostgreSQL kept planning every execution
+/// (custom plans), which was most of an acquire's server time. Without them the generic plan
+/// walks the index, and the statement is planned once per connection.
+pub(crate) const EXCLUDE_CLAUSE: &str = "AND p.id <> ALL (coalesce($8::uuid[], '{}'))";
+pub(crate) const ONLY_CLAUSE: &str = "AND ($9::uuid[] IS NULL OR p.id = ANY ($9::uuid[]))";
+
+/// An acquire statement's text for one request shape: the filter fragment in, the clauses
+/// that filter nothing out. The parameters keep their numbers (their types are given at
+/// prepare, see [`ACQUIRE_TYPES`]).
+pub(crate) fn acquire_text(
+    selector: Selector,
+    filter: &str,
+    has_exclude: bool,
+    has_only: bool,
+) -> String {
+    let mut text = acquire(selector).replace(FILTER_TOKEN, filter);
+    if !has_exclude {
+        text = text.replace(EXCLUDE_CLAUSE, "");
+    }
+    if !has_only {
+        text = text.replace(ONLY_CLAUSE, "");
+    }
+    text
+}
+
+/// Types of the acquire statements' parameters `$1`..`$9` (the rest are inferred), given at
+/// prepare since a text without the `exclude` or `only` clause does not mention `$8` / `$9`.
+pub(crate) const ACQUIRE_TYPES: &[tokio_postgres::types::Type] = {
+    use tokio_postgres::types::Type;
+    &[
+        Type::TEXT,
+        Type::UUID,
+        Type::UUID,
+        Type::FLOAT8,
+        Type::TEXT,
+        Type::BOOL,
+        Type::TEXT_ARRAY,
+        Type::UUID_ARRAY,
+        Type::UUID_ARRAY,
+    ]
+};
+
 static BY_NAME: LazyLock<HashMap<&'static str, &'static str>> = LazyLock::new(|| parse(STATEMENTS));
 
 fn parse(text: &'static str) -> HashMap<&'static str, &'static str> {
@@ -134,6 +180,16 @@ mod tests {
             );
         }
         assert_eq!(stmt("acquire_probe").matches(FILTER_TOKEN).count(), 1);
+        for &s in Selector::ALL {
+            // Every pick has the clauses, and `$8` / `$9` appear nowhere else.
+            let text = acquire(s);
+            let picks = text.matches(FILTER_TOKEN).count();
+            assert_eq!(text.matches(EXCLUDE_CLAUSE).count(), picks, "{s}");
+            assert_eq!(text.matches(ONLY_CLAUSE).count(), picks, "{s}");
+            let bare = acquire_text(s, "TRUE", false, false);
+            assert!(!bare.contains("$8") && !bare.contains("$9"), "{s}");
+            assert_eq!(acquire_text(s, FILTER_TOKEN, true, true), text, "{s}");
+        }
         assert!(MIGRATE.contains("COMMIT;"));
     }
 }
