@@ -161,7 +161,10 @@ impl Core {
         if let Some(row) = rows.first() {
             self.wake_pools(row, "sweep")?;
         }
-        self.prune_released().await?;
+        // History is housekeeping: a failed prune must not lose the expiries above.
+        if let Err(e) = self.prune_released().await {
+            tracing::debug!(error = %e, "pruning released lease history failed (next sweep retries)");
+        }
         Ok(out)
     }
 
