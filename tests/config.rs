@@ -131,3 +131,19 @@ fn upstream_urls() {
         "errors never echo passwords: {err}"
     );
 }
+
+#[test]
+fn released_lease_history_is_kept_as_configured() {
+    let with = |extra: &str| {
+        let toml = format!(
+            "[storage]\nkind = \"postgres\"\nurl = \"postgres://u@127.0.0.1/db\"\n{extra}\n\
+             [[pools]]\nname = \"p\"\n[[pools.proxies]]\nurl = \"http://10.0.0.1:8080\"\n"
+        );
+        let c = Config::from_toml_str(&toml, &repo("config"), &|_| None).unwrap();
+        pharox::app::pg_settings(&c.storage).unwrap().keep_released
+    };
+    let day = std::time::Duration::from_secs(24 * 3600);
+    assert_eq!(with(""), Some(day), "default: a day");
+    assert_eq!(with("keep_released_hours = 48"), Some(day * 2));
+    assert_eq!(with("keep_released_hours = 0"), None, "0: kept for good");
+}
