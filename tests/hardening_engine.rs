@@ -181,6 +181,16 @@ fn with(table: &str, line: &str) -> String {
     }
 }
 
+/// BASE with a `[storage]` table of kind postgres holding `line` (and no `direct` upstream:
+/// a fleet shares none).
+fn with_postgres(line: &str) -> String {
+    with(
+        "",
+        &format!("[storage]\nkind = \"postgres\"\nurl = \"postgres://u@127.0.0.1/db\"\n{line}"),
+    )
+    .replace("url = \"direct\"", "url = \"http://10.0.0.1:8080\"")
+}
+
 /// Fails on the bug: these parsed and validated, then panicked at the first connection (or
 /// made every lease request fail, for a lease longer than the engine accepts).
 #[test]
@@ -239,26 +249,11 @@ fn configuration_bounds_every_duration_and_names_the_key() {
             "response_timeout_ms",
         ),
         (
-            with(
-                "",
-                &format!(
-                    "[storage]\nkind = \"postgres\"\nurl = \"postgres://u@127.0.0.1/db\"\n\
-                     statement_timeout_ms = {BIG}"
-                ),
-            )
-            // A fleet shares no `direct` upstream.
-            .replace("url = \"direct\"", "url = \"http://10.0.0.1:8080\""),
+            with_postgres(&format!("statement_timeout_ms = {BIG}")),
             "statement_timeout_ms",
         ),
         (
-            with(
-                "",
-                &format!(
-                    "[storage]\nkind = \"postgres\"\nurl = \"postgres://u@127.0.0.1/db\"\n\
-                     keep_released_hours = {BIG}"
-                ),
-            )
-            .replace("url = \"direct\"", "url = \"http://10.0.0.1:8080\""),
+            with_postgres(&format!("keep_released_hours = {BIG}")),
             "keep_released_hours",
         ),
         (
