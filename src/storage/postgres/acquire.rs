@@ -42,7 +42,7 @@ const SCHEMES: &[&str] = &["http", "https", "socks5", "socks5h"];
 
 /// One acquire's fixed parameters.
 struct Ask<'a> {
-    text: String,
+    text: std::borrow::Cow<'static, str>,
     req: &'a AcquireRequest,
     pool: &'a str,
     consumer: Uuid,

@@ -5,6 +5,7 @@
 //! (the lab's format). Acquire statements carry the token [`FILTER_TOKEN`] where the
 //! generated filter fragment goes.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
@@ -29,24 +30,50 @@ pub(crate) const FILTER_TOKEN: &str = "TRUE /*FILTER*/";
 pub(crate) const EXCLUDE_CLAUSE: &str = "AND p.id <> ALL (coalesce($8::uuid[], '{}'))";
 pub(crate) const ONLY_CLAUSE: &str = "AND ($9::uuid[] IS NULL OR p.id = ANY ($9::uuid[]))";
 
-/// An acquire statement's text for one request shape: the filter fragment in, the clauses
-/// that filter nothing out. The parameters keep their numbers (their types are given at
-/// prepare, see [`ACQUIRE_TYPES`]).
+/// Each selector's acquire text (in [`Selector::ALL`] order) with and without the `exclude`
+/// and `only` clauses, indexed by `has_exclude as usize * 2 + has_only as usize`: made once,
+/// not on every acquire.
+static SHAPES: LazyLock<Vec<[String; 4]>> = LazyLock::new(|| {
+    Selector::ALL
+        .iter()
+        .map(|&s| {
+            std::array::from_fn(|i| {
+                let mut text = acquire(s).to_string();
+                if i & 2 == 0 {
+                    text = text.replace(EXCLUDE_CLAUSE, "");
+                }
+                if i & 1 == 0 {
+                    text = text.replace(ONLY_CLAUSE, "");
+                }
+                text
+            })
+        })
+        .collect()
+});
+
+/// An acquire statement's text for one request shape: the clauses that filter nothing out,
+/// the filter fragment in (borrowed as is without a filter: the token is valid SQL). The
+/// parameters keep their numbers (their types are given at prepare, see [`ACQUIRE_TYPES`]).
 pub(crate) fn acquire_text(
     selector: Selector,
     filter: &str,
     has_exclude: bool,
     has_only: bool,
-) -> String {
-    let mut text = acquire(selector).replace(FILTER_TOKEN, filter);
-    if !has_exclude {
-        text = text.replace(EXCLUDE_CLAUSE, "");
+) -> Cow<'static, str> {
+    let at = Selector::ALL
+        .iter()
+        .position(|&s| s == selector)
+        .expect("every selector is in Selector::ALL");
+    let text = &SHAPES[at][usize::from(has_exclude) * 2 + usize::from(has_only)];
+    if filter == NO_FILTER {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(text.replace(FILTER_TOKEN, filter))
     }
-    if !has_only {
-        text = text.replace(ONLY_CLAUSE, "");
-    }
-    text
 }
+
+/// The fragment of an empty filter.
+const NO_FILTER: &str = "TRUE";
 
 /// Types of the acquire statements' parameters `$1`..`$9` (the rest are inferred), given at
 /// prepare since a text without the `exclude` or `only` clause does not mention `$8` / `$9`.
@@ -187,6 +214,7 @@ mod tests {
             assert_eq!(text.matches(EXCLUDE_CLAUSE).count(), picks, "{s}");
             assert_eq!(text.matches(ONLY_CLAUSE).count(), picks, "{s}");
             let bare = acquire_text(s, "TRUE", false, false);
+            assert!(matches!(bare, Cow::Borrowed(_)), "{s}: no filter, no copy");
             assert!(!bare.contains("$8") && !bare.contains("$9"), "{s}");
             assert_eq!(acquire_text(s, FILTER_TOKEN, true, true), text, "{s}");
         }
