@@ -457,3 +457,140 @@ async fn released_history_is_pruned_after_its_retention() {
         "the pruning node deletes them"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_releases_from_two_nodes_count_exactly() {
+    let Some(db) = TestDb::new("releases").await else {
+        return;
+    };
+    let a = db.storage("rel-a").await;
+    let b = db.storage("rel-b").await;
+    a.upsert_pool(Pool::new("batch")).await.unwrap();
+    let proxies = (0..8)
+        .map(|i| {
+            Proxy::new(
+                format!("b{i}"),
+                "batch",
+                ProxyProtocol::Http,
+                "10.1.2.1",
+                9000 + i,
+            )
+            .with_max_concurrency(Some(8))
+        })
+        .collect();
+    a.upsert_proxies(proxies).await.unwrap();
+    // The two nodes take turns, so every proxy carries leases of both; then the pool is full.
+    let (ma, mb) = (ProxyManager::new(a.clone()), ProxyManager::new(b.clone()));
+    let (mut of_a, mut of_b) = (Vec::new(), Vec::new());
+    for _ in 0..32 {
+        let req = AcquireRequest::new("batch").selector(pharox::Selector::RoundRobin);
+        of_a.push(ma.acquire_proxy(&req).await.unwrap().expect("room"));
+        of_b.push(mb.acquire_proxy(&req).await.unwrap().expect("room"));
+    }
+    let req = AcquireRequest::new("batch");
+    assert!(ma.acquire_proxy(&req).await.unwrap().is_none(), "full");
+    let sql = db.sql().await;
+    assert_eq!(pgsupport::snapshot(&sql).await, (0, 0, 64, 64));
+
+    // Every lease released at once from both nodes, and A's first lease twice.
+    let mut set = tokio::task::JoinSet::new();
+    for (m, lease) in of_a
+        .iter()
+        .map(|l| (&ma, l))
+        .chain(of_b.iter().map(|l| (&mb, l)))
+    {
+        let (m, lease) = (m.clone(), lease.clone());
+        set.spawn(async move { (lease.id, m.release_proxy(&lease).await.unwrap()) });
+    }
+    let (m, first) = (ma.clone(), of_a[0].clone());
+    set.spawn(async move { (first.id, m.release_proxy(&first).await.unwrap()) });
+    let mut released = std::collections::HashMap::new();
+    while let Some(done) = set.join_next().await {
+        let (id, freed) = done.unwrap();
+        *released.entry(id).or_insert(0) += usize::from(freed);
+    }
+    assert_eq!(released.len(), 64);
+    assert!(
+        released.values().all(|&n| n == 1),
+        "each lease once: {released:?}"
+    );
+    assert_eq!(pgsupport::snapshot(&sql).await, (0, 0, 0, 0));
+    let reasons: Vec<(String, i64)> = sql
+        .query(
+            "SELECT release_reason, count(*) FROM lease GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(reasons, vec![("released".to_string(), 64)]);
+    // Released again: not live, nothing changes; the pool has all its room back.
+    for lease in &of_a {
+        assert!(!ma.release_proxy(lease).await.unwrap());
+    }
+    assert_eq!(pgsupport::snapshot(&sql).await, (0, 0, 0, 0));
+    for _ in 0..64 {
+        assert!(mb.acquire_proxy(&req).await.unwrap().is_some());
+    }
+    a.close().await;
+    b.close().await;
+}
+
+/// The text of one statement of the backend's `statements.sql`.
+fn shipped_statement(name: &str) -> String {
+    let all = include_str!("../src/storage/postgres/statements.sql");
+    let start = all
+        .find(&format!("-- name: {name}\n"))
+        .unwrap_or_else(|| panic!("{name} is in statements.sql"));
+    let body = &all[start..];
+    let body = &body[body.find('\n').unwrap() + 1..];
+    let end = body.find(";\n").unwrap();
+    body[..=end].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_finds_its_lease_by_key_whatever_the_statistics_said() {
+    let Some(db) = TestDb::new("release_plan").await else {
+        return;
+    };
+    let s = db.storage("planner").await;
+    s.upsert_pool(Pool::new("plan")).await.unwrap();
+    let one = Proxy::new("p1", "plan", ProxyProtocol::Http, "10.1.3.1", 8080);
+    s.upsert_proxies(vec![one]).await.unwrap();
+    let m = ProxyManager::new(s.clone());
+    let lease = m
+        .acquire_proxy(&AcquireRequest::new("plan"))
+        .await
+        .unwrap()
+        .unwrap();
+    m.release_proxy(&lease).await.unwrap();
+    // A history of released leases, statistics taken while none is live (the partial
+    // indexes nearly empty), and the plan a connection would keep for its life.
+    let sql = db.sql().await;
+    sql.batch_execute(
+        "INSERT INTO lease (id, proxy_id, pool_id, consumer_id, pool_name, status,
+                            acquired_at, expires_at, released_at, holder, release_reason)
+         SELECT gen_random_uuid(), proxy_id, pool_id, consumer_id, pool_name, status,
+                acquired_at, expires_at, released_at, holder, release_reason
+         FROM lease, generate_series(1, 20000);
+         ANALYZE lease;
+         SET plan_cache_mode = force_generic_plan",
+    )
+    .await
+    .unwrap();
+    let text = shipped_statement("release");
+    sql.batch_execute(&format!(
+        "PREPARE release_probe(uuid, text) AS {}",
+        text.trim_end_matches(';')
+    ))
+    .await
+    .unwrap();
+    let explain = "EXPLAIN (FORMAT JSON) EXECUTE \
+                   release_probe('00000000-0000-0000-0000-000000000000', 'released')";
+    let plan: serde_json::Value = sql.query_one(explain, &[]).await.unwrap().get(0);
+    let plan = plan.to_string();
+    assert!(plan.contains("\"lease_pkey\""), "{plan}");
+    assert!(!plan.contains("lease_active_expires_idx"), "{plan}");
+}

@@ -631,11 +631,16 @@ LEFT JOIN bump b ON true;
 --   statement).
 -- Locks: the lease row, then the proxy row (both blocking, in this order; Python's
 -- release_lease and cleanup lock in the same order, so no cycle with them).
+-- RUST: `status || '' = 'active'` is the lab's `status = 'active'` written so that it does not
+-- imply the partial indexes' predicate: a plan made while few leases were live (an almost
+-- empty `lease_active_expires_idx`, two pages) reads that whole index for the id, and a
+-- connection keeps its generic plan while the live leases grow into thousands — O(live
+-- leases) per release until the next ANALYZE. The primary key is the only index left to it.
 -- name: release
 WITH rel AS (
     UPDATE lease
     SET status = 'released', released_at = now(), release_reason = coalesce($2::text, 'released')
-    WHERE id = $1::uuid AND status = 'active'
+    WHERE id = $1::uuid AND status || '' = 'active'
     RETURNING id, proxy_id, pool_id, pool_name, acquired_at, released_at
 ),
 dec AS (
