@@ -43,6 +43,31 @@ pub fn handle<'a>(
     }
 }
 
+/// [`handle`] for a connection's own task: the state and runtime are owned, so the future
+/// can be boxed as the connection's kind as soon as the head is read (no wrapper future
+/// keeping the client socket, the head and the buffer for the tunnel's life).
+pub fn handle_owned(
+    state: Arc<ProxyState>,
+    rt: Arc<Runtime>,
+    client: TcpStream,
+    head: RequestHead,
+    rest: BytesMut,
+) -> impl Future<Output = ()> + Send + 'static {
+    let opening = {
+        let (state, rt) = (state.clone(), rt.clone());
+        Box::pin(async move { open(&state, &rt, client, head, rest).await })
+    };
+    async move {
+        let tunnel = {
+            let Some(open) = opening.await else {
+                return;
+            };
+            tunnel::run(&state, &rt, Reply::Http, open)
+        };
+        tunnel.await;
+    }
+}
+
 /// Identifies, leases and dials: what the tunnel starts from, or `None` once the client has
 /// been answered (or has left).
 async fn open(

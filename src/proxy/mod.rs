@@ -260,13 +260,9 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
             "conn", client = %peer, kind = Empty, consumer = Empty, pool = Empty,
             proxy = Empty, target = Empty
         );
-        state.tracker.spawn(
-            async move {
-                handle(state2, stream).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        state
+            .tracker
+            .spawn(handle(state2, stream, permit).instrument(span));
     }
 }
 
@@ -292,31 +288,63 @@ async fn refuse(state: &ProxyState, mut stream: TcpStream) {
 }
 
 /// Serves one client connection.
-async fn handle(state: Arc<ProxyState>, mut stream: TcpStream) {
+///
+/// The opening (reading and judging the first head) runs in a box of its own that is freed
+/// before the connection's kind runs, and each kind's future is boxed too: the task's own
+/// future is a few words, and a connection holds only the memory of the kind it turned out
+/// to be (an idle tunnel keeps its task allocation for hours).
+///
+/// A plain function returning a block, not an `async fn`, which would keep its arguments
+/// twice (as arguments and as locals): this future is the task's for the connection's life.
+/// `permit` is the connection's slot under `max_connections`, given back at the end.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
+fn handle(
+    state: Arc<ProxyState>,
+    stream: TcpStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        if let Some(conn) = Box::pin(open(state, stream)).await {
+            conn.await;
+        }
+        drop(permit);
+    }
+}
+
+/// A connection's kind, once its first head was judged.
+type Conn = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Reads the first head and answers what cannot be served; otherwise returns the future
+/// that serves the connection.
+async fn open(state: Arc<ProxyState>, mut stream: TcpStream) -> Option<Conn> {
     let rt = state.runtime.load_full();
     let limits = rt.limits();
     let opening = tokio::select! {
         biased;
         h = head::read_opening(&mut stream, limits.max_head_bytes, limits.head_timeout()) => h,
-        () = state.drain.cancelled() => return,
+        () = state.drain.cancelled() => return None,
     };
     let (head, rest) = match opening {
         Ok(Opening::Http(head, rest)) => (head, rest),
         Ok(Opening::Socks5(greeting)) => {
-            return Box::pin(socks::handle(&state, &rt, stream, greeting)).await;
+            return Some(Box::pin(socks::handle(state, rt, stream, greeting)));
         }
-        Err(HeadError::Closed | HeadError::Io(_)) => return,
+        Err(HeadError::Closed | HeadError::Io(_)) => return None,
         Err(HeadError::Bad(e)) => {
             state.metrics.connection_done("http", e.code());
-            return reply_error(&mut stream, &e).await;
+            reply_error(&mut stream, &e).await;
+            return None;
         }
     };
-    // Each kind's future is boxed: the task's own future stays the size of this opening
-    // step, and a connection holds only the memory of the kind it turned out to be.
     if head.method() == "CONNECT" {
-        Box::pin(connect::handle(&state, &rt, stream, head, rest)).await;
+        Some(Box::pin(connect::handle_owned(
+            state, rt, stream, head, rest,
+        )))
     } else if head.absolute_uri().is_ok() {
-        Box::pin(forward::serve(state, rt, stream, head, rest)).await;
+        Some(Box::pin(forward::serve(state, rt, stream, head, rest)))
     } else {
         let e = ProxyError::BadRequest(format!(
             "`{}` is not a proxy request (absolute URI or CONNECT)",
@@ -324,6 +352,7 @@ async fn handle(state: Arc<ProxyState>, mut stream: TcpStream) {
         ));
         state.metrics.connection_done("http", e.code());
         reply_error(&mut stream, &e).await;
+        None
     }
 }
 

@@ -49,7 +49,13 @@ impl From<std::io::Error> for Stop {
 }
 
 /// Serves a SOCKS5 client whose first bytes (`greeting`, starting with 5) have been read.
-pub async fn handle(state: &Arc<ProxyState>, rt: &Runtime, mut client: TcpStream, greeting: Bytes) {
+pub async fn handle(
+    state: Arc<ProxyState>,
+    rt: Arc<Runtime>,
+    mut client: TcpStream,
+    greeting: Bytes,
+) {
+    let (state, rt) = (&state, &*rt);
     let started = Instant::now();
     Span::current().record("kind", "socks5");
     let limits = rt.limits();

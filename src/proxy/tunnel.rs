@@ -5,6 +5,7 @@
 //! A tunnel whose copy ended in an error (an upstream reset mid-transfer, say) is closed with
 //! a reset towards the client too (`SO_LINGER` 0), so a cut transfer never looks complete.
 
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -72,48 +73,63 @@ pub struct Open {
 
 /// Answers the client, splices until the tunnel ends, then records the connection. The
 /// lease is given back when this returns (its `LeaseUse` is dropped here).
-pub async fn run(state: &ProxyState, rt: &Runtime, reply: Reply, open: Open) {
-    let Open {
-        mut client,
-        client_early,
-        lease,
-        mut upstream,
-        upstream_early,
-        started,
-    } = open;
-    let pool = lease.held().lease().pool_name.clone();
-    Span::current().record("proxy", lease.proxy().id.as_str());
-    let greeted = client.write_all(&reply.bytes(&lease)).await.is_ok()
-        && (client_early.is_empty() || upstream.write_all(&client_early).await.is_ok())
-        && (upstream_early.is_empty() || client.write_all(&upstream_early).await.is_ok());
-    if !greeted {
-        // The upstream connection closes before the lease is given back (max_concurrency).
-        drop(upstream);
-        drop(lease);
-        return finish(
+///
+/// A plain function returning a block, not an `async fn`: an `async fn` moves its arguments
+/// into locals and keeps the argument slots too, so every open tunnel would carry `open`
+/// twice; the block uses its captured `open` in place.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
+pub fn run<'a>(
+    state: &'a ProxyState,
+    rt: &'a Runtime,
+    reply: Reply,
+    mut open: Open,
+) -> impl Future<Output = ()> + Send + 'a {
+    async move {
+        let pool = open.lease.held().lease().pool_name.clone();
+        Span::current().record("proxy", open.lease.proxy().id.as_str());
+        let greeted = open
+            .client
+            .write_all(&reply.bytes(&open.lease))
+            .await
+            .is_ok()
+            && (open.client_early.is_empty()
+                || open.upstream.write_all(&open.client_early).await.is_ok())
+            && (open.upstream_early.is_empty()
+                || open.client.write_all(&open.upstream_early).await.is_ok());
+        if !greeted {
+            // The upstream connection closes before the lease is given back (max_concurrency).
+            drop(open.upstream);
+            drop(open.lease);
+            return finish(
+                state,
+                reply.kind(),
+                Some(&pool),
+                "client_closed",
+                Transferred::default(),
+                open.started,
+            );
+        }
+        drop((open.client_early, open.upstream_early));
+        let cancelled = open.lease.cancelled();
+        let (end, bytes) =
+            splice_upstream(&mut open.client, open.upstream, rt.limits(), cancelled).await;
+        drop(open.lease);
+        if end == SpliceEnd::Error {
+            // Pass the failure on: a reset, not a clean end of stream.
+            let _ = socket2::SockRef::from(&open.client).set_linger(Some(Duration::ZERO));
+        }
+        finish(
             state,
             reply.kind(),
             Some(&pool),
-            "client_closed",
-            Transferred::default(),
-            started,
+            outcome(end),
+            bytes,
+            open.started,
         );
     }
-    drop((client_early, upstream_early));
-    let (end, bytes) = splice_upstream(&mut client, upstream, rt.limits(), lease.cancelled()).await;
-    drop(lease);
-    if end == SpliceEnd::Error {
-        // Pass the failure on: a reset, not a clean end of stream.
-        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-    }
-    finish(
-        state,
-        reply.kind(),
-        Some(&pool),
-        outcome(end),
-        bytes,
-        started,
-    );
 }
 
 /// Metric label for how a tunnel ended.
