@@ -23,30 +23,9 @@ use crate::target::Target;
 /// its own, made here before anything is awaited: it takes the client socket, the head and
 /// the read buffer with it, and is freed once the tunnel is open. The tunnel's future thus
 /// holds only what the tunnel needs, not the opening's state nor this function's arguments,
-/// for the connection's whole life.
-pub fn handle<'a>(
-    state: &'a Arc<ProxyState>,
-    rt: &'a Runtime,
-    client: TcpStream,
-    head: RequestHead,
-    rest: BytesMut,
-) -> impl Future<Output = ()> + 'a {
-    let opening = Box::pin(open(state, rt, client, head, rest));
-    async move {
-        let tunnel = {
-            let Some(open) = opening.await else {
-                return;
-            };
-            tunnel::run(state, rt, Reply::Http, open)
-        };
-        tunnel.await;
-    }
-}
-
-/// [`handle`] for a connection's own task: the state and runtime are owned, so the future
-/// can be boxed as the connection's kind as soon as the head is read (no wrapper future
-/// keeping the client socket, the head and the buffer for the tunnel's life).
-pub fn handle_owned(
+/// for the connection's whole life. State and runtime are owned, so the caller can box the
+/// future as the connection's kind as soon as the head is read.
+pub fn handle(
     state: Arc<ProxyState>,
     rt: Arc<Runtime>,
     client: TcpStream,

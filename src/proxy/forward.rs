@@ -91,7 +91,9 @@ pub async fn serve(
         End::Done(outcome) => finish(&state, "http", pool.as_deref(), outcome, bytes, started),
         End::Connect(head) => {
             finish(&state, "http", pool.as_deref(), "ok", bytes, started);
-            Box::pin(connect_after(&state, &rt, client, head, cbuf)).await;
+            // A CONNECT after plain requests: their lease went back with the relay, and the
+            // connection becomes a tunnel with a lease of its own.
+            Box::pin(super::connect::handle(state, rt, client, head, cbuf)).await;
         }
     }
 }
@@ -569,16 +571,4 @@ impl Relay<'_> {
         }
         Ok(keep_client)
     }
-}
-
-/// A CONNECT on a connection that carried plain requests: its plain lease is given back, and
-/// the connection becomes a tunnel with a lease of its own.
-async fn connect_after(
-    state: &Arc<ProxyState>,
-    rt: &Runtime,
-    client: TcpStream,
-    head: RequestHead,
-    rest: BytesMut,
-) {
-    super::connect::handle(state, rt, client, head, rest).await;
 }

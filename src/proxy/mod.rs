@@ -340,9 +340,7 @@ async fn open(state: Arc<ProxyState>, mut stream: TcpStream) -> Option<Conn> {
         }
     };
     if head.method() == "CONNECT" {
-        Some(Box::pin(connect::handle_owned(
-            state, rt, stream, head, rest,
-        )))
+        Some(Box::pin(connect::handle(state, rt, stream, head, rest)))
     } else if head.absolute_uri().is_ok() {
         Some(Box::pin(forward::serve(state, rt, stream, head, rest)))
     } else {
