@@ -538,7 +538,8 @@ async fn concurrent_releases_from_two_nodes_count_exactly() {
     b.close().await;
 }
 
-/// The text of one statement of the backend's `statements.sql`.
+/// The text of one statement of the backend's `statements.sql` (from `-- name: NAME` to its
+/// closing `;`), as the backend prepares it.
 fn shipped_statement(name: &str) -> String {
     let all = include_str!("../src/storage/postgres/statements.sql");
     let start = all
@@ -592,5 +593,5 @@ async fn a_release_finds_its_lease_by_key_whatever_the_statistics_said() {
     let plan: serde_json::Value = sql.query_one(explain, &[]).await.unwrap().get(0);
     let plan = plan.to_string();
     assert!(plan.contains("\"lease_pkey\""), "{plan}");
-    assert!(!plan.contains("lease_active_expires_idx"), "{plan}");
+    assert!(!plan.contains("lease_active_"), "no partial index: {plan}");
 }
