@@ -182,7 +182,8 @@ impl Default for StorageConfig {
 impl StorageConfig {
     /// `keep_released_hours` as a duration; `None` for 0 (kept for good).
     pub fn keep_released(&self) -> Option<Duration> {
-        (self.keep_released_hours > 0).then(|| Duration::from_secs(self.keep_released_hours * 3600))
+        (self.keep_released_hours > 0)
+            .then(|| Duration::from_secs(self.keep_released_hours.saturating_mul(3600)))
     }
 
     /// `statement_timeout_ms` as a duration.

@@ -157,19 +157,11 @@ impl Core {
                     self.query_now("acquire", rr, &[&ask.pool]).await?;
                     continue;
                 }
-                Answer::NoCursor if k < ATTEMPTS => self.pause(&mut k).await,
-                Answer::Miss if k < ATTEMPTS && self.contended(ask).await? => {
-                    self.pause(&mut k).await;
-                }
+                Answer::NoCursor if k < ATTEMPTS => pause(&mut k).await,
+                Answer::Miss if k < ATTEMPTS && self.contended(ask).await? => pause(&mut k).await,
                 _ => return Ok(Outcome::Miss),
             }
         }
-    }
-
-    /// The pause before attempt `k + 1`.
-    async fn pause(&self, k: &mut u32) {
-        tokio::time::sleep(Duration::from_micros(500 * u64::from(*k))).await;
-        *k += 1;
     }
 
     /// After a miss: is some proxy of the pool eligible, locks aside (`acquire_probe`)?
@@ -387,6 +379,12 @@ fn answer(row: Row, id: LeaseId, round_robin: bool) -> Result<Answer, PgError> {
         return Ok(Answer::NoCursor);
     }
     Ok(Answer::Miss)
+}
+
+/// The pause before attempt `k + 1` (0.5·k ms), counting it.
+async fn pause(k: &mut u32) {
+    tokio::time::sleep(Duration::from_micros(500 * u64::from(*k))).await;
+    *k += 1;
 }
 
 /// A lease insert failed on its consumer's foreign key (the consumer row was deleted).
