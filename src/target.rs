@@ -163,7 +163,8 @@ pub fn parse_port(s: &str) -> Option<u16> {
     if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    s.parse().ok().filter(|p| *p != 0)
+    let n = s.bytes().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
+    u16::try_from(n).ok().filter(|p| *p != 0)
 }
 
 /// Why a destination is refused.
@@ -255,6 +256,19 @@ pub fn is_private(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ports_are_one_to_five_digits_from_1_to_65535() {
+        for n in 0..=99_999u32 {
+            for s in [n.to_string(), format!("{n:05}")] {
+                let want = s.parse::<u16>().ok().filter(|p| *p != 0);
+                assert_eq!(parse_port(&s), want, "{s}");
+            }
+        }
+        for s in ["", "+80", "-1", "8 0", "080800", "٣"] {
+            assert_eq!(parse_port(s), None, "{s:?}");
+        }
+    }
 
     #[test]
     fn hosts_are_ip_literals_or_ldh_names() {

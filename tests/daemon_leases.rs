@@ -136,6 +136,33 @@ async fn keep_alive_requests_share_one_lease() {
     d.stop().await;
 }
 
+/// Requests of one keep-alive connection to different authorities, back and forth, each
+/// reach their own origin (the relay reuses the previous request's target only for the same
+/// authority).
+#[tokio::test]
+async fn keep_alive_requests_to_other_authorities_reach_their_own_origin() {
+    let (a, b) = (Origin::start().await, Origin::start().await);
+    let d = TestDaemon::start(&pool_config(&["url = \"direct\"".into()], "", "")).await;
+    let mut c = TcpStream::connect(d.addr).await.unwrap();
+    let plan = [(&a, "/1"), (&b, "/2"), (&a, "/3"), (&a, "/4"), (&b, "/5")];
+    for (origin, path) in plan {
+        let (head, body) = get_keep_alive(&mut c, &origin.addr.to_string(), path, &auth()).await;
+        assert_eq!(status(&head), 200, "{head}");
+        assert_eq!(body, format!("origin:{path}"));
+    }
+    let paths = |o: &Origin| -> Vec<String> {
+        o.requests()
+            .iter()
+            .map(|r| r.split(' ').nth(1).unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(paths(&a), ["/1", "/3", "/4"]);
+    assert_eq!(paths(&b), ["/2", "/5"]);
+    drop(c);
+    d.wait_leased("p", 0).await;
+    d.stop().await;
+}
+
 /// Every request of a keep-alive connection is authenticated: a wrong password after good
 /// requests is refused (and, like every error answer, closes the connection); the right one
 /// works again on the next connection.

@@ -4,7 +4,9 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 
+use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{Span, debug};
@@ -100,16 +102,22 @@ async fn open(
     }
 }
 
-/// Resolves when the client has closed its side (or failed); never if it sent data.
-pub async fn client_gone(client: &TcpStream) {
-    let mut b = [0u8; 1];
-    loop {
-        if client.readable().await.is_err() {
-            return;
+/// Resolves when the client has closed its side (or failed); never if it sent data. Waits
+/// in the socket's own reader slot (no waiter list to join and leave).
+pub fn client_gone(client: &TcpStream) -> impl Future<Output = ()> + '_ {
+    let mut sent_data = false;
+    std::future::poll_fn(move |cx| {
+        if sent_data {
+            return Poll::Pending;
         }
-        match client.peek(&mut b).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => std::future::pending::<()>().await,
+        let mut byte = [0u8; 1];
+        match client.poll_peek(cx, &mut ReadBuf::new(&mut byte)) {
+            Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(()),
+            Poll::Ready(Ok(_)) => {
+                sent_data = true;
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
         }
-    }
+    })
 }

@@ -13,7 +13,8 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::http1::{
-    BodyError, BodyFraming, ChunkedDecoder, ResponseHead, ResponseRewrite, copy_body, take_response,
+    BodyError, BodyFraming, ChunkedDecoder, HeaderLines, ResponseHead, ResponseRewrite, copy_body,
+    take_response,
 };
 use super::splice::{SpliceEnd, Transferred, splice_upstream};
 use super::tunnel;
@@ -72,14 +73,14 @@ impl Switch<'_> {
         &mut self,
         resp: ResponseHead,
         mut up: Upstream,
-        stamp: &[(&'static str, String)],
+        stamp: &HeaderLines,
         cancel: &tokio_util::sync::CancellationToken,
         limits: &crate::config::LimitsConfig,
     ) -> Result<bool, Failed> {
         let mut out = BytesMut::new();
         let rewrite = ResponseRewrite {
             keep_alive: false,
-            stamp: &stamp_bytes(stamp),
+            stamp,
         };
         rewrite
             .write(&resp, &mut out)
@@ -122,13 +123,6 @@ impl Upstream {
 /// connection to one target.
 pub(super) fn via_proxy(p: ProxyProtocol) -> bool {
     matches!(p, ProxyProtocol::Http | ProxyProtocol::Https)
-}
-
-pub(super) fn stamp_bytes<'a>(stamp: &'a [(&'static str, String)]) -> Vec<(&'a [u8], &'a [u8])> {
-    stamp
-        .iter()
-        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
-        .collect()
 }
 
 pub(super) fn stop(e: ProxyError) -> Failed {
@@ -215,7 +209,7 @@ pub(super) async fn write_interim(
     let mut out = BytesMut::new();
     ResponseRewrite {
         keep_alive: true,
-        stamp: &[],
+        stamp: &HeaderLines::new(),
     }
     .write(resp, &mut out)
     .map_err(|e| stop(ProxyError::upstream(format!("interim response: {e}"))))?;
@@ -228,18 +222,19 @@ pub(super) async fn write_interim(
 
 /// Writes the response head and its body to the client: in one write when the whole body is
 /// already here, else the head then the body as it comes. A body cut or stalled on the
-/// upstream's side ends the client connection with a reset.
+/// upstream's side ends the client connection with a reset. `out`: an empty buffer to write
+/// the head in.
 pub(super) async fn relay_response(
     client: &mut TcpStream,
     up: &mut Upstream,
+    out: &mut BytesMut,
     resp: &ResponseHead,
     rewrite: &ResponseRewrite<'_>,
     idle: Option<Duration>,
     bytes: &mut Transferred,
 ) -> Result<(), Failed> {
-    let mut out = BytesMut::with_capacity(resp.raw().len() + 256);
     rewrite
-        .write(resp, &mut out)
+        .write(resp, out)
         .map_err(|e| stop(ProxyError::upstream(format!("response head: {e}"))))?;
     let framing = resp.framing();
     let whole = whole_body(&up.buf, framing);
@@ -248,7 +243,7 @@ pub(super) async fn relay_response(
         up.buf.advance(n);
     }
     bytes.rx += out.len() as u64;
-    if client.write_all(&out).await.is_err() {
+    if client.write_all(out).await.is_err() {
         return Err(Failed::Stop(Stop::Quiet("client_closed")));
     }
     if whole.is_some() {

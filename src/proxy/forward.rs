@@ -26,6 +26,7 @@
 //! A `101 Switching Protocols` turns the connection into a tunnel through the same lease; a
 //! CONNECT on the connection becomes a tunnel with a lease of its own.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,17 +34,19 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{Span, warn};
 
 use super::connect::client_gone;
 use super::exchange::{
     Failed, ReadFail, Stop, Switch, Upstream, no_answer, read_response, relay_response, send_body,
-    stamp_bytes, stop, via_proxy, write_interim,
+    stop, via_proxy, write_interim,
 };
 use super::head::{HeadError, read_request};
 use super::held::LeaseUse;
 use super::http1::{
-    AbsoluteUri, BodyFraming, RequestHead, RequestRewrite, ResponseRewrite, Scheme, TargetForm,
+    AbsoluteUri, BodyFraming, HeaderLines, Kind, RequestHead, RequestRewrite, ResponseRewrite,
+    Scheme, TargetForm,
 };
 use super::splice::{HALF_CLOSE_GRACE, Transferred};
 use super::upstream::{DialError, basic_auth};
@@ -77,6 +80,9 @@ pub async fn serve(
         cbuf: buf,
         lease: None,
         known: None,
+        target: None,
+        drained: Box::pin(state.drain.clone().cancelled_owned()),
+        out: BytesMut::new(),
         bytes: Transferred::default(),
     };
     let end = relay.run(head).await;
@@ -111,11 +117,15 @@ struct Leased {
     /// The identity the lease was taken for.
     key: Arc<str>,
     lease: LeaseUse,
-    /// Headers every response of this lease carries.
-    stamp: Vec<(&'static str, String)>,
-    /// `Proxy-Authorization` for the upstream (an HTTP proxy with credentials).
-    auth: Option<String>,
+    /// Header lines every response of this lease carries.
+    stamp: HeaderLines,
+    /// `Proxy-Authorization` for the upstream (an HTTP proxy with credentials), or nothing.
+    auth: HeaderLines,
     upstream: Option<Upstream>,
+    /// Resolves when the lease is lost; waited on by every request of the lease, so it stays
+    /// registered with the lease's token instead of registering anew for each request.
+    /// Taken out while a request runs.
+    lost: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
 
 impl Drop for Leased {
@@ -127,15 +137,29 @@ impl Drop for Leased {
 }
 
 impl Leased {
-    fn new(key: Arc<str>, lease: LeaseUse) -> Self {
-        let via_proxy = via_proxy(lease.proxy().protocol);
-        Self {
-            stamp: lease.stamp(),
-            auth: via_proxy.then(|| basic_auth(lease.proxy())).flatten(),
+    /// The lease's stamp and upstream credentials are checked once here, as header lines;
+    /// one that cannot be (a stored id with a control byte) fails the request.
+    fn new(key: Arc<str>, lease: LeaseUse) -> Result<Self, ProxyError> {
+        let bad = |e| ProxyError::upstream(format!("{}: {e}", lease.proxy().id));
+        let mut stamp = HeaderLines::new();
+        for (name, value) in lease.stamp() {
+            stamp.push(name.as_bytes(), value.as_bytes()).map_err(bad)?;
+        }
+        let mut auth = HeaderLines::new();
+        if via_proxy(lease.proxy().protocol)
+            && let Some(credentials) = basic_auth(lease.proxy())
+        {
+            auth.push(b"Proxy-Authorization", credentials.as_bytes())
+                .map_err(bad)?;
+        }
+        Ok(Self {
+            stamp,
+            auth,
+            lost: Some(Box::pin(lease.cancelled().clone().cancelled_owned())),
             key,
             lease,
             upstream: None,
-        }
+        })
     }
 }
 
@@ -151,7 +175,7 @@ struct Known {
 
 impl Known {
     fn matches(&self, head: &RequestHead) -> bool {
-        self.auth.as_deref() == head.header("proxy-authorization")
+        self.auth.as_deref() == head.field(Kind::ProxyAuthorization)
             && self
                 .pharox
                 .iter()
@@ -160,10 +184,38 @@ impl Known {
     }
 }
 
+/// The relay's buffer for outgoing heads, emptied; one that grew past [`KEPT_SCRATCH`] (a
+/// large head, or a body sent with its head) is let go rather than held while idle.
+fn scratch(out: &mut BytesMut) -> &mut BytesMut {
+    if out.capacity() > KEPT_SCRATCH {
+        *out = BytesMut::new();
+    }
+    out.clear();
+    out
+}
+
+/// Largest head buffer a keep-alive connection keeps between requests.
+const KEPT_SCRATCH: usize = 8 * 1024;
+
+/// Resolves when the lease of `waiting` is lost; never without one.
+async fn lost(waiting: Option<&mut Pin<Box<WaitForCancellationFutureOwned>>>) {
+    match waiting {
+        Some(w) => w.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The `X-Pharox-*` headers of a request, in order.
 fn pharox_headers(head: &RequestHead) -> impl Iterator<Item = (&[u8], &[u8])> {
-    head.headers()
-        .filter(|(k, _)| k.len() > 9 && k[..9].eq_ignore_ascii_case(b"x-pharox-"))
+    head.fields()
+        .filter(|(kind, name, _)| *kind == Kind::Pharox && name.len() > 9)
+        .map(|(_, name, value)| (name, value))
+}
+
+/// The target of an authority as a request sent it.
+struct KnownTarget {
+    authority: String,
+    target: Target,
 }
 
 /// One client connection being relayed.
@@ -175,6 +227,12 @@ struct Relay<'a> {
     cbuf: BytesMut,
     lease: Option<Leased>,
     known: Option<Known>,
+    /// The last request's target.
+    target: Option<Arc<KnownTarget>>,
+    /// Where outgoing heads are written (kept from one request to the next).
+    out: BytesMut,
+    /// Resolves when the daemon drains (registered once for the connection).
+    drained: Pin<Box<WaitForCancellationFutureOwned>>,
     /// tx: bytes from the client; rx: bytes to it.
     bytes: Transferred,
 }
@@ -183,7 +241,7 @@ impl Relay<'_> {
     async fn run(&mut self, first: RequestHead) -> End {
         let mut head = first;
         loop {
-            if head.method() == "CONNECT" {
+            if head.method_is("CONNECT") {
                 return End::Connect(head);
             }
             self.bytes.tx += head.raw().len() as u64;
@@ -206,13 +264,7 @@ impl Relay<'_> {
     /// stays idle, or the daemon drains.
     async fn next_request(&mut self) -> Result<Option<RequestHead>, Stop> {
         let limits = self.rt.limits();
-        let cancel = self.lease.as_ref().map(|l| l.lease.cancelled());
-        let lost = async {
-            match cancel {
-                Some(c) => c.cancelled().await,
-                None => std::future::pending().await,
-            }
-        };
+        let lost = lost(self.lease.as_mut().and_then(|l| l.lost.as_mut()));
         let read = read_request(
             &mut *self.client,
             &mut self.cbuf,
@@ -220,15 +272,17 @@ impl Relay<'_> {
             limits.idle_timeout(),
             limits.head_timeout(),
         );
+        // The read first: a request already here is served without polling the other two
+        // (the exchange checks the lease again before sending it).
         tokio::select! {
             biased;
-            () = self.state.drain.cancelled() => Ok(None),
-            () = lost => Err(Stop::Quiet("closed_by_proxy")),
             r = read => match r {
                 Ok(head) => Ok(head),
                 Err(HeadError::Closed | HeadError::Io(_)) => Ok(None),
                 Err(HeadError::Bad(e)) => Err(Stop::Answer(e)),
             },
+            () = self.drained.as_mut() => Ok(None),
+            () = lost => Err(Stop::Quiet("closed_by_proxy")),
         }
     }
 
@@ -259,7 +313,7 @@ impl Relay<'_> {
             id.session
         ));
         self.known = Some(Known {
-            auth: head.header("proxy-authorization").map(<[u8]>::to_vec),
+            auth: head.field(Kind::ProxyAuthorization).map(<[u8]>::to_vec),
             pharox: pharox_headers(head)
                 .map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .collect(),
@@ -271,13 +325,27 @@ impl Relay<'_> {
 
     /// One request and its response. True when the connection stays open for another.
     async fn exchange(&mut self, head: &RequestHead) -> Result<bool, Stop> {
-        let uri = head.absolute_uri().map_err(ProxyError::from)?;
+        let known = self.target.as_deref().map(|t| t.authority.as_str());
+        let uri = head.absolute_uri_known(known).map_err(ProxyError::from)?;
         if uri.scheme == Scheme::Https {
             return Err(Stop::Answer(ProxyError::BadRequest(
                 "only http:// URLs are forwarded; use CONNECT for https".into(),
             )));
         }
-        let target = Target::new(Host::parse(uri.host)?, uri.port)?;
+        // Keep-alive requests mostly go to the authority of the one before: its target is
+        // reused rather than parsed again.
+        let target = match &self.target {
+            Some(t) if t.authority == uri.authority => t.clone(),
+            _ => {
+                let target = Arc::new(KnownTarget {
+                    authority: uri.authority.to_owned(),
+                    target: Target::new(Host::parse(uri.host)?, uri.port)?,
+                });
+                self.target = Some(target.clone());
+                target
+            }
+        };
+        let target = &target.target;
         let (id, key) = self.identity(head)?;
         if self.lease.as_ref().is_some_and(|l| l.key != key) {
             self.lease = None; // another identity: give the lease back
@@ -286,7 +354,7 @@ impl Relay<'_> {
         let mut failed: Vec<ProxyId> = Vec::new();
         let mut last: Option<ProxyError> = None;
         for send in 1..=MAX_SENDS {
-            match self.ensure_upstream(&id, &key, &target, &mut failed).await {
+            match self.ensure_upstream(&id, &key, target, &mut failed).await {
                 Ok(()) => {}
                 // Every upstream left was tried: the answer is what the last one did.
                 Err(Stop::Answer(ProxyError::PoolExhausted { .. })) if last.is_some() => {
@@ -294,13 +362,13 @@ impl Relay<'_> {
                 }
                 Err(stop) => return Err(stop),
             }
-            // The lease itself (one reference count), not a clone of its token (which locks).
-            let held = self.leased().lease.held().clone();
+            let mut waiting = self.leased().lost.take();
             let sent = tokio::select! {
                 biased;
-                () = held.cancelled().cancelled() => return Err(Stop::Quiet("closed_by_proxy")),
+                () = lost(waiting.as_mut()) => return Err(Stop::Quiet("closed_by_proxy")),
                 r = self.send(head, &uri) => r,
             };
+            self.leased().lost = waiting;
             match sent {
                 Ok(keep) => return Ok(keep),
                 Err(Failed::Stop(stop)) => return Err(stop),
@@ -394,7 +462,7 @@ impl Relay<'_> {
             .await?;
         record_identity(id, target, Some(&lease.proxy().id));
         let protocol = lease.proxy().protocol;
-        let mut leased = Leased::new(key.clone(), lease);
+        let mut leased = Leased::new(key.clone(), lease)?;
         leased.upstream = Some(Upstream::new(io, early, &protocol, target));
         self.lease = Some(leased);
         Ok(())
@@ -418,15 +486,14 @@ impl Relay<'_> {
                 Some(_) => TargetForm::Origin,
             },
             keep_alive: head.keep_alive(),
-            proxy_authorization: auth.as_deref().map(str::as_bytes),
+            added: auth,
         };
-        // Room for the head as sent plus the lines the rewrite adds: one allocation.
-        let mut out = BytesMut::with_capacity(head.raw().len() + 256);
+        let out = scratch(&mut self.out);
         rewrite
-            .write(head, uri, &mut out)
+            .write(head, uri, out)
             .map_err(|e| stop(ProxyError::BadRequest(format!("request head: {e}"))))?;
         let stale = up.used;
-        if let Err(e) = up.io.write_all(&out).await {
+        if let Err(e) = up.io.write_all(out).await {
             return Err(no_answer(stale, format!("sending the request: {e}")));
         }
         // The body: at once, or once the upstream agreed to it.
@@ -444,7 +511,7 @@ impl Relay<'_> {
             .await?;
             body_sent = true;
         }
-        let head_request = head.method() == "HEAD";
+        let head_request = head.method_is("HEAD");
         let via_proxy = up.bound.is_none();
         let mut client_done = false;
         let resp = loop {
@@ -557,10 +624,11 @@ impl Relay<'_> {
         relay_response(
             &mut *self.client,
             up,
+            scratch(&mut self.out),
             &resp,
             &ResponseRewrite {
                 keep_alive: keep_client,
-                stamp: &stamp_bytes(stamp),
+                stamp,
             },
             idle,
             &mut self.bytes,

@@ -89,16 +89,19 @@ pub async fn read_request<R: AsyncRead + Unpin>(
         if n == 0 {
             return Ok(None);
         }
+        // Most heads come whole in one read: no timer for them.
+        if let Some(head) = parse_new(buf, max, n)? {
+            return Ok(Some(head));
+        }
     }
-    let mut fresh = buf.len();
     tokio::time::timeout(timeout, async {
         loop {
-            if let Some(head) = parse_new(buf, max, fresh)? {
-                return Ok(Some(head));
-            }
-            fresh = read_more(io, buf, max).await?;
+            let fresh = read_more(io, buf, max).await?;
             if fresh == 0 {
                 return Err(closed(buf));
+            }
+            if let Some(head) = parse_new(buf, max, fresh)? {
+                return Ok(Some(head));
             }
         }
     })

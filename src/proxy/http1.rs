@@ -31,7 +31,7 @@ pub use head::{
     RequestHead, ResponseHead, parse_request, parse_response, take_request, take_response,
 };
 pub use rewrite::{
-    BuildError, RequestRewrite, ResponseRewrite, TargetForm, write_request_head,
+    BuildError, HeaderLines, RequestRewrite, ResponseRewrite, TargetForm, write_request_head,
     write_response_head,
 };
 pub use uri::{AbsoluteUri, Scheme, UriError};
@@ -165,6 +165,95 @@ pub enum BodyFraming {
     UntilClose,
 }
 
+/// What a header name means to the relay, worked out once per header line when a head is
+/// parsed (one comparison at most, by length), so that framing, hop-by-hop removal and the
+/// identity headers never compare a name against a list again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    ContentLength,
+    TransferEncoding,
+    /// `Content_Length` / `Transfer_Encoding` (`_` for a `-`), which some servers read as
+    /// the real one.
+    FramingAlias,
+    Host,
+    Upgrade,
+    Expect,
+    Connection,
+    ProxyConnection,
+    KeepAlive,
+    ProxyAuthenticate,
+    ProxyAuthorization,
+    Te,
+    Trailer,
+    /// `X-Pharox-*`.
+    Pharox,
+    Other,
+}
+
+impl Kind {
+    /// The kind of a header name (any bytes; case-insensitive).
+    pub(crate) fn of(name: &[u8]) -> Kind {
+        let named = |lower: &str, kind| if is(name, lower) { kind } else { Kind::Other };
+        let kind = match name.len() {
+            2 => named("te", Kind::Te),
+            4 => named("host", Kind::Host),
+            6 => named("expect", Kind::Expect),
+            7 if is(name, "upgrade") => Kind::Upgrade,
+            7 => named("trailer", Kind::Trailer),
+            10 if is(name, "connection") => Kind::Connection,
+            10 => named("keep-alive", Kind::KeepAlive),
+            14 if is(name, "content-length") => Kind::ContentLength,
+            14 => alias(name, "content-length"),
+            16 => named("proxy-connection", Kind::ProxyConnection),
+            17 if is(name, "transfer-encoding") => Kind::TransferEncoding,
+            17 => alias(name, "transfer-encoding"),
+            18 => named("proxy-authenticate", Kind::ProxyAuthenticate),
+            19 => named("proxy-authorization", Kind::ProxyAuthorization),
+            _ => Kind::Other,
+        };
+        if kind == Kind::Other && name.len() >= 9 && name[..9].eq_ignore_ascii_case(b"x-pharox-") {
+            Kind::Pharox
+        } else {
+            kind
+        }
+    }
+
+    /// Hop-by-hop (RFC 9110 §7.6.1), the proxy ones, or pharox's own: never forwarded as
+    /// they came.
+    pub(crate) fn is_hop(self) -> bool {
+        matches!(
+            self,
+            Kind::Connection
+                | Kind::ProxyConnection
+                | Kind::KeepAlive
+                | Kind::ProxyAuthenticate
+                | Kind::ProxyAuthorization
+                | Kind::Te
+                | Kind::Trailer
+                | Kind::TransferEncoding
+                | Kind::Upgrade
+                | Kind::Pharox
+        )
+    }
+}
+
+/// `name` spelt as `lower` with `_` for at least one `-` (the exact spelling is matched
+/// before).
+fn alias(name: &[u8], lower: &str) -> Kind {
+    let folded = |b: &u8| {
+        if *b == b'_' {
+            b'-'
+        } else {
+            b.to_ascii_lowercase()
+        }
+    };
+    if name.iter().map(folded).eq(lower.bytes()) {
+        Kind::FramingAlias
+    } else {
+        Kind::Other
+    }
+}
+
 /// A name equal to `lower` (given in lower case), ignoring ASCII case.
 fn is(name: &[u8], lower: &str) -> bool {
     name.eq_ignore_ascii_case(lower.as_bytes())
@@ -264,6 +353,73 @@ mod tests {
         for b in 0..=255u8 {
             let rfc = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
             assert_eq!(is_tchar(b), rfc, "byte {b:#04x}");
+        }
+    }
+
+    /// What each kind means, spelt out name by name (the classifier matches by length first).
+    fn kind_by_list(name: &[u8]) -> Kind {
+        let lower = name.to_ascii_lowercase();
+        let folded: Vec<u8> = lower
+            .iter()
+            .map(|&b| if b == b'_' { b'-' } else { b })
+            .collect();
+        let named: &[(&str, Kind)] = &[
+            ("content-length", Kind::ContentLength),
+            ("transfer-encoding", Kind::TransferEncoding),
+            ("host", Kind::Host),
+            ("upgrade", Kind::Upgrade),
+            ("expect", Kind::Expect),
+            ("connection", Kind::Connection),
+            ("proxy-connection", Kind::ProxyConnection),
+            ("keep-alive", Kind::KeepAlive),
+            ("proxy-authenticate", Kind::ProxyAuthenticate),
+            ("proxy-authorization", Kind::ProxyAuthorization),
+            ("te", Kind::Te),
+            ("trailer", Kind::Trailer),
+        ];
+        if let Some((_, kind)) = named.iter().find(|(n, _)| n.as_bytes() == lower) {
+            return *kind;
+        }
+        if folded == b"content-length" || folded == b"transfer-encoding" {
+            return Kind::FramingAlias;
+        }
+        if lower.starts_with(b"x-pharox-") {
+            return Kind::Pharox;
+        }
+        Kind::Other
+    }
+
+    #[test]
+    fn header_kinds() {
+        for (name, kind) in [
+            ("Content-Length", Kind::ContentLength),
+            ("content_length", Kind::FramingAlias),
+            ("Transfer_Encoding", Kind::FramingAlias),
+            ("TRANSFER-ENCODING", Kind::TransferEncoding),
+            ("Content-Lengths", Kind::Other),
+            ("X-Pharox-", Kind::Pharox),
+            ("x-pharox-pool", Kind::Pharox),
+            ("X-Pharox", Kind::Other),
+            ("TE", Kind::Te),
+            ("Upgrade", Kind::Upgrade),
+            ("Trailer", Kind::Trailer),
+            ("Keep-Alive", Kind::KeepAlive),
+            ("Accept", Kind::Other),
+            ("", Kind::Other),
+        ] {
+            assert_eq!(Kind::of(name.as_bytes()), kind, "{name}");
+            assert_eq!(kind_by_list(name.as_bytes()), kind, "{name}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn header_kinds_match_their_definition(
+            name in "(?i)(content[-_]length|transfer[-_]encoding|host|upgrade|expect|connection|\
+                proxy-connection|keep-alive|proxy-authenticate|proxy-authorization|te|trailer|\
+                x-pharox-[a-z]{0,3}|[a-z_-]{0,20})",
+        ) {
+            proptest::prop_assert_eq!(Kind::of(name.as_bytes()), kind_by_list(name.as_bytes()));
         }
     }
 

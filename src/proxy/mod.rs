@@ -339,7 +339,7 @@ async fn open(state: Arc<ProxyState>, mut stream: TcpStream) -> Option<Conn> {
             return None;
         }
     };
-    if head.method() == "CONNECT" {
+    if head.method_is("CONNECT") {
         Some(Box::pin(connect::handle(state, rt, stream, head, rest)))
     } else if head.absolute_uri().is_ok() {
         Some(Box::pin(forward::serve(state, rt, stream, head, rest)))
@@ -423,7 +423,7 @@ pub fn log_error(e: &ProxyError) {
 
 /// The identity a request head's `Proxy-Authorization` and `X-Pharox-*` headers give.
 pub fn identify(auth: &Authenticator, head: &http1::RequestHead) -> Result<Identity, ProxyError> {
-    auth.identify(head.header("proxy-authorization"), &|name| {
+    auth.identify(head.field(http1::Kind::ProxyAuthorization), &|name| {
         head.header(name)
     })
 }

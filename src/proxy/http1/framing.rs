@@ -4,7 +4,7 @@
 //! request `Transfer-Encoding` other than exactly `chunked`, and `Transfer-Encoding` on
 //! HTTP/1.0.
 
-use super::{BodyFraming, FramingError, is, is_token, list, trim_ows};
+use super::{BodyFraming, FramingError, Kind, is_token, list, trim_ows};
 
 /// What the headers of one head say about framing and the connection.
 #[derive(Default)]
@@ -30,27 +30,29 @@ pub(super) struct Facts<'a> {
 impl<'a> Facts<'a> {
     /// `proxy_connection`: whether `Proxy-Connection` counts as `Connection` (requests).
     pub(super) fn of(
-        headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+        headers: impl Iterator<Item = (Kind, &'a [u8], &'a [u8])>,
         proxy_connection: bool,
     ) -> Self {
         let mut f = Facts::default();
-        for (i, (name, value)) in headers.enumerate() {
-            if is(name, "content-length") {
-                f.content_lengths += 1;
-                f.content_length.get_or_insert(value);
-            } else if is(name, "transfer-encoding") {
-                f.transfer_encodings += 1;
-                f.transfer_encoding.get_or_insert(value);
-            } else if super::rewrite::is_framing_alias(name) {
-                f.aliases += 1;
-            } else if is(name, "host") {
-                f.hosts += 1;
-            } else if is(name, "upgrade") {
-                f.upgrade.get_or_insert(i);
-            } else if is(name, "expect") {
-                f.expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
-            } else if is(name, "connection") || (proxy_connection && is(name, "proxy-connection")) {
-                f.connection(value);
+        for (i, (kind, _, value)) in headers.enumerate() {
+            match kind {
+                Kind::ContentLength => {
+                    f.content_lengths += 1;
+                    f.content_length.get_or_insert(value);
+                }
+                Kind::TransferEncoding => {
+                    f.transfer_encodings += 1;
+                    f.transfer_encoding.get_or_insert(value);
+                }
+                Kind::FramingAlias => f.aliases += 1,
+                Kind::Host => f.hosts += 1,
+                Kind::Upgrade => {
+                    f.upgrade.get_or_insert(i);
+                }
+                Kind::Expect => f.expect_continue |= value.eq_ignore_ascii_case(b"100-continue"),
+                Kind::Connection => f.connection(value),
+                Kind::ProxyConnection if proxy_connection => f.connection(value),
+                _ => {}
             }
         }
         f

@@ -6,26 +6,50 @@ use bytes::{Bytes, BytesMut};
 
 use super::framing::{Facts, request_framing, response_framing};
 use super::uri::{AbsoluteUri, UriError};
-use super::{BodyFraming, FramingError, MAX_HEADERS, is, is_field_byte, is_token, is_vchar};
+use super::{BodyFraming, FramingError, Kind, MAX_HEADERS, is, is_field_byte, is_token, is_vchar};
 
-/// Where a part of a head lies in its raw bytes.
+/// Where a part of a head lies in its raw bytes (heads are far shorter than 4 GiB: see
+/// [`MAX_SPAN`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Span {
-    start: usize,
-    end: usize,
+    start: u32,
+    end: u32,
 }
 
+/// The longest head a [`Span`] can cover; a larger `max_head` is taken as this.
+const MAX_SPAN: usize = u32::MAX as usize;
+
 impl Span {
+    fn new(start: usize, end: usize) -> Span {
+        debug_assert!(start <= end && end <= MAX_SPAN);
+        Span {
+            start: start as u32,
+            end: end as u32,
+        }
+    }
+
     fn of(self, raw: &[u8]) -> &[u8] {
-        &raw[self.start..self.end]
+        &raw[self.start as usize..self.end as usize]
     }
 
     /// Where `part`, a slice of `base`, lies in it.
     fn within(base: &[u8], part: &[u8]) -> Option<Span> {
         let start = (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;
         let end = start + part.len();
-        (end <= base.len()).then_some(Span { start, end })
+        (end <= base.len()).then(|| Span::new(start, end))
     }
+}
+
+/// The header lines of a head. (Kept inline, a dozen of them made every move of a head a
+/// copy of hundreds of bytes, which cost more than the allocation saved.)
+type Fields = Vec<Field>;
+
+/// A header line of a parsed head: where its name and value lie, and what the name means.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Field {
+    name: Span,
+    value: Span,
+    pub(crate) kind: Kind,
 }
 
 /// A parsed request head: its raw bytes, where each part lies in them (no copy per header),
@@ -33,7 +57,7 @@ impl Span {
 #[derive(Debug, Clone)]
 pub struct RequestHead {
     raw: Bytes,
-    headers: Vec<(Span, Span)>,
+    headers: Fields,
     method: Span,
     target: Span,
     minor: u8,
@@ -54,6 +78,11 @@ impl RequestHead {
         ascii(self.method.of(&self.raw))
     }
 
+    /// Whether the method is exactly `method` (methods are case-sensitive).
+    pub fn method_is(&self, method: &str) -> bool {
+        self.method.of(&self.raw) == method.as_bytes()
+    }
+
     /// The request target as sent (visible ASCII).
     pub fn target(&self) -> &str {
         ascii(self.target.of(&self.raw))
@@ -67,6 +96,18 @@ impl RequestHead {
     /// The header lines in order, names as sent, values without surrounding whitespace.
     pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         fields(&self.raw, &self.headers)
+    }
+
+    /// The header lines with their kinds: names are tokens and values field content without
+    /// surrounding whitespace (the parser refused anything else), so they can be written out
+    /// again without another check.
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (Kind, &[u8], &[u8])> {
+        kinded(&self.raw, &self.headers)
+    }
+
+    /// The first value of a header of this kind.
+    pub(crate) fn field(&self, kind: Kind) -> Option<&[u8]> {
+        self.fields().find(|f| f.0 == kind).map(|f| f.2)
     }
 
     /// The first value of a header (name matched case-insensitively).
@@ -92,12 +133,20 @@ impl RequestHead {
 
     /// The `Upgrade` header's value when `Connection` lists `upgrade` (HTTP/1.1 only).
     pub fn upgrade(&self) -> Option<&[u8]> {
-        self.upgrade.map(|i| self.headers[i].1.of(&self.raw))
+        self.upgrade.map(|i| self.headers[i].value.of(&self.raw))
     }
 
     /// The target parsed as an absolute URI.
     pub fn absolute_uri(&self) -> Result<AbsoluteUri<'_>, UriError> {
-        AbsoluteUri::parse(self.target())
+        AbsoluteUri::parse_visible(self.target(), None)
+    }
+
+    /// [`RequestHead::absolute_uri`], not checking again an authority equal to `known`.
+    pub(crate) fn absolute_uri_known(
+        &self,
+        known: Option<&str>,
+    ) -> Result<AbsoluteUri<'_>, UriError> {
+        AbsoluteUri::parse_visible(self.target(), known)
     }
 }
 
@@ -105,7 +154,7 @@ impl RequestHead {
 #[derive(Debug, Clone)]
 pub struct ResponseHead {
     raw: Bytes,
-    headers: Vec<(Span, Span)>,
+    headers: Fields,
     minor: u8,
     code: u16,
     reason: Span,
@@ -137,6 +186,13 @@ impl ResponseHead {
     /// The header lines in order, names as sent, values without surrounding whitespace.
     pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         fields(&self.raw, &self.headers)
+    }
+
+    /// The header lines with their kinds: names are tokens and values field content without
+    /// surrounding whitespace (the parser refused anything else), so they can be written out
+    /// again without another check.
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (Kind, &[u8], &[u8])> {
+        kinded(&self.raw, &self.headers)
     }
 
     /// The first value of a header (name matched case-insensitively).
@@ -228,6 +284,7 @@ pub fn take_response(
 /// caller re-parsing after each read that brought an LF scans a bounded number of times).
 /// `(start, end)` of the head.
 fn locate_head(buf: &[u8], max: usize) -> Result<Option<(usize, usize)>, FramingError> {
+    let max = max.min(MAX_SPAN);
     let window = &buf[..buf.len().min(max)];
     let mut start = 0;
     while window[start..].starts_with(b"\r\n") {
@@ -280,7 +337,7 @@ fn request_layout(head: &[u8]) -> Result<RequestHead, FramingError> {
     let (line, fields_at) = start_line(head);
     let (method, target, minor) = request_line(line)?;
     let headers = header_spans(head, fields_at)?;
-    let facts = Facts::of(fields(head, &headers), true);
+    let facts = Facts::of(kinded(head, &headers), true);
     if facts.hosts > 1 {
         return Err(FramingError::DuplicateHost);
     }
@@ -301,7 +358,7 @@ fn response_layout(head: &[u8], head_request: bool) -> Result<ResponseHead, Fram
     let (line, fields_at) = start_line(head);
     let (minor, code, reason) = status_line(line)?;
     let headers = header_spans(head, fields_at)?;
-    let facts = Facts::of(fields(head, &headers), false);
+    let facts = Facts::of(kinded(head, &headers), false);
     let framing = response_framing(&facts, minor, code, head_request)?;
     let reusable = framing != BodyFraming::UntilClose && code != 101;
     Ok(ResponseHead {
@@ -330,7 +387,7 @@ fn request_line(line: &[u8]) -> Result<(Span, Span, u8), FramingError> {
         return Err(FramingError::InvalidTarget);
     }
     let minor = version(&line[last + 1..])?;
-    let span = |start, end| Span { start, end };
+    let span = Span::new;
     Ok((span(0, first), span(first + 1, last), minor))
 }
 
@@ -347,11 +404,8 @@ fn status_line(line: &[u8]) -> Result<(u8, u16, Span), FramingError> {
         return Err(FramingError::InvalidStatus);
     }
     let reason = match line.get(12) {
-        None => Span { start: 12, end: 12 },
-        Some(b' ') if line[13..].iter().all(|&b| is_field_byte(b)) => Span {
-            start: 13,
-            end: line.len(),
-        },
+        None => Span::new(12, 12),
+        Some(b' ') if line[13..].iter().all(|&b| is_field_byte(b)) => Span::new(13, line.len()),
         Some(b' ') => return Err(FramingError::InvalidReason),
         Some(_) => return Err(FramingError::InvalidStatus),
     };
@@ -368,7 +422,7 @@ fn version(v: &[u8]) -> Result<u8, FramingError> {
 
 /// The header lines of `head` from `from` (httparse tokenises; names are tokens, values
 /// field content), as spans of `head`.
-fn header_spans(head: &[u8], from: usize) -> Result<Vec<(Span, Span)>, FramingError> {
+fn header_spans(head: &[u8], from: usize) -> Result<Fields, FramingError> {
     // Most heads have a few fields: a small array first, since initialising all
     // `MAX_HEADERS` entries for every head costs more than parsing a typical one.
     let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
@@ -388,7 +442,7 @@ fn spans_into<'h>(
     head: &'h [u8],
     from: usize,
     parsed: &mut [httparse::Header<'h>],
-) -> Result<Vec<(Span, Span)>, FramingError> {
+) -> Result<Fields, FramingError> {
     let block = &head[from.min(head.len())..];
     let headers = match httparse::parse_headers(block, parsed) {
         Ok(httparse::Status::Complete((len, headers))) if len == block.len() => headers,
@@ -401,19 +455,27 @@ fn spans_into<'h>(
         .map(|h| {
             let name = Span::within(head, h.name.as_bytes());
             let value = Span::within(head, h.value);
-            name.zip(value).ok_or(FramingError::InvalidHeaderName)
+            let (name, value) = name.zip(value).ok_or(FramingError::InvalidHeaderName)?;
+            let kind = Kind::of(h.name.as_bytes());
+            Ok(Field { name, value, kind })
         })
         .collect()
 }
 
-fn fields<'a>(
-    raw: &'a [u8],
-    headers: &'a [(Span, Span)],
-) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
-    headers.iter().map(|(n, v)| (n.of(raw), v.of(raw)))
+fn fields<'a>(raw: &'a [u8], headers: &'a [Field]) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+    headers.iter().map(|f| (f.name.of(raw), f.value.of(raw)))
 }
 
-fn find<'a>(raw: &'a [u8], headers: &'a [(Span, Span)], name: &str) -> Option<&'a [u8]> {
+fn kinded<'a>(
+    raw: &'a [u8],
+    headers: &'a [Field],
+) -> impl Iterator<Item = (Kind, &'a [u8], &'a [u8])> {
+    headers
+        .iter()
+        .map(|f| (f.kind, f.name.of(raw), f.value.of(raw)))
+}
+
+fn find<'a>(raw: &'a [u8], headers: &'a [Field], name: &str) -> Option<&'a [u8]> {
     fields(raw, headers)
         .find(|(n, _)| is(n, name))
         .map(|(_, v)| v)
@@ -755,6 +817,7 @@ mod tests {
                 assert!(buf[..len].ends_with(head.raw()));
                 let _ = (head.method(), head.target(), head.headers().count());
                 let _ = (head.upgrade(), head.absolute_uri());
+                fields_are_writable(head.fields());
             }
             Ok(None) => assert!(buf.len() < max),
             Err(_) => {}
@@ -762,7 +825,18 @@ mod tests {
         for head_request in [false, true] {
             if let Ok(Some((head, len))) = parse_response(buf, max, head_request) {
                 assert!(len <= buf.len() && len <= max && head.code() >= 100);
+                fields_are_writable(head.fields());
             }
+        }
+    }
+
+    /// What the rewrites rely on to copy a parsed head's lines without checking them again.
+    fn fields_are_writable<'a>(fields: impl Iterator<Item = (Kind, &'a [u8], &'a [u8])>) {
+        for (kind, name, value) in fields {
+            assert!(is_token(name), "{name:?}");
+            assert!(super::super::is_field_content(value), "{value:?}");
+            assert_eq!(super::super::trim_ows(value), value);
+            assert_eq!(kind, Kind::of(name));
         }
     }
 
@@ -778,6 +852,29 @@ mod tests {
         #[test]
         fn mangled_heads_never_panic(buf in mangled_head(), max in 0usize..200) {
             never_panics(&buf, max);
+        }
+
+        #[test]
+        fn hostile_header_lines_are_refused_or_writable(
+            lines in proptest::collection::vec(
+                (
+                    "[!-~]{0,6}|(?i)x-pharox-[a-z]{0,2}|content[-_]length",
+                    proptest::collection::vec(any::<u8>(), 0..12),
+                ),
+                1..6,
+            ),
+        ) {
+            for start in [&b"GET http://a/ HTTP/1.1\r\n"[..], b"HTTP/1.1 200 OK\r\n"] {
+                let mut head = start.to_vec();
+                for (name, value) in &lines {
+                    head.extend_from_slice(name.as_bytes());
+                    head.push(b':');
+                    head.extend_from_slice(value);
+                    head.extend_from_slice(b"\r\n");
+                }
+                head.extend_from_slice(b"\r\n");
+                never_panics(&head, head.len());
+            }
         }
     }
 }

@@ -9,7 +9,7 @@ use smallvec::SmallVec;
 
 use super::uri::AbsoluteUri;
 use super::{
-    BodyFraming, RequestHead, ResponseHead, is, is_field_byte, is_field_content, is_token,
+    BodyFraming, Kind, RequestHead, ResponseHead, is_field_byte, is_field_content, is_token,
     is_vchar, list, trim_ows,
 };
 
@@ -35,19 +35,6 @@ pub enum BuildError {
     #[error("reason phrase has a control byte")]
     Reason,
 }
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and the proxy ones, in lower case.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Writes `method target HTTP/1.1`, the headers (values trimmed) and the blank line to `out`;
 /// on an error nothing is written.
@@ -160,6 +147,38 @@ fn header(out: &mut BytesMut, name: &[u8], value: &[u8]) -> Result<(), BuildErro
     Ok(())
 }
 
+/// A header line of a parsed head, or one built here from checked parts: written as it is.
+fn checked_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    debug_assert!(is_token(name) && is_field_content(value) && trim_ows(value) == value);
+    put(out, &[name, b": ", value, b"\r\n"]);
+}
+
+/// Header lines checked once and kept rendered (`Name: value` and CRLF each), for lines that
+/// go into many heads: a lease's stamp on every response, an upstream's credentials on every
+/// request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderLines(Vec<u8>);
+
+impl HeaderLines {
+    /// No lines.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a line (the value trimmed), or refuses it as [`write_request_head`] would.
+    pub fn push(&mut self, name: &[u8], value: &[u8]) -> Result<(), BuildError> {
+        let mut line = BytesMut::new();
+        header(&mut line, name, value)?;
+        self.0.extend_from_slice(&line);
+        Ok(())
+    }
+
+    /// The rendered lines.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 fn put(out: &mut BytesMut, parts: &[&[u8]]) {
     for part in parts {
         out.extend_from_slice(part);
@@ -196,8 +215,8 @@ pub struct RequestRewrite<'a> {
     /// Whether to ask the upstream to keep the connection (`Connection: keep-alive` or
     /// `close`; an upgrade request sends `Connection: upgrade`).
     pub keep_alive: bool,
-    /// The upstream proxy's own `Proxy-Authorization` value, if it wants one.
-    pub proxy_authorization: Option<&'a [u8]>,
+    /// Lines added last: the upstream proxy's own `Proxy-Authorization`, if it wants one.
+    pub added: &'a HeaderLines,
 }
 
 impl RequestRewrite<'_> {
@@ -207,20 +226,23 @@ impl RequestRewrite<'_> {
     /// from the URI's authority (whatever `Host` the client sent), the client's headers but
     /// hop-by-hop ones, those named in `Connection` / `Proxy-Connection`, `X-Pharox-*` and
     /// framing headers (also as `Content_Length`-like aliases), then one framing header for
-    /// [`RequestHead::framing`], `Connection`, and `Proxy-Authorization` if given.
+    /// [`RequestHead::framing`], `Connection`, and the added lines.
+    ///
+    /// The head's own parts were checked by the parser (and `uri` by its own), so only the
+    /// target form is checked again here.
     pub fn write(
         &self,
         head: &RequestHead,
         uri: &AbsoluteUri<'_>,
         out: &mut BytesMut,
     ) -> Result<(), BuildError> {
-        let named = connection_named(head.headers(), true);
+        let named = connection_named(head.fields(), true);
         let upgrade = head.upgrade().is_some();
         let target = match self.form {
             TargetForm::Absolute => Cow::Borrowed(uri.as_str()),
             TargetForm::Origin => uri.origin_form(),
         };
-        out.reserve(head.raw().len() + 128);
+        out.reserve(head.raw().len() + self.added.as_bytes().len() + 64);
         build(out, |out| {
             request_line_version(
                 out,
@@ -228,16 +250,18 @@ impl RequestRewrite<'_> {
                 target.as_bytes(),
                 head.version(),
             )?;
-            header(out, b"Host", uri.authority.as_bytes())?;
-            for (name, value) in head.headers() {
-                if forwards_request_header(name, &named, upgrade) {
-                    header(out, name, value)?;
+            checked_header(out, b"Host", uri.authority.as_bytes());
+            for (kind, name, value) in head.fields() {
+                if forwards_request_header(kind, name, &named, upgrade) {
+                    checked_header(out, name, value);
                 }
             }
             let mut digits = [0u8; 20];
             match head.framing() {
-                BodyFraming::Length(n) => header(out, b"Content-Length", decimal(n, &mut digits))?,
-                BodyFraming::Chunked => header(out, b"Transfer-Encoding", b"chunked")?,
+                BodyFraming::Length(n) => {
+                    checked_header(out, b"Content-Length", decimal(n, &mut digits));
+                }
+                BodyFraming::Chunked => checked_header(out, b"Transfer-Encoding", b"chunked"),
                 BodyFraming::None | BodyFraming::UntilClose => {}
             }
             let connection: &[u8] = match (upgrade, self.keep_alive) {
@@ -245,11 +269,9 @@ impl RequestRewrite<'_> {
                 (false, true) => b"keep-alive",
                 (false, false) => b"close",
             };
-            header(out, b"Connection", connection)?;
-            match self.proxy_authorization {
-                Some(auth) => header(out, b"Proxy-Authorization", auth),
-                None => Ok(()),
-            }
+            checked_header(out, b"Connection", connection);
+            out.extend_from_slice(self.added.as_bytes());
+            Ok(())
         })
     }
 }
@@ -260,17 +282,18 @@ pub struct ResponseRewrite<'a> {
     /// Whether the client's connection stays open after this response (forced off for a body
     /// delimited by the upstream closing).
     pub keep_alive: bool,
-    /// Headers added to every response (`X-Pharox-Proxy-Id`, `X-Pharox-Lease-Id`, ...).
-    pub stamp: &'a [(&'a [u8], &'a [u8])],
+    /// Lines added to every response (`X-Pharox-Proxy-Id`, `X-Pharox-Lease-Id`, ...).
+    pub stamp: &'a HeaderLines,
 }
 
 impl ResponseRewrite<'_> {
     /// Writes the client's response head for `head`: `HTTP/1.1` whatever the upstream spoke,
     /// its headers but hop-by-hop ones, those named in `Connection` and `X-Pharox-*` (the
     /// framing headers stay: the body is relayed unchanged; `Upgrade` stays on a 101), then
-    /// the stamp and `Connection` (none on an interim 1xx).
+    /// the stamp and `Connection` (none on an interim 1xx). The head's parts were checked by
+    /// the parser and are written as they are.
     pub fn write(&self, head: &ResponseHead, out: &mut BytesMut) -> Result<(), BuildError> {
-        let named = connection_named(head.headers(), false);
+        let named = connection_named(head.fields(), false);
         let switching = head.is_switching_protocols();
         let connection: Option<&[u8]> = if switching {
             Some(b"upgrade")
@@ -281,66 +304,56 @@ impl ResponseRewrite<'_> {
         } else {
             Some(b"close")
         };
-        out.reserve(head.raw().len() + 128);
+        out.reserve(head.raw().len() + self.stamp.as_bytes().len() + 32);
         build(out, |out| {
             status_line(out, head.code(), head.reason())?;
-            for (name, value) in head.headers() {
-                if forwards_response_header(name, &named, switching) {
-                    header(out, name, value)?;
+            for (kind, name, value) in head.fields() {
+                if forwards_response_header(kind, name, &named, switching) {
+                    checked_header(out, name, value);
                 }
             }
-            for (name, value) in self.stamp {
-                header(out, name, value)?;
+            out.extend_from_slice(self.stamp.as_bytes());
+            if let Some(c) = connection {
+                checked_header(out, b"Connection", c);
             }
-            connection.map_or(Ok(()), |c| header(out, b"Connection", c))
+            Ok(())
         })
     }
 }
 
 /// Header names listed in `Connection` (and `Proxy-Connection`, for requests).
 fn connection_named<'a>(
-    headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    fields: impl Iterator<Item = (Kind, &'a [u8], &'a [u8])>,
     proxy_connection: bool,
 ) -> SmallVec<[&'a [u8]; 4]> {
-    headers
-        .filter(|(n, _)| is(n, "connection") || (proxy_connection && is(n, "proxy-connection")))
-        .flat_map(|(_, v)| list(v))
+    fields
+        .filter(|(k, ..)| {
+            *k == Kind::Connection || (proxy_connection && *k == Kind::ProxyConnection)
+        })
+        .flat_map(|(.., v)| list(v))
         .collect()
 }
 
-fn forwards_request_header(name: &[u8], named: &[&[u8]], upgrade: bool) -> bool {
-    if upgrade && is(name, "upgrade") {
+fn forwards_request_header(kind: Kind, name: &[u8], named: &[&[u8]], upgrade: bool) -> bool {
+    if upgrade && kind == Kind::Upgrade {
         return true;
     }
-    !(is_hop(name, named) || is(name, "host") || is_framing_alias(name))
+    !(is_hop(kind, name, named)
+        || matches!(
+            kind,
+            Kind::Host | Kind::ContentLength | Kind::TransferEncoding | Kind::FramingAlias
+        ))
 }
 
-fn forwards_response_header(name: &[u8], named: &[&[u8]], switching: bool) -> bool {
-    is(name, "content-length")
-        || is(name, "transfer-encoding")
-        || (switching && is(name, "upgrade"))
-        || !is_hop(name, named)
+fn forwards_response_header(kind: Kind, name: &[u8], named: &[&[u8]], switching: bool) -> bool {
+    matches!(kind, Kind::ContentLength | Kind::TransferEncoding)
+        || (switching && kind == Kind::Upgrade)
+        || !is_hop(kind, name, named)
 }
 
 /// Hop-by-hop, named in `Connection`, or ours.
-fn is_hop(name: &[u8], named: &[&[u8]]) -> bool {
-    HOP_BY_HOP.iter().any(|h| is(name, h))
-        || named.iter().any(|n| n.eq_ignore_ascii_case(name))
-        || name.len() >= 9 && name[..9].eq_ignore_ascii_case(b"x-pharox-")
-}
-
-/// `Content-Length` or `Transfer-Encoding`, also spelt with `_` (which some servers read as
-/// `-`): never forwarded from a client, whose framing is re-stated.
-pub(super) fn is_framing_alias(name: &[u8]) -> bool {
-    let folded = |b: &u8| {
-        if *b == b'_' {
-            b'-'
-        } else {
-            b.to_ascii_lowercase()
-        }
-    };
-    let spells = |want: &str| name.len() == want.len() && name.iter().map(folded).eq(want.bytes());
-    spells("content-length") || spells("transfer-encoding")
+fn is_hop(kind: Kind, name: &[u8], named: &[&[u8]]) -> bool {
+    kind.is_hop() || named.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 #[cfg(test)]
@@ -432,10 +445,11 @@ mod tests {
         Ok(String::from_utf8(out.to_vec()).unwrap())
     }
 
+    const NO_LINES: &HeaderLines = &HeaderLines(Vec::new());
     const DIRECT: RequestRewrite<'static> = RequestRewrite {
         form: TargetForm::Origin,
         keep_alive: true,
-        proxy_authorization: None,
+        added: NO_LINES,
     };
 
     #[test]
@@ -456,10 +470,13 @@ mod tests {
     #[test]
     fn rewrites_a_request_for_an_upstream_proxy() {
         let raw = "GET http://a/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut auth = HeaderLines::new();
+        auth.push(b"Proxy-Authorization", b" Basic dXA6c2VjcmV0 ")
+            .unwrap();
         let via = RequestRewrite {
             form: TargetForm::Absolute,
             keep_alive: false,
-            proxy_authorization: Some(b"Basic dXA6c2VjcmV0"),
+            added: &auth,
         };
         let out = rewrite_request(raw, via).unwrap();
         let want = "GET http://a/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\
@@ -470,11 +487,17 @@ mod tests {
             (reparsed.framing(), reparsed.keep_alive()),
             (BodyFraming::Chunked, false)
         );
-        let bad = RequestRewrite {
-            proxy_authorization: Some(b"x\r\nX-Injected: 1"),
-            ..via
-        };
-        assert_eq!(rewrite_request(raw, bad), Err(BuildError::HeaderValue));
+        // Added lines are checked once, when they are made.
+        let mut bad = HeaderLines::new();
+        assert_eq!(
+            bad.push(b"Proxy-Authorization", b"x\r\nX-Injected: 1"),
+            Err(BuildError::HeaderValue)
+        );
+        assert_eq!(
+            bad.push(b"Proxy Authorization", b"x"),
+            Err(BuildError::HeaderName)
+        );
+        assert_eq!(bad, HeaderLines::new(), "nothing kept of a refused line");
     }
 
     #[test]
@@ -490,11 +513,16 @@ mod tests {
         let (head, _) = parse_response(raw.as_bytes(), 8192, false)
             .unwrap()
             .unwrap();
-        let stamp: Headers<'_> = &[(b"X-Pharox-Proxy-Id", b"p1"), (b"X-Pharox-Lease-Id", b"l1")];
+        let mut stamp = HeaderLines::new();
+        stamp.push(b"X-Pharox-Proxy-Id", b"p1").unwrap();
+        stamp.push(b"X-Pharox-Lease-Id", b"l1").unwrap();
         let mut out = BytesMut::new();
-        ResponseRewrite { keep_alive, stamp }
-            .write(&head, &mut out)
-            .unwrap();
+        ResponseRewrite {
+            keep_alive,
+            stamp: &stamp,
+        }
+        .write(&head, &mut out)
+        .unwrap();
         String::from_utf8(out.to_vec()).unwrap()
     }
 
@@ -551,7 +579,7 @@ mod tests {
         let not_framing = |(n, _): &(Vec<u8>, Vec<u8>)| {
             !["host", "content-length", "transfer-encoding"]
                 .iter()
-                .any(|h| is(n, h))
+                .any(|h| n.eq_ignore_ascii_case(h.as_bytes()))
         };
         proptest::collection::vec((token(), value()).prop_filter("framing", not_framing), 0..8)
     }

@@ -88,17 +88,33 @@ impl<'a> AbsoluteUri<'a> {
         if !uri.bytes().all(is_vchar) {
             return Err(UriError::Character);
         }
-        if uri.contains('#') {
+        Self::parse_visible(uri, None)
+    }
+
+    /// [`AbsoluteUri::parse`] for a `uri` already known to be visible ASCII (a parsed request
+    /// line's target); an authority equal to `known` (one that parsed before) is not checked
+    /// again.
+    pub(crate) fn parse_visible(uri: &'a str, known: Option<&str>) -> Result<Self, UriError> {
+        let bytes = uri.as_bytes();
+        if bytes.contains(&b'#') {
             return Err(UriError::Fragment);
         }
-        let (scheme, rest) = uri.split_once("://").ok_or(UriError::NotAbsolute)?;
+        let colon = bytes
+            .iter()
+            .position(|&b| b == b':')
+            .ok_or(UriError::NotAbsolute)?;
+        let (scheme, rest) = (&uri[..colon], &uri[colon + 1..]);
+        let rest = rest.strip_prefix("//").ok_or(UriError::NotAbsolute)?;
         let scheme = parse_scheme(scheme)?;
-        let (authority, path_and_query) =
-            rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-        if authority.contains('@') {
+        let end = rest
+            .bytes()
+            .position(|b| b == b'/' || b == b'?')
+            .unwrap_or(rest.len());
+        let (authority, path_and_query) = rest.split_at(end);
+        if authority.as_bytes().contains(&b'@') {
             return Err(UriError::UserInfo);
         }
-        let (host, port) = host_port(authority)?;
+        let (host, port) = host_port(authority, known == Some(authority))?;
         Ok(AbsoluteUri {
             port: port.unwrap_or(scheme.default_port()),
             scheme,
@@ -141,8 +157,9 @@ fn parse_scheme(scheme: &str) -> Result<Scheme, UriError> {
     }
 }
 
-/// `host[:port]`, the host an IP literal (IPv6 in brackets) or a DNS name.
-fn host_port(authority: &str) -> Result<(&str, Option<u16>), UriError> {
+/// `host[:port]`, the host an IP literal (IPv6 in brackets) or a DNS name (not checked again
+/// when `known`).
+fn host_port(authority: &str, known: bool) -> Result<(&str, Option<u16>), UriError> {
     let (host, port) = match authority.strip_prefix('[') {
         Some(rest) => {
             let (host, after) = rest.split_once(']').ok_or(UriError::InvalidHost)?;
@@ -157,11 +174,13 @@ fn host_port(authority: &str) -> Result<(&str, Option<u16>), UriError> {
             }
         }
         None => {
-            let (host, port) = match authority.split_once(':') {
-                Some((host, port)) => (host, Some(port)),
+            let (host, port) = match authority.bytes().position(|b| b == b':') {
+                Some(colon) => (&authority[..colon], Some(&authority[colon + 1..])),
                 None => (authority, None),
             };
-            check_host(host)?;
+            if !known {
+                check_host(host)?;
+            }
             (host, port)
         }
     };
