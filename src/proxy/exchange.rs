@@ -9,9 +9,9 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tracing::debug;
 
+use super::deadline::Deadline;
 use super::http1::{
     BodyError, BodyFraming, ChunkedDecoder, HeaderLines, ResponseHead, ResponseRewrite, copy_body,
     take_response,
@@ -172,11 +172,11 @@ pub(super) enum ReadFail {
     Bad(String),
 }
 
-/// Reads a response head within `wait`.
+/// Reads a response head before `deadline` ends.
 pub(super) async fn read_response(
     up: &mut Upstream,
     head_request: bool,
-    deadline: Instant,
+    deadline: &mut Deadline,
 ) -> Result<ResponseHead, ReadFail> {
     let read = async {
         loop {
@@ -195,9 +195,11 @@ pub(super) async fn read_response(
             }
         }
     };
-    tokio::time::timeout_at(deadline, read)
-        .await
-        .map_err(|_| ReadFail::Timeout)?
+    tokio::select! {
+        biased;
+        r = read => r,
+        () = deadline.elapsed() => Err(ReadFail::Timeout),
+    }
 }
 
 /// Relays an interim (1xx) response to an HTTP/1.1 client.

@@ -38,6 +38,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{Span, warn};
 
 use super::connect::client_gone;
+use super::deadline::Deadline;
 use super::exchange::{
     Failed, ReadFail, Stop, Switch, Upstream, no_answer, read_response, relay_response, send_body,
     stop, via_proxy, write_interim,
@@ -83,6 +84,7 @@ pub async fn serve(
         target: None,
         drained: Box::pin(state.drain.clone().cancelled_owned()),
         out: BytesMut::new(),
+        deadline: Deadline::default(),
         bytes: Transferred::default(),
     };
     let end = relay.run(head).await;
@@ -229,6 +231,8 @@ struct Relay<'a> {
     known: Option<Known>,
     /// The last request's target.
     target: Option<Arc<KnownTarget>>,
+    /// The timer of the connection's waits.
+    deadline: Deadline,
     /// Where outgoing heads are written (kept from one request to the next).
     out: BytesMut,
     /// Resolves when the daemon drains (registered once for the connection).
@@ -269,6 +273,7 @@ impl Relay<'_> {
             &mut *self.client,
             &mut self.cbuf,
             limits.max_head_bytes,
+            &mut self.deadline,
             limits.idle_timeout(),
             limits.head_timeout(),
         );
@@ -523,14 +528,16 @@ impl Relay<'_> {
             // A client that half-closes after its request still gets the answer, if it comes
             // within the grace a half-closed tunnel gets; one that left holds its lease no
             // longer than that.
-            let mut deadline = Instant::now() + wait;
+            let deadline = &mut self.deadline;
+            deadline.set_after(Some(wait));
             let read = loop {
                 tokio::select! {
                     biased;
                     r = read_response(up, head_request, deadline) => break r,
                     () = client_gone(self.client), if !client_done => {
                         client_done = true;
-                        deadline = deadline.min(Instant::now() + HALF_CLOSE_GRACE);
+                        let grace = Instant::now() + HALF_CLOSE_GRACE;
+                        deadline.set(deadline.at().map(|at| at.min(grace)));
                     }
                 }
             };

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
+use super::deadline::Deadline;
 use super::http1::{RequestHead, take_request};
 use crate::error::ProxyError;
 
@@ -65,26 +66,25 @@ pub async fn read_opening<R: AsyncRead + Unpin>(
 }
 
 /// Reads the next request head of a keep-alive connection into `buf` (which may already
-/// hold some of it): the first byte may take up to `idle` (`Ok(None)` if none came or the
-/// client closed), the whole head then up to `timeout`.
-pub async fn read_request<R: AsyncRead + Unpin>(
+/// hold some of it): the first byte may take until `idle` ends (`Ok(None)` if none came or
+/// the client closed; set here to `idle_for` from now), the whole head then up to `timeout`.
+pub(crate) async fn read_request<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
     max: usize,
-    idle: Option<Duration>,
+    idle: &mut Deadline,
+    idle_for: Option<Duration>,
     timeout: Duration,
 ) -> Result<Option<RequestHead>, HeadError> {
     if let Some(head) = parse(buf, max)? {
         return Ok(Some(head));
     }
     if buf.is_empty() {
-        let first = async { read_more(io, buf, max).await };
-        let n = match idle {
-            Some(idle) => match tokio::time::timeout(idle, first).await {
-                Ok(r) => r?,
-                Err(_) => return Ok(None),
-            },
-            None => first.await?,
+        idle.set_after(idle_for);
+        let n = tokio::select! {
+            biased;
+            n = read_more(io, buf, max) => n?,
+            () = idle.elapsed() => return Ok(None),
         };
         if n == 0 {
             return Ok(None);

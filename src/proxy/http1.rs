@@ -260,11 +260,32 @@ fn is(name: &[u8], lower: &str) -> bool {
 }
 
 /// The non-empty elements of a comma-separated value, whitespace trimmed.
-fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(trim_ows)
-        .filter(|t| !t.is_empty())
+fn list(value: &[u8]) -> List<'_> {
+    List { rest: value }
+}
+
+/// The iterator of [`list`]: one scan, no closures (most lists have a single element).
+struct List<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for List<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        while !self.rest.is_empty() {
+            let (element, rest) = match self.rest.iter().position(|&b| b == b',') {
+                Some(comma) => (&self.rest[..comma], &self.rest[comma + 1..]),
+                None => (self.rest, &self.rest[self.rest.len()..]),
+            };
+            self.rest = rest;
+            let element = trim_ows(element);
+            if !element.is_empty() {
+                return Some(element);
+            }
+        }
+        None
+    }
 }
 
 /// `value` without leading and trailing SP / HTAB.
@@ -446,6 +467,17 @@ mod tests {
         assert_eq!(trim_ows(b" \t "), b"");
         let tokens: Vec<&[u8]> = list(b" close ,, Keep-Alive,\tx ").collect();
         assert_eq!(tokens, [&b"close"[..], b"Keep-Alive", b"x"]);
+        for (value, want) in [
+            (&b""[..], &[][..]),
+            (b",", &[]),
+            (b" , ,", &[]),
+            (b"a", &[&b"a"[..]]),
+            (b"a,", &[b"a"]),
+            (b",a", &[b"a"]),
+            (b"a b , c", &[b"a b", b"c"]),
+        ] {
+            assert_eq!(list(value).collect::<Vec<_>>(), want, "{value:?}");
+        }
         assert!(is_token(b"X-a_b.~!") && !is_token(b"") && !is_token(b"a b"));
         assert!(is_field_byte(b'\t') && is_field_byte(0x80) && !is_field_byte(0x7f));
     }

@@ -4,6 +4,7 @@
 //! registry that lets an operator close a lease's connection.
 
 pub mod connect;
+mod deadline;
 mod exchange;
 pub mod forward;
 pub mod head;

@@ -50,6 +50,8 @@ pub(crate) struct Field {
     name: Span,
     value: Span,
     pub(crate) kind: Kind,
+    /// Written `Name: value` CRLF in the head: the line can be copied as it is.
+    plain: bool,
 }
 
 /// A parsed request head: its raw bytes, where each part lies in them (no copy per header),
@@ -103,6 +105,11 @@ impl RequestHead {
     /// again without another check.
     pub(crate) fn fields(&self) -> impl Iterator<Item = (Kind, &[u8], &[u8])> {
         kinded(&self.raw, &self.headers)
+    }
+
+    /// Writes the header lines `keep` accepts to `out` (see [`write_fields`]).
+    pub(crate) fn write_fields(&self, out: &mut BytesMut, keep: impl FnMut(Kind, &[u8]) -> bool) {
+        write_fields(&self.raw, &self.headers, out, keep);
     }
 
     /// The first value of a header of this kind.
@@ -195,6 +202,11 @@ impl ResponseHead {
         kinded(&self.raw, &self.headers)
     }
 
+    /// Writes the header lines `keep` accepts to `out` (see [`write_fields`]).
+    pub(crate) fn write_fields(&self, out: &mut BytesMut, keep: impl FnMut(Kind, &[u8]) -> bool) {
+        write_fields(&self.raw, &self.headers, out, keep);
+    }
+
     /// The first value of a header (name matched case-insensitively).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         find(&self.raw, &self.headers, name)
@@ -279,7 +291,8 @@ pub fn take_response(
 }
 
 /// Finds the head in `buf` (after any empty lines, RFC 9112 §2.2) and checks each line's
-/// shape: CRLF endings, no obs-fold, no whitespace before a colon, at most [`MAX_HEADERS`]
+/// shape: CRLF endings, no obs-fold (whitespace before a colon is found with the names, see
+/// [`name_fault`]), at most [`MAX_HEADERS`]
 /// header lines (counted as they come, so a head never holds more than that many LFs and a
 /// caller re-parsing after each read that brought an LF scans a bounded number of times).
 /// `(start, end)` of the head.
@@ -315,15 +328,26 @@ fn locate_head(buf: &[u8], max: usize) -> Result<Option<(usize, usize)>, Framing
     Ok(None)
 }
 
+/// A field line's shape as far as it is checked before tokenising: no obs-fold. (Whitespace
+/// before the colon makes the name no token, which the tokeniser refuses; [`name_fault`]
+/// then says which fault it was.)
 fn check_field_line(line: &[u8]) -> Result<(), FramingError> {
     if matches!(line[0], b' ' | b'\t') {
         return Err(FramingError::ObsFold);
     }
-    match memchr::memchr(b':', line) {
-        Some(colon) if colon > 0 && matches!(line[colon - 1], b' ' | b'\t') => {
-            Err(FramingError::SpaceBeforeColon)
-        }
-        _ => Ok(()),
+    Ok(())
+}
+
+/// Why the field lines of `block` (a located head's, CRLF-terminated) hold an invalid name:
+/// whitespace before a colon, or another byte that is no `tchar`.
+fn name_fault(block: &[u8]) -> FramingError {
+    let space_before_colon = block.split(|&b| b == b'\n').any(|line| {
+        memchr::memchr(b':', line).is_some_and(|c| c > 0 && matches!(line[c - 1], b' ' | b'\t'))
+    });
+    if space_before_colon {
+        FramingError::SpaceBeforeColon
+    } else {
+        FramingError::InvalidHeaderName
     }
 }
 
@@ -446,7 +470,7 @@ fn spans_into<'h>(
     let block = &head[from.min(head.len())..];
     let headers = match httparse::parse_headers(block, parsed) {
         Ok(httparse::Status::Complete((len, headers))) if len == block.len() => headers,
-        Ok(_) | Err(httparse::Error::HeaderName) => return Err(FramingError::InvalidHeaderName),
+        Ok(_) | Err(httparse::Error::HeaderName) => return Err(name_fault(block)),
         Err(httparse::Error::TooManyHeaders) => return Err(FramingError::TooManyHeaders),
         Err(_) => return Err(FramingError::InvalidHeaderValue),
     };
@@ -456,8 +480,17 @@ fn spans_into<'h>(
             let name = Span::within(head, h.name.as_bytes());
             let value = Span::within(head, h.value);
             let (name, value) = name.zip(value).ok_or(FramingError::InvalidHeaderName)?;
+            let (n, v) = (name.end as usize, value.end as usize);
+            let plain = value.start as usize == n + 2
+                && head.get(n..n + 2) == Some(b": ")
+                && head.get(v..v + 2) == Some(b"\r\n");
             let kind = Kind::of(h.name.as_bytes());
-            Ok(Field { name, value, kind })
+            Ok(Field {
+                name,
+                value,
+                kind,
+                plain,
+            })
         })
         .collect()
 }
@@ -473,6 +506,39 @@ fn kinded<'a>(
     headers
         .iter()
         .map(|f| (f.kind, f.name.of(raw), f.value.of(raw)))
+}
+
+/// Writes the header lines of `headers` that `keep` accepts (given kind and name) to `out`,
+/// each as `Name: value` CRLF: runs of lines written that way in `raw` are copied in one
+/// piece, the others rebuilt from their parts (the parser checked them all).
+fn write_fields(
+    raw: &[u8],
+    headers: &[Field],
+    out: &mut BytesMut,
+    mut keep: impl FnMut(Kind, &[u8]) -> bool,
+) {
+    let mut run = 0..0;
+    for f in headers {
+        let name = f.name.of(raw);
+        if !keep(f.kind, name) {
+            continue;
+        }
+        let (start, end) = (f.name.start as usize, f.value.end as usize);
+        if f.plain && !run.is_empty() && run.end == start {
+            run.end = end + 2;
+            continue;
+        }
+        out.extend_from_slice(&raw[run]);
+        if f.plain {
+            run = start..end + 2;
+        } else {
+            run = 0..0;
+            for part in [name, b": ", f.value.of(raw), b"\r\n"] {
+                out.extend_from_slice(part);
+            }
+        }
+    }
+    out.extend_from_slice(&raw[run]);
 }
 
 fn find<'a>(raw: &'a [u8], headers: &'a [Field], name: &str) -> Option<&'a [u8]> {
@@ -818,6 +884,7 @@ mod tests {
                 let _ = (head.method(), head.target(), head.headers().count());
                 let _ = (head.upgrade(), head.absolute_uri());
                 fields_are_writable(head.fields());
+                copies_fields_as_rebuilt(&head.raw, &head.headers);
             }
             Ok(None) => assert!(buf.len() < max),
             Err(_) => {}
@@ -826,7 +893,35 @@ mod tests {
             if let Ok(Some((head, len))) = parse_response(buf, max, head_request) {
                 assert!(len <= buf.len() && len <= max && head.code() >= 100);
                 fields_are_writable(head.fields());
+                copies_fields_as_rebuilt(&head.raw, &head.headers);
             }
+        }
+    }
+
+    /// [`write_fields`] writes what rebuilding each kept line from its parts would, whichever
+    /// lines are kept.
+    fn copies_fields_as_rebuilt(raw: &[u8], headers: &[Field]) {
+        for pattern in [
+            0u64,
+            u64::MAX,
+            0x5555_5555_5555_5555,
+            0xaaaa_aaaa_aaaa_aaaa,
+            0x3c3c,
+        ] {
+            let kept = |i: usize| pattern >> (i % 64) & 1 == 1;
+            let mut out = BytesMut::new();
+            let mut i = 0;
+            write_fields(raw, headers, &mut out, |_, _| {
+                i += 1;
+                kept(i - 1)
+            });
+            let mut want = Vec::new();
+            for (i, (name, value)) in fields(raw, headers).enumerate() {
+                if kept(i) {
+                    want.extend_from_slice(&[name, b": ", value, b"\r\n"].concat());
+                }
+            }
+            assert_eq!(out, want, "{:?}", String::from_utf8_lossy(raw));
         }
     }
 

@@ -251,11 +251,9 @@ impl RequestRewrite<'_> {
                 head.version(),
             )?;
             checked_header(out, b"Host", uri.authority.as_bytes());
-            for (kind, name, value) in head.fields() {
-                if forwards_request_header(kind, name, &named, upgrade) {
-                    checked_header(out, name, value);
-                }
-            }
+            head.write_fields(out, |kind, name| {
+                forwards_request_header(kind, name, &named, upgrade)
+            });
             let mut digits = [0u8; 20];
             match head.framing() {
                 BodyFraming::Length(n) => {
@@ -307,11 +305,9 @@ impl ResponseRewrite<'_> {
         out.reserve(head.raw().len() + self.stamp.as_bytes().len() + 32);
         build(out, |out| {
             status_line(out, head.code(), head.reason())?;
-            for (kind, name, value) in head.fields() {
-                if forwards_response_header(kind, name, &named, switching) {
-                    checked_header(out, name, value);
-                }
-            }
+            head.write_fields(out, |kind, name| {
+                forwards_response_header(kind, name, &named, switching)
+            });
             out.extend_from_slice(self.stamp.as_bytes());
             if let Some(c) = connection {
                 checked_header(out, b"Connection", c);
@@ -321,17 +317,19 @@ impl ResponseRewrite<'_> {
     }
 }
 
-/// Header names listed in `Connection` (and `Proxy-Connection`, for requests).
+/// Header names listed in `Connection` (and `Proxy-Connection`, for requests), but those
+/// removed anyway (`keep-alive`, `upgrade`, ...: hop-by-hop by their kind).
 fn connection_named<'a>(
     fields: impl Iterator<Item = (Kind, &'a [u8], &'a [u8])>,
     proxy_connection: bool,
 ) -> SmallVec<[&'a [u8]; 4]> {
-    fields
-        .filter(|(k, ..)| {
-            *k == Kind::Connection || (proxy_connection && *k == Kind::ProxyConnection)
-        })
-        .flat_map(|(.., v)| list(v))
-        .collect()
+    let mut named = SmallVec::new();
+    for (kind, _, value) in fields {
+        if kind == Kind::Connection || (proxy_connection && kind == Kind::ProxyConnection) {
+            named.extend(list(value).filter(|t| !Kind::of(t).is_hop()));
+        }
+    }
+    named
 }
 
 fn forwards_request_header(kind: Kind, name: &[u8], named: &[&[u8]], upgrade: bool) -> bool {
