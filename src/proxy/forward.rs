@@ -26,7 +26,6 @@
 //! A `101 Switching Protocols` turns the connection into a tunnel through the same lease; a
 //! CONNECT on the connection becomes a tunnel with a lease of its own.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +50,7 @@ use super::http1::{
 };
 use super::splice::{HALF_CLOSE_GRACE, Transferred};
 use super::upstream::{DialError, basic_auth};
+use super::woken::Woken;
 use super::{DialMode, ProxyState, Runtime, finish, identify, log_error, record_identity};
 use crate::error::ProxyError;
 use crate::identity::Identity;
@@ -82,7 +82,7 @@ pub async fn serve(
         lease: None,
         known: None,
         target: None,
-        drained: Box::pin(state.drain.clone().cancelled_owned()),
+        drained: Woken::new(state.drain.clone().cancelled_owned()),
         out: BytesMut::new(),
         deadline: Deadline::default(),
         bytes: Transferred::default(),
@@ -127,7 +127,7 @@ struct Leased {
     /// Resolves when the lease is lost; waited on by every request of the lease, so it stays
     /// registered with the lease's token instead of registering anew for each request.
     /// Taken out while a request runs.
-    lost: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    lost: Option<Woken<WaitForCancellationFutureOwned>>,
 }
 
 impl Drop for Leased {
@@ -157,7 +157,7 @@ impl Leased {
         Ok(Self {
             stamp,
             auth,
-            lost: Some(Box::pin(lease.cancelled().clone().cancelled_owned())),
+            lost: Some(Woken::new(lease.cancelled().clone().cancelled_owned())),
             key,
             lease,
             upstream: None,
@@ -200,16 +200,18 @@ fn scratch(out: &mut BytesMut) -> &mut BytesMut {
 const KEPT_SCRATCH: usize = 8 * 1024;
 
 /// Resolves when the lease of `waiting` is lost; never without one.
-async fn lost(waiting: Option<&mut Pin<Box<WaitForCancellationFutureOwned>>>) {
+async fn lost(waiting: Option<&mut Woken<WaitForCancellationFutureOwned>>) {
     match waiting {
-        Some(w) => w.as_mut().await,
+        Some(w) => w.await,
         None => std::future::pending().await,
     }
 }
 
 /// The `X-Pharox-*` headers of a request, in order.
 fn pharox_headers(head: &RequestHead) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let any = head.has_pharox_headers();
     head.fields()
+        .take_while(move |_| any)
         .filter(|(kind, name, _)| *kind == Kind::Pharox && name.len() > 9)
         .map(|(_, name, value)| (name, value))
 }
@@ -236,7 +238,7 @@ struct Relay<'a> {
     /// Where outgoing heads are written (kept from one request to the next).
     out: BytesMut,
     /// Resolves when the daemon drains (registered once for the connection).
-    drained: Pin<Box<WaitForCancellationFutureOwned>>,
+    drained: Woken<WaitForCancellationFutureOwned>,
     /// tx: bytes from the client; rx: bytes to it.
     bytes: Transferred,
 }
@@ -286,7 +288,7 @@ impl Relay<'_> {
                 Err(HeadError::Closed | HeadError::Io(_)) => Ok(None),
                 Err(HeadError::Bad(e)) => Err(Stop::Answer(e)),
             },
-            () = self.drained.as_mut() => Ok(None),
+            () = &mut self.drained => Ok(None),
             () = lost => Err(Stop::Quiet("closed_by_proxy")),
         }
     }

@@ -193,28 +193,42 @@ pub(crate) enum Kind {
 impl Kind {
     /// The kind of a header name (any bytes; case-insensitive).
     pub(crate) fn of(name: &[u8]) -> Kind {
-        let named = |lower: &str, kind| if is(name, lower) { kind } else { Kind::Other };
-        let kind = match name.len() {
+        let Some(first) = name.first().map(u8::to_ascii_lowercase) else {
+            return Kind::Other;
+        };
+        // By length and first letter: most names are compared with nothing at all.
+        let named = |lower: &str, kind| {
+            if first == lower.as_bytes()[0] && is(name, lower) {
+                kind
+            } else {
+                Kind::Other
+            }
+        };
+        if first == b'x' {
+            return if name.len() >= 9 && name[..9].eq_ignore_ascii_case(b"x-pharox-") {
+                Kind::Pharox
+            } else {
+                Kind::Other
+            };
+        }
+        match name.len() {
             2 => named("te", Kind::Te),
             4 => named("host", Kind::Host),
             6 => named("expect", Kind::Expect),
-            7 if is(name, "upgrade") => Kind::Upgrade,
+            7 if first == b'u' => named("upgrade", Kind::Upgrade),
             7 => named("trailer", Kind::Trailer),
-            10 if is(name, "connection") => Kind::Connection,
+            10 if first == b'c' => named("connection", Kind::Connection),
             10 => named("keep-alive", Kind::KeepAlive),
+            14 if first != b'c' => Kind::Other,
             14 if is(name, "content-length") => Kind::ContentLength,
             14 => alias(name, "content-length"),
             16 => named("proxy-connection", Kind::ProxyConnection),
+            17 if first != b't' => Kind::Other,
             17 if is(name, "transfer-encoding") => Kind::TransferEncoding,
             17 => alias(name, "transfer-encoding"),
             18 => named("proxy-authenticate", Kind::ProxyAuthenticate),
             19 => named("proxy-authorization", Kind::ProxyAuthorization),
             _ => Kind::Other,
-        };
-        if kind == Kind::Other && name.len() >= 9 && name[..9].eq_ignore_ascii_case(b"x-pharox-") {
-            Kind::Pharox
-        } else {
-            kind
         }
     }
 

@@ -17,6 +17,7 @@ pub mod splice;
 
 mod tunnel;
 pub mod upstream;
+mod woken;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -25,6 +25,11 @@ pub(super) struct Facts<'a> {
     pub(super) close: bool,
     pub(super) keep_alive: bool,
     pub(super) upgrade_token: bool,
+    /// Index of the first `Proxy-Authorization` header.
+    pub(super) authorization: Option<usize>,
+    /// Whether any `X-Pharox-*` header, `Connection` or `Proxy-Connection` header is there.
+    pub(super) pharox: bool,
+    pub(super) connection_lists: bool,
 }
 
 impl<'a> Facts<'a> {
@@ -50,8 +55,20 @@ impl<'a> Facts<'a> {
                     f.upgrade.get_or_insert(i);
                 }
                 Kind::Expect => f.expect_continue |= value.eq_ignore_ascii_case(b"100-continue"),
-                Kind::Connection => f.connection(value),
-                Kind::ProxyConnection if proxy_connection => f.connection(value),
+                Kind::Connection => {
+                    f.connection_lists = true;
+                    f.connection(value);
+                }
+                Kind::ProxyConnection => {
+                    f.connection_lists = true;
+                    if proxy_connection {
+                        f.connection(value);
+                    }
+                }
+                Kind::ProxyAuthorization => {
+                    f.authorization.get_or_insert(i);
+                }
+                Kind::Pharox => f.pharox = true,
                 _ => {}
             }
         }

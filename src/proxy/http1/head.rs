@@ -6,7 +6,9 @@ use bytes::{Bytes, BytesMut};
 
 use super::framing::{Facts, request_framing, response_framing};
 use super::uri::{AbsoluteUri, UriError};
-use super::{BodyFraming, FramingError, Kind, MAX_HEADERS, is, is_field_byte, is_token, is_vchar};
+use super::{
+    BodyFraming, FramingError, Kind, MAX_HEADERS, is, is_field_byte, is_token, is_vchar, trim_ows,
+};
 
 /// Where a part of a head lies in its raw bytes (heads are far shorter than 4 GiB: see
 /// [`MAX_SPAN`]).
@@ -67,6 +69,11 @@ pub struct RequestHead {
     keep_alive: bool,
     expect_continue: bool,
     upgrade: Option<usize>,
+    /// Index of the first `Proxy-Authorization` header.
+    authorization: Option<usize>,
+    /// Whether `X-Pharox-*`, `Connection` / `Proxy-Connection` headers are there.
+    pharox: bool,
+    connection_lists: bool,
 }
 
 impl RequestHead {
@@ -112,9 +119,33 @@ impl RequestHead {
         write_fields(&self.raw, &self.headers, out, keep);
     }
 
+    /// The first `Proxy-Authorization` value.
+    pub(crate) fn authorization(&self) -> Option<&[u8]> {
+        self.authorization
+            .map(|i| self.headers[i].value.of(&self.raw))
+    }
+
+    /// Whether the head has `X-Pharox-*` headers.
+    pub(crate) fn has_pharox_headers(&self) -> bool {
+        self.pharox
+    }
+
+    /// Whether the head has `Connection` or `Proxy-Connection` headers.
+    pub(crate) fn has_connection_lists(&self) -> bool {
+        self.connection_lists
+    }
+
+    /// The method as sent (a token).
+    pub(crate) fn method_bytes(&self) -> &[u8] {
+        self.method.of(&self.raw)
+    }
+
     /// The first value of a header of this kind.
     pub(crate) fn field(&self, kind: Kind) -> Option<&[u8]> {
-        self.fields().find(|f| f.0 == kind).map(|f| f.2)
+        match kind {
+            Kind::ProxyAuthorization => self.authorization(),
+            _ => self.fields().find(|f| f.0 == kind).map(|f| f.2),
+        }
     }
 
     /// The first value of a header (name matched case-insensitively).
@@ -167,6 +198,7 @@ pub struct ResponseHead {
     reason: Span,
     framing: BodyFraming,
     keep_alive: bool,
+    connection_lists: bool,
 }
 
 impl ResponseHead {
@@ -205,6 +237,19 @@ impl ResponseHead {
     /// Writes the header lines `keep` accepts to `out` (see [`write_fields`]).
     pub(crate) fn write_fields(&self, out: &mut BytesMut, keep: impl FnMut(Kind, &[u8]) -> bool) {
         write_fields(&self.raw, &self.headers, out, keep);
+    }
+
+    /// Whether the head has `Connection` headers.
+    pub(crate) fn has_connection_lists(&self) -> bool {
+        self.connection_lists
+    }
+
+    /// The status line without its CRLF if it is `HTTP/1.1 code reason` with a reason
+    /// without surrounding whitespace: what the rewrite would write, so it is sent as it is.
+    pub(crate) fn status_line_11(&self) -> Option<&[u8]> {
+        let reason = self.reason();
+        let plain = self.minor == 1 && self.reason.start == 13 && trim_ows(reason) == reason;
+        plain.then(|| &self.raw[..self.reason.end as usize])
     }
 
     /// The first value of a header (name matched case-insensitively).
@@ -370,6 +415,9 @@ fn request_layout(head: &[u8]) -> Result<RequestHead, FramingError> {
         keep_alive: !facts.close && (minor == 1 || facts.keep_alive),
         expect_continue: minor == 1 && facts.expect_continue,
         upgrade: facts.upgrade.filter(|_| minor == 1 && facts.upgrade_token),
+        authorization: facts.authorization,
+        pharox: facts.pharox,
+        connection_lists: facts.connection_lists,
         raw: Bytes::new(),
         headers,
         method,
@@ -387,6 +435,7 @@ fn response_layout(head: &[u8], head_request: bool) -> Result<ResponseHead, Fram
     let reusable = framing != BodyFraming::UntilClose && code != 101;
     Ok(ResponseHead {
         keep_alive: reusable && !facts.close && (minor == 1 || facts.keep_alive),
+        connection_lists: facts.connection_lists,
         raw: Bytes::new(),
         headers,
         minor,
@@ -460,7 +509,7 @@ fn header_spans(head: &[u8], from: usize) -> Result<Fields, FramingError> {
 }
 
 /// Entries of the first parse attempt of [`header_spans`].
-const FEW_HEADERS: usize = 24;
+const FEW_HEADERS: usize = 16;
 
 fn spans_into<'h>(
     head: &'h [u8],
@@ -885,6 +934,16 @@ mod tests {
                 let _ = (head.upgrade(), head.absolute_uri());
                 fields_are_writable(head.fields());
                 copies_fields_as_rebuilt(&head.raw, &head.headers);
+                let kinds = || head.fields().map(|f| f.0);
+                assert_eq!(head.authorization(), head.header("proxy-authorization"));
+                assert_eq!(
+                    head.has_pharox_headers(),
+                    kinds().any(|k| k == Kind::Pharox)
+                );
+                assert_eq!(
+                    head.has_connection_lists(),
+                    kinds().any(|k| matches!(k, Kind::Connection | Kind::ProxyConnection))
+                );
             }
             Ok(None) => assert!(buf.len() < max),
             Err(_) => {}
@@ -894,6 +953,11 @@ mod tests {
                 assert!(len <= buf.len() && len <= max && head.code() >= 100);
                 fields_are_writable(head.fields());
                 copies_fields_as_rebuilt(&head.raw, &head.headers);
+                assert_eq!(
+                    head.has_connection_lists(),
+                    head.fields()
+                        .any(|f| matches!(f.0, Kind::Connection | Kind::ProxyConnection))
+                );
             }
         }
     }

@@ -236,7 +236,10 @@ impl RequestRewrite<'_> {
         uri: &AbsoluteUri<'_>,
         out: &mut BytesMut,
     ) -> Result<(), BuildError> {
-        let named = connection_named(head.fields(), true);
+        let named = match head.has_connection_lists() {
+            true => connection_named(head.fields(), true),
+            false => SmallVec::new(),
+        };
         let upgrade = head.upgrade().is_some();
         let target = match self.form {
             TargetForm::Absolute => Cow::Borrowed(uri.as_str()),
@@ -244,12 +247,16 @@ impl RequestRewrite<'_> {
         };
         out.reserve(head.raw().len() + self.added.as_bytes().len() + 64);
         build(out, |out| {
-            request_line_version(
+            // The method is a token and the target visible ASCII (the request line's, or a
+            // part of it after `/`): both were checked by the parser.
+            let version: &[u8] = match head.version() {
+                0 => b" HTTP/1.0\r\n",
+                _ => b" HTTP/1.1\r\n",
+            };
+            put(
                 out,
-                head.method().as_bytes(),
-                target.as_bytes(),
-                head.version(),
-            )?;
+                &[head.method_bytes(), b" ", target.as_bytes(), version],
+            );
             checked_header(out, b"Host", uri.authority.as_bytes());
             head.write_fields(out, |kind, name| {
                 forwards_request_header(kind, name, &named, upgrade)
@@ -291,7 +298,10 @@ impl ResponseRewrite<'_> {
     /// the stamp and `Connection` (none on an interim 1xx). The head's parts were checked by
     /// the parser and are written as they are.
     pub fn write(&self, head: &ResponseHead, out: &mut BytesMut) -> Result<(), BuildError> {
-        let named = connection_named(head.fields(), false);
+        let named = match head.has_connection_lists() {
+            true => connection_named(head.fields(), false),
+            false => SmallVec::new(),
+        };
         let switching = head.is_switching_protocols();
         let connection: Option<&[u8]> = if switching {
             Some(b"upgrade")
@@ -304,7 +314,10 @@ impl ResponseRewrite<'_> {
         };
         out.reserve(head.raw().len() + self.stamp.as_bytes().len() + 32);
         build(out, |out| {
-            status_line(out, head.code(), head.reason())?;
+            match head.status_line_11() {
+                Some(line) => put(out, &[line, b"\r\n"]),
+                None => status_line(out, head.code(), head.reason())?,
+            }
             head.write_fields(out, |kind, name| {
                 forwards_response_header(kind, name, &named, switching)
             });
@@ -590,6 +603,27 @@ mod tests {
         let lfs = out.iter().filter(|&&b| b == b'\n').count();
         assert_eq!((crs, lfs), (lines + 1, lines + 1));
         assert!(!out.contains(&0));
+    }
+
+    proptest! {
+        #[test]
+        fn copied_status_lines_are_what_would_be_built(
+            line in "HTTP/1\\.[01] [0-9]{3}( [ -~\t]{0,12})?",
+        ) {
+            let raw = format!("{line}\r\n\r\n");
+            if let Ok(Some((head, _))) = parse_response(raw.as_bytes(), 8192, false) {
+                let mut built = BytesMut::new();
+                status_line(&mut built, head.code(), head.reason()).unwrap();
+                match head.status_line_11() {
+                    Some(copied) => prop_assert_eq!(&built[..], &[copied, b"\r\n"].concat()[..]),
+                    // Only lines that would come out differently are rebuilt.
+                    None => {
+                        let sent = format!("{line}\r\n");
+                        prop_assert_ne!(&built[..], sent.as_bytes());
+                    }
+                }
+            }
+        }
     }
 
     proptest! {

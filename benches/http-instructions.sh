@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Instructions pharox executes per plain-HTTP keep-alive request, counted with callgrind: a
+# figure that does not move with the machine's noise, for A/B of changes to the relay.
+#
+#   apt-get install -y valgrind
+#   cargo build --release
+#   PHAROX_BIN=target/release/pharox benches/http-instructions.sh
+#   PHAROX_BIN=/tmp/pharox-before OUT=/tmp/before benches/http-instructions.sh   # keep profiles
+#
+# It starts the shared fleet's origin and upstreams (../shared/bench, see its README), runs
+# pharox under callgrind twice (3 000 then 9 000 requests from 8 keep-alive connections of
+# the shared load generator) and prints the difference per request, so that start-up and
+# shutdown cancel out; one-time set-up inside `OnceCell`s (clock calibration, which runs for
+# a set time) is left out of both. pharox and the load generator are pinned as in the shared
+# fleet (peers.env): how many requests one wake-up of pharox finds depends on it. `callgrind_annotate OUT.9000.cg` shows where it goes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+: "${PHAROX_BIN:?set PHAROX_BIN to a pharox binary (cargo build --release)}"
+: "${OUT:=${TMPDIR:-/tmp}/pharox-http-instructions}"
+BENCH=${BENCH:-../shared/bench}
+# shellcheck source=/dev/null
+source "$BENCH/peers/peers.env"
+RUNP="$BENCH/peers/run-peers.sh"
+LOAD="$BENCH_TARGET_DIR/release/proxybench"
+CONFIG="$OUT.toml"
+ADDR=127.0.0.1:18206
+
+cargo build --release -q --manifest-path "$BENCH/proxybench/Cargo.toml" --target-dir "$BENCH_TARGET_DIR"
+PEERS="" "$RUNP" start >&2
+trap '"$RUNP" stop >&2 || true' EXIT
+
+{
+    printf 'listen = "%s"\n\n[admin]\nlisten = "127.0.0.1:18296"\n\n' "$ADDR"
+    printf '[[consumers]]\nname = "bench"\npassword = "bench"\npools = ["chain"]\n\n'
+    printf '[[pools]]\nname = "chain"\nselector = "round_robin"\n\n'
+    for u in $UPSTREAMS; do
+        printf '[[pools.proxies]]\nurl = "http://%s@%s"\n\n' "$UPSTREAM_AUTH" "$u"
+    done
+} > "$CONFIG"
+
+total() { callgrind_annotate "$1" | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }'; }
+setup() {
+    callgrind_annotate --inclusive=yes "$1" |
+        awk '!/=>/ && /OnceCell<T>::initialize/ { gsub(",", "", $1); if ($1 > m) m = $1 } END { print m + 0 }'
+}
+
+for n in 3000 9000; do
+    env $(compgen -e | grep '^PHAROX_' | sed 's/^/-u /') RUST_LOG=warn taskset -c "$PROXY_CPU" \
+        valgrind --tool=callgrind --callgrind-out-file="$OUT.$n.cg" \
+        "$PHAROX_BIN" serve --config "$CONFIG" 2> "$OUT.$n.log" &
+    pid=$!
+    until (echo > "/dev/tcp/${ADDR%:*}/${ADDR#*:}") 2> /dev/null; do sleep 0.2; done
+    taskset -c "$LOADGEN_CPU" "$LOAD" load http-rps --proxy "$ADDR" --proxy-auth bench-pool-chain:bench \
+        -c 8 --count "$n" --duration 120 --warmup 0 > /dev/null
+    kill -INT "$pid"
+    wait "$pid"
+done
+
+a=$(($(total "$OUT.3000.cg") - $(setup "$OUT.3000.cg")))
+b=$(($(total "$OUT.9000.cg") - $(setup "$OUT.9000.cg")))
+echo "instructions per request: $(((b - a) / 6000))"
