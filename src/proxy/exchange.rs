@@ -13,8 +13,8 @@ use tracing::debug;
 
 use super::deadline::Deadline;
 use super::http1::{
-    BodyError, BodyFraming, ChunkedDecoder, HeaderLines, ResponseHead, ResponseRewrite, copy_body,
-    take_response,
+    BodyError, BodyFraming, ChunkedDecoder, Fields, HeaderLines, ResponseHead, ResponseRewrite,
+    copy_body, take_response_reusing,
 };
 use super::splice::{SpliceEnd, Transferred, splice_upstream};
 use super::tunnel;
@@ -172,15 +172,16 @@ pub(super) enum ReadFail {
     Bad(String),
 }
 
-/// Reads a response head before `deadline` ends.
+/// Reads a response head before `deadline` ends (its header list made in `spare`).
 pub(super) async fn read_response(
     up: &mut Upstream,
     head_request: bool,
     deadline: &mut Deadline,
+    spare: &mut Fields,
 ) -> Result<ResponseHead, ReadFail> {
     let read = async {
         loop {
-            match take_response(&mut up.buf, MAX_RESPONSE_HEAD, head_request) {
+            match take_response_reusing(&mut up.buf, MAX_RESPONSE_HEAD, head_request, spare) {
                 Ok(Some(head)) => return Ok(head),
                 Ok(None) => {}
                 Err(e) => return Err(ReadFail::Bad(format!("malformed response: {e}"))),

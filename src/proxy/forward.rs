@@ -45,8 +45,8 @@ use super::exchange::{
 use super::head::{HeadError, read_request};
 use super::held::LeaseUse;
 use super::http1::{
-    AbsoluteUri, BodyFraming, HeaderLines, Kind, RequestHead, RequestRewrite, ResponseRewrite,
-    Scheme, TargetForm,
+    AbsoluteUri, BodyFraming, Fields, HeaderLines, Kind, RequestHead, RequestRewrite,
+    ResponseRewrite, Scheme, TargetForm,
 };
 use super::splice::{HALF_CLOSE_GRACE, Transferred};
 use super::upstream::{DialError, basic_auth};
@@ -85,6 +85,8 @@ pub async fn serve(
         drained: Woken::new(state.drain.clone().cancelled_owned()),
         out: BytesMut::new(),
         deadline: Deadline::default(),
+        spare_request: Fields::new(),
+        spare_response: Fields::new(),
         bytes: Transferred::default(),
     };
     let end = relay.run(head).await;
@@ -235,6 +237,9 @@ struct Relay<'a> {
     target: Option<Arc<KnownTarget>>,
     /// The timer of the connection's waits.
     deadline: Deadline,
+    /// Header lists of the last request and response, for the next ones.
+    spare_request: Fields,
+    spare_response: Fields,
     /// Where outgoing heads are written (kept from one request to the next).
     out: BytesMut,
     /// Resolves when the daemon drains (registered once for the connection).
@@ -251,7 +256,11 @@ impl Relay<'_> {
                 return End::Connect(head);
             }
             self.bytes.tx += head.raw().len() as u64;
-            match self.exchange(&head).await {
+            let exchanged = self.exchange(&head).await;
+            // The head goes before the next read: its bytes are the read buffer's, which the
+            // read can then reuse in place, and its header list serves the next head.
+            self.spare_request = head.into_fields();
+            match exchanged {
                 Ok(true) => {}
                 Ok(false) => return End::Done("ok"),
                 Err(Stop::Quiet(outcome)) => return End::Done(outcome),
@@ -278,6 +287,7 @@ impl Relay<'_> {
             &mut self.deadline,
             limits.idle_timeout(),
             limits.head_timeout(),
+            &mut self.spare_request,
         );
         // The read first: a request already here is served without polling the other two
         // (the exchange checks the lease again before sending it).
@@ -535,7 +545,7 @@ impl Relay<'_> {
             let read = loop {
                 tokio::select! {
                     biased;
-                    r = read_response(up, head_request, deadline) => break r,
+                    r = read_response(up, head_request, deadline, &mut self.spare_response) => break r,
                     () = client_gone(self.client), if !client_done => {
                         client_done = true;
                         let grace = Instant::now() + HALF_CLOSE_GRACE;
@@ -643,6 +653,7 @@ impl Relay<'_> {
             &mut self.bytes,
         )
         .await?;
+        self.spare_response = resp.into_fields();
         if !keep_upstream {
             *upstream = None;
         }

@@ -11,7 +11,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use super::deadline::Deadline;
-use super::http1::{RequestHead, take_request};
+use super::http1::{Fields, RequestHead, take_request_reusing};
 use crate::error::ProxyError;
 
 /// Why no head could be read.
@@ -52,7 +52,7 @@ pub async fn read_opening<R: AsyncRead + Unpin>(
             if buf[0] == 5 {
                 return Ok(None);
             }
-            if let Some(head) = parse_new(&mut buf, max, n)? {
+            if let Some(head) = parse_new(&mut buf, max, n, &mut Fields::new())? {
                 return Ok(Some(head));
             }
         }
@@ -67,7 +67,7 @@ pub async fn read_opening<R: AsyncRead + Unpin>(
 
 /// Reads the next request head of a keep-alive connection into `buf` (which may already
 /// hold some of it): the first byte may take until `idle` ends (`Ok(None)` if none came or
-/// the client closed; set here to `idle_for` from now), the whole head then up to `timeout`.
+/// the client closed; set here to `idle_for` from now), the whole head then up to `timeout`. The head's header list is made in `spare`.
 pub(crate) async fn read_request<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
@@ -75,8 +75,9 @@ pub(crate) async fn read_request<R: AsyncRead + Unpin>(
     idle: &mut Deadline,
     idle_for: Option<Duration>,
     timeout: Duration,
+    spare: &mut Fields,
 ) -> Result<Option<RequestHead>, HeadError> {
-    if let Some(head) = parse(buf, max)? {
+    if let Some(head) = parse(buf, max, spare)? {
         return Ok(Some(head));
     }
     if buf.is_empty() {
@@ -90,7 +91,7 @@ pub(crate) async fn read_request<R: AsyncRead + Unpin>(
             return Ok(None);
         }
         // Most heads come whole in one read: no timer for them.
-        if let Some(head) = parse_new(buf, max, n)? {
+        if let Some(head) = parse_new(buf, max, n, spare)? {
             return Ok(Some(head));
         }
     }
@@ -100,7 +101,7 @@ pub(crate) async fn read_request<R: AsyncRead + Unpin>(
             if fresh == 0 {
                 return Err(closed(buf));
             }
-            if let Some(head) = parse_new(buf, max, fresh)? {
+            if let Some(head) = parse_new(buf, max, fresh, spare)? {
                 return Ok(Some(head));
             }
         }
@@ -141,11 +142,15 @@ async fn read_more<R: AsyncRead + Unpin>(
 
 /// A complete head taken out of `buf`, `None` while incomplete; the strict RFC 9112 checks
 /// of [`http1`](super::http1) apply to every request, the first and every later one.
-fn parse(buf: &mut BytesMut, max: usize) -> Result<Option<RequestHead>, HeadError> {
+fn parse(
+    buf: &mut BytesMut,
+    max: usize,
+    spare: &mut Fields,
+) -> Result<Option<RequestHead>, HeadError> {
     if buf.is_empty() {
         return Ok(None);
     }
-    take_request(buf, max).map_err(|e| HeadError::Bad(e.into()))
+    take_request_reusing(buf, max, spare).map_err(|e| HeadError::Bad(e.into()))
 }
 
 /// [`parse`], but only when the last `fresh` bytes read brought a line end or filled the
@@ -155,10 +160,11 @@ fn parse_new(
     buf: &mut BytesMut,
     max: usize,
     fresh: usize,
+    spare: &mut Fields,
 ) -> Result<Option<RequestHead>, HeadError> {
     let new = &buf[buf.len().saturating_sub(fresh)..];
     if new.contains(&b'\n') || buf.len() >= max {
-        parse(buf, max)
+        parse(buf, max, spare)
     } else {
         Ok(None)
     }

@@ -27,6 +27,7 @@ mod uri;
 pub use chunked::{
     BodyError, ChunkFault, ChunkedDecoder, MAX_EXTENSIONS, MAX_TRAILERS, Progress, copy_body,
 };
+pub(crate) use head::{Fields, take_request_reusing, take_response_reusing};
 pub use head::{
     RequestHead, ResponseHead, parse_request, parse_response, take_request, take_response,
 };

@@ -43,8 +43,9 @@ impl Span {
 }
 
 /// The header lines of a head. (Kept inline, a dozen of them made every move of a head a
-/// copy of hundreds of bytes, which cost more than the allocation saved.)
-type Fields = Vec<Field>;
+/// copy of hundreds of bytes, which cost more than the allocation saved; a keep-alive
+/// connection hands each head's list back for the next one instead.)
+pub(crate) type Fields = Vec<Field>;
 
 /// A header line of a parsed head: where its name and value lie, and what the name means.
 #[derive(Debug, Clone, Copy)]
@@ -123,6 +124,11 @@ impl RequestHead {
     pub(crate) fn authorization(&self) -> Option<&[u8]> {
         self.authorization
             .map(|i| self.headers[i].value.of(&self.raw))
+    }
+
+    /// The head's header list, for the next head of the connection.
+    pub(crate) fn into_fields(self) -> Fields {
+        self.headers
     }
 
     /// Whether the head has `X-Pharox-*` headers.
@@ -244,6 +250,11 @@ impl ResponseHead {
         self.connection_lists
     }
 
+    /// The head's header list, for the next head of the connection.
+    pub(crate) fn into_fields(self) -> Fields {
+        self.headers
+    }
+
     /// The status line without its CRLF if it is `HTTP/1.1 code reason` with a reason
     /// without surrounding whitespace: what the rewrite would write, so it is sent as it is.
     pub(crate) fn status_line_11(&self) -> Option<&[u8]> {
@@ -287,7 +298,7 @@ pub fn parse_request(
     let Some((start, end)) = locate_head(buf, max_head)? else {
         return Ok(None);
     };
-    let mut head = request_layout(&buf[start..end])?;
+    let mut head = request_layout(&buf[start..end], &mut Fields::new())?;
     head.raw = Bytes::copy_from_slice(&buf[start..end]);
     Ok(Some((head, end)))
 }
@@ -298,10 +309,20 @@ pub fn take_request(
     buf: &mut BytesMut,
     max_head: usize,
 ) -> Result<Option<RequestHead>, FramingError> {
+    take_request_reusing(buf, max_head, &mut Fields::new())
+}
+
+/// [`take_request`], the head's header list made in `spare` (a list handed back by
+/// [`RequestHead::into_fields`]; taken when a head is returned).
+pub(crate) fn take_request_reusing(
+    buf: &mut BytesMut,
+    max_head: usize,
+    spare: &mut Fields,
+) -> Result<Option<RequestHead>, FramingError> {
     let Some((start, end)) = locate_head(buf, max_head)? else {
         return Ok(None);
     };
-    let mut head = request_layout(&buf[start..end])?;
+    let mut head = request_layout(&buf[start..end], spare)?;
     head.raw = buf.split_to(end).freeze().slice(start..);
     Ok(Some(head))
 }
@@ -316,7 +337,7 @@ pub fn parse_response(
     let Some((start, end)) = locate_head(buf, max_head)? else {
         return Ok(None);
     };
-    let mut head = response_layout(&buf[start..end], head_request)?;
+    let mut head = response_layout(&buf[start..end], head_request, &mut Fields::new())?;
     head.raw = Bytes::copy_from_slice(&buf[start..end]);
     Ok(Some((head, end)))
 }
@@ -327,10 +348,20 @@ pub fn take_response(
     max_head: usize,
     head_request: bool,
 ) -> Result<Option<ResponseHead>, FramingError> {
+    take_response_reusing(buf, max_head, head_request, &mut Fields::new())
+}
+
+/// [`take_response`] with a spare header list (see [`take_request_reusing`]).
+pub(crate) fn take_response_reusing(
+    buf: &mut BytesMut,
+    max_head: usize,
+    head_request: bool,
+    spare: &mut Fields,
+) -> Result<Option<ResponseHead>, FramingError> {
     let Some((start, end)) = locate_head(buf, max_head)? else {
         return Ok(None);
     };
-    let mut head = response_layout(&buf[start..end], head_request)?;
+    let mut head = response_layout(&buf[start..end], head_request, spare)?;
     head.raw = buf.split_to(end).freeze().slice(start..);
     Ok(Some(head))
 }
@@ -402,10 +433,10 @@ fn start_line(head: &[u8]) -> (&[u8], usize) {
     (&head[..lf.saturating_sub(1)], lf + 1)
 }
 
-fn request_layout(head: &[u8]) -> Result<RequestHead, FramingError> {
+fn request_layout(head: &[u8], spare: &mut Fields) -> Result<RequestHead, FramingError> {
     let (line, fields_at) = start_line(head);
     let (method, target, minor) = request_line(line)?;
-    let headers = header_spans(head, fields_at)?;
+    let headers = header_spans(head, fields_at, spare)?;
     let facts = Facts::of(kinded(head, &headers), true);
     if facts.hosts > 1 {
         return Err(FramingError::DuplicateHost);
@@ -426,10 +457,14 @@ fn request_layout(head: &[u8]) -> Result<RequestHead, FramingError> {
     })
 }
 
-fn response_layout(head: &[u8], head_request: bool) -> Result<ResponseHead, FramingError> {
+fn response_layout(
+    head: &[u8],
+    head_request: bool,
+    spare: &mut Fields,
+) -> Result<ResponseHead, FramingError> {
     let (line, fields_at) = start_line(head);
     let (minor, code, reason) = status_line(line)?;
-    let headers = header_spans(head, fields_at)?;
+    let headers = header_spans(head, fields_at, spare)?;
     let facts = Facts::of(kinded(head, &headers), false);
     let framing = response_framing(&facts, minor, code, head_request)?;
     let reusable = framing != BodyFraming::UntilClose && code != 101;
@@ -495,16 +530,25 @@ fn version(v: &[u8]) -> Result<u8, FramingError> {
 
 /// The header lines of `head` from `from` (httparse tokenises; names are tokens, values
 /// field content), as spans of `head`.
-fn header_spans(head: &[u8], from: usize) -> Result<Fields, FramingError> {
+fn header_spans(head: &[u8], from: usize, spare: &mut Fields) -> Result<Fields, FramingError> {
+    let mut fields = std::mem::take(spare);
+    fields.clear();
     // Most heads have a few fields: a small array first, since initialising all
     // `MAX_HEADERS` entries for every head costs more than parsing a typical one.
     let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
-    match spans_into(head, from, &mut few) {
+    let parsed = match spans_into(head, from, &mut few, &mut fields) {
         Err(FramingError::TooManyHeaders) => {
             let mut all = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            spans_into(head, from, &mut all)
+            spans_into(head, from, &mut all, &mut fields)
         }
         r => r,
+    };
+    match parsed {
+        Ok(()) => Ok(fields),
+        Err(e) => {
+            *spare = fields;
+            Err(e)
+        }
     }
 }
 
@@ -515,7 +559,8 @@ fn spans_into<'h>(
     head: &'h [u8],
     from: usize,
     parsed: &mut [httparse::Header<'h>],
-) -> Result<Fields, FramingError> {
+    fields: &mut Fields,
+) -> Result<(), FramingError> {
     let block = &head[from.min(head.len())..];
     let headers = match httparse::parse_headers(block, parsed) {
         Ok(httparse::Status::Complete((len, headers))) if len == block.len() => headers,
@@ -523,25 +568,24 @@ fn spans_into<'h>(
         Err(httparse::Error::TooManyHeaders) => return Err(FramingError::TooManyHeaders),
         Err(_) => return Err(FramingError::InvalidHeaderValue),
     };
-    headers
-        .iter()
-        .map(|h| {
-            let name = Span::within(head, h.name.as_bytes());
-            let value = Span::within(head, h.value);
-            let (name, value) = name.zip(value).ok_or(FramingError::InvalidHeaderName)?;
-            let (n, v) = (name.end as usize, value.end as usize);
-            let plain = value.start as usize == n + 2
-                && head.get(n..n + 2) == Some(b": ")
-                && head.get(v..v + 2) == Some(b"\r\n");
-            let kind = Kind::of(h.name.as_bytes());
-            Ok(Field {
-                name,
-                value,
-                kind,
-                plain,
-            })
-        })
-        .collect()
+    fields.clear();
+    fields.reserve(headers.len());
+    for h in headers.iter() {
+        let name = Span::within(head, h.name.as_bytes());
+        let value = Span::within(head, h.value);
+        let (name, value) = name.zip(value).ok_or(FramingError::InvalidHeaderName)?;
+        let (n, v) = (name.end as usize, value.end as usize);
+        let plain = value.start as usize == n + 2
+            && head.get(n..n + 2) == Some(b": ")
+            && head.get(v..v + 2) == Some(b"\r\n");
+        fields.push(Field {
+            name,
+            value,
+            kind: Kind::of(h.name.as_bytes()),
+            plain,
+        });
+    }
+    Ok(())
 }
 
 fn fields<'a>(raw: &'a [u8], headers: &'a [Field]) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
