@@ -228,17 +228,18 @@ impl RequestRewrite<'_> {
     /// framing headers (also as `Content_Length`-like aliases), then one framing header for
     /// [`RequestHead::framing`], `Connection`, and the added lines.
     ///
-    /// The head's own parts were checked by the parser (and `uri` by its own), so only the
-    /// target form is checked again here.
+    /// The head's own parts were checked by the parser (and `uri`, of which the target form
+    /// is a part, by its own), so none of them is checked again here.
     pub fn write(
         &self,
         head: &RequestHead,
         uri: &AbsoluteUri<'_>,
         out: &mut BytesMut,
     ) -> Result<(), BuildError> {
-        let named = match head.has_connection_lists() {
-            true => connection_named(head.fields(), true),
-            false => SmallVec::new(),
+        let named = if head.has_connection_lists() {
+            connection_named(head.fields(), true)
+        } else {
+            SmallVec::new()
         };
         let upgrade = head.upgrade().is_some();
         let target = match self.form {
@@ -298,9 +299,10 @@ impl ResponseRewrite<'_> {
     /// the stamp and `Connection` (none on an interim 1xx). The head's parts were checked by
     /// the parser and are written as they are.
     pub fn write(&self, head: &ResponseHead, out: &mut BytesMut) -> Result<(), BuildError> {
-        let named = match head.has_connection_lists() {
-            true => connection_named(head.fields(), false),
-            false => SmallVec::new(),
+        let named = if head.has_connection_lists() {
+            connection_named(head.fields(), false)
+        } else {
+            SmallVec::new()
         };
         let switching = head.is_switching_protocols();
         let connection: Option<&[u8]> = if switching {
