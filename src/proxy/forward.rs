@@ -141,30 +141,35 @@ impl Drop for Leased {
 }
 
 impl Leased {
-    /// The lease's stamp and upstream credentials are checked once here, as header lines;
-    /// one that cannot be (a stored id with a control byte) fails the request.
-    fn new(key: Arc<str>, lease: LeaseUse) -> Result<Self, ProxyError> {
-        let bad = |e| ProxyError::upstream(format!("{}: {e}", lease.proxy().id));
-        let mut stamp = HeaderLines::new();
-        for (name, value) in lease.stamp() {
-            stamp.push(name.as_bytes(), value.as_bytes()).map_err(bad)?;
-        }
-        let mut auth = HeaderLines::new();
-        if via_proxy(lease.proxy().protocol)
-            && let Some(credentials) = basic_auth(lease.proxy())
-        {
-            auth.push(b"Proxy-Authorization", credentials.as_bytes())
-                .map_err(bad)?;
-        }
-        Ok(Self {
+    /// `lines`: the lease's stamp and the upstream's credentials ([`lease_lines`]).
+    fn new(key: Arc<str>, lease: LeaseUse, (stamp, auth): (HeaderLines, HeaderLines)) -> Self {
+        Self {
             stamp,
             auth,
             lost: Some(Woken::new(lease.cancelled().clone().cancelled_owned())),
             key,
             lease,
             upstream: None,
-        })
+        }
     }
+}
+
+/// A lease's stamp and its upstream's `Proxy-Authorization`, checked once as header lines;
+/// one that cannot be (a stored id with a control byte) fails the request.
+fn lease_lines(lease: &LeaseUse) -> Result<(HeaderLines, HeaderLines), ProxyError> {
+    let bad = |e| ProxyError::upstream(format!("{}: {e}", lease.proxy().id));
+    let mut stamp = HeaderLines::new();
+    for (name, value) in lease.stamp() {
+        stamp.push(name.as_bytes(), value.as_bytes()).map_err(bad)?;
+    }
+    let mut auth = HeaderLines::new();
+    if via_proxy(lease.proxy().protocol)
+        && let Some(credentials) = basic_auth(lease.proxy())
+    {
+        auth.push(b"Proxy-Authorization", credentials.as_bytes())
+            .map_err(bad)?;
+    }
+    Ok((stamp, auth))
 }
 
 /// An identity already authenticated on this connection: a request with the same
@@ -479,7 +484,16 @@ impl Relay<'_> {
             .await?;
         record_identity(id, target, Some(&lease.proxy().id));
         let protocol = lease.proxy().protocol;
-        let mut leased = Leased::new(key.clone(), lease)?;
+        let lines = match lease_lines(&lease) {
+            Ok(lines) => lines,
+            Err(e) => {
+                // The fresh upstream connection closes before the lease goes back.
+                drop(io);
+                drop(lease);
+                return Err(e.into());
+            }
+        };
+        let mut leased = Leased::new(key.clone(), lease, lines);
         leased.upstream = Some(Upstream::new(io, early, &protocol, target));
         self.lease = Some(leased);
         Ok(())
