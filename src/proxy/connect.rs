@@ -21,9 +21,10 @@ use crate::target::Target;
 
 /// Handles a CONNECT whose head has been read.
 ///
-/// The opening step (identification, lease, dial, or the error answer) is a boxed future of
-/// its own, made here before anything is awaited: it takes the client socket, the head and
-/// the read buffer with it, and is freed once the tunnel is open. The tunnel's future thus
+/// The opening step (identification, lease, dial and the client's answer, or the error
+/// answer) is a boxed future of its own, made here before anything is awaited: it takes the
+/// client socket, the head and the read buffer with it, and is freed once the tunnel is
+/// open. The tunnel's future thus
 /// holds only what the tunnel needs, not the opening's state nor this function's arguments,
 /// for the connection's whole life. State and runtime are owned, so the caller can box the
 /// future as the connection's kind as soon as the head is read.
@@ -36,14 +37,17 @@ pub fn handle(
 ) -> impl Future<Output = ()> + Send + 'static {
     let opening = {
         let (state, rt) = (state.clone(), rt.clone());
-        Box::pin(async move { open(&state, &rt, client, head, rest).await })
+        Box::pin(async move {
+            let open = open(&state, &rt, client, head, rest).await?;
+            tunnel::greet(&state, Reply::Http, open).await
+        })
     };
     async move {
         let tunnel = {
-            let Some(open) = opening.await else {
+            let Some(greeted) = opening.await else {
                 return;
             };
-            tunnel::run(&state, &rt, Reply::Http, open)
+            tunnel::run(&state, &rt, greeted)
         };
         tunnel.await;
     }

@@ -93,7 +93,9 @@ impl Switch<'_> {
         }
         self.bytes.rx += out.len() as u64;
         self.cbuf.clear();
-        let (end, moved) = splice_upstream(self.client, up.io, limits, cancel).await;
+        let (end, moved) = splice_upstream(self.client, &mut up.io, limits, cancel).await;
+        // Closed here, before the caller gives the lease back (max_concurrency).
+        drop(up);
         self.bytes.tx += moved.tx;
         self.bytes.rx += moved.rx;
         if end == SpliceEnd::Error {

@@ -126,15 +126,24 @@ fn closed(buf: &BytesMut) -> HeadError {
     }
 }
 
+/// Bytes a head read may add to a full buffer: a typical head fits in the first such chunk.
+const READ_CHUNK: usize = 4096;
+
 /// Reads once, at most up to `max` bytes in `buf` (one more than `max` is never needed: a
 /// full buffer without a head is an error the parser reports).
+///
+/// The buffer grows only when it is full, by [`READ_CHUNK`] (the allocation itself doubles):
+/// reserving a larger read up front made every connection hold 16 KiB while its first head
+/// was read, and the heap kept the high-water mark of the openings under way.
 async fn read_more<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<usize, HeadError> {
     let want = max.saturating_sub(buf.len()).clamp(1, 16 * 1024);
-    buf.reserve(want);
+    if buf.capacity() == buf.len() {
+        buf.reserve(want.min(READ_CHUNK));
+    }
     io.read_buf(&mut (&mut *buf).limit(want))
         .await
         .map_err(HeadError::Io)
@@ -219,5 +228,61 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn opening_of(bytes: &[u8], max: usize) -> Result<Opening, HeadError> {
+        let mut io = bytes;
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(read_opening(&mut io, max, SECOND))
+    }
+
+    #[test]
+    fn a_small_opening_head_is_read_into_one_small_buffer() {
+        let Ok(Opening::Http(head, rest)) = opening_of(
+            b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+            64 * 1024,
+        ) else {
+            panic!("not a head");
+        };
+        assert_eq!(head.target(), "example.com:443");
+        assert!(rest.is_empty());
+        // What the connection holds while its opening is served: no more than one chunk.
+        assert!(rest.capacity() <= READ_CHUNK, "{}", rest.capacity());
+    }
+
+    #[test]
+    fn a_head_larger_than_one_chunk_grows_the_buffer_and_keeps_what_follows() {
+        let mut raw = b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n".to_vec();
+        for i in 0..40 {
+            raw.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "v".repeat(400)).as_bytes());
+        }
+        raw.extend_from_slice(b"\r\nearly");
+        assert!(raw.len() > 4 * READ_CHUNK);
+        let opening = opening_of(&raw, 64 * 1024);
+        let Ok(Opening::Http(head, rest)) = opening else {
+            panic!("not a head: {opening:?}");
+        };
+        assert_eq!(head.target(), "http://example.com/");
+        assert_eq!(&rest[..], b"early");
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_refused() {
+        let mut raw = b"GET http://example.com/ HTTP/1.1\r\n".to_vec();
+        raw.extend_from_slice(format!("X-Big: {}\r\n\r\n", "v".repeat(8000)).as_bytes());
+        assert!(matches!(
+            opening_of(&raw, 4096),
+            Err(HeadError::Bad(ProxyError::HeadTooLarge(_)))
+        ));
     }
 }

@@ -110,7 +110,9 @@ pub async fn handle(
         upstream_early,
         started,
     };
-    tunnel::run(state, rt, Reply::Socks5, open).await;
+    if let Some(greeted) = tunnel::greet(state, Reply::Socks5, open).await {
+        tunnel::run(state, rt, greeted).await;
+    }
 }
 
 async fn stopped(state: &ProxyState, client: &mut TcpStream, stop: Stop, started: Instant) {

@@ -249,21 +249,27 @@ pub async fn splice_tcp(
 /// `limits`.
 pub async fn splice_upstream(
     client: &mut TcpStream,
-    upstream: super::upstream::UpstreamIo,
+    upstream: &mut super::upstream::UpstreamIo,
     limits: &crate::config::LimitsConfig,
     cancel: &CancellationToken,
 ) -> (SpliceEnd, Transferred) {
     let idle = limits.idle_timeout();
     match upstream {
-        super::upstream::UpstreamIo::Tcp(mut tcp) => {
-            splice_tcp(client, &mut tcp, idle, limits.zero_copy, cancel).await
+        super::upstream::UpstreamIo::Tcp(tcp) => {
+            splice_tcp(client, tcp, idle, limits.zero_copy, cancel).await
         }
-        mut other => splice(client, &mut other, idle, cancel).await,
+        // Boxed: its copy state would size every plain-TCP tunnel's future too.
+        other => Box::pin(splice(client, other, idle, cancel)).await,
     }
 }
 
 /// One direction: wait for data without a buffer, then copy with a pooled one while reads
 /// fill it; pass EOF on as a write shutdown.
+///
+/// Waiting is all an idle direction does, so that is all its future holds: the readiness
+/// wait is the socket's own reader slot (no waiter node), and the copying runs as a boxed
+/// burst, allocated while bytes flow (one allocation per burst, next to its system calls)
+/// instead of sizing every idle tunnel's future by the copy loop's state.
 ///
 /// Reads go through `poll_read`, which marks the socket not-ready after a short read, so a
 /// drained socket costs no extra `EAGAIN` read: the next wait goes straight to the poller.
@@ -282,43 +288,52 @@ async fn pump(
     let mut bulk = false;
     loop {
         tokio::task::coop::consume_budget().await;
-        src.readable().await?;
-        if bulk {
-            // Boxed: a bulk burst's state (its pipe and readiness waits) is allocated while it
-            // runs, not carried by every idle tunnel's future.
-            match Box::pin(zero_copy::burst(src.as_ref(), dst.as_ref(), bytes, act)).await? {
-                Burst::Drained => continue,
-                Burst::Eof => return pass_eof(dst, act).await,
-                Burst::Unsupported => bulk = false,
-            }
-        }
-        let mut buf = take_buffer();
-        let burst = loop {
-            match read_now(src, &mut buf).await {
-                Ok(None) => break Ok(()),
-                Ok(Some(0)) => {
-                    give_back(buf);
-                    return pass_eof(dst, act).await;
-                }
-                Ok(Some(n)) => {
-                    act.moved(bytes, n);
-                    if let Err(e) = dst.write_all(&buf[..n]).await {
-                        break Err(e);
-                    }
-                    if n < buf.len() {
-                        break Ok(()); // Drained: wait for the poller again.
-                    }
-                    if zero_copy {
-                        bulk = true;
-                        break Ok(()); // Still readable: the splice takes over at once.
-                    }
-                }
-                Err(e) => break Err(e),
-            }
+        std::future::poll_fn(|cx| src.as_ref().poll_read_ready(cx)).await?;
+        let burst = if bulk {
+            Box::pin(zero_copy::burst(src.as_ref(), dst.as_ref(), bytes, act)).await?
+        } else {
+            Box::pin(copy_burst(src, dst, bytes, act, zero_copy)).await?
         };
-        give_back(buf);
-        burst?;
+        match burst {
+            Burst::Drained => {}
+            Burst::Eof => return pass_eof(dst, act).await,
+            Burst::Unsupported => bulk = false,
+            Burst::Bulk => bulk = true,
+        }
     }
+}
+
+/// Copies what `src` has now into `dst` through a pooled buffer: until a read comes short
+/// (drained) or, with `zero_copy`, fills the buffer (a bulk transfer: splice from now on).
+async fn copy_burst(
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
+    bytes: &AtomicU64,
+    act: &Activity,
+    zero_copy: bool,
+) -> io::Result<Burst> {
+    let mut buf = take_buffer();
+    let burst = loop {
+        match read_now(src, &mut buf).await {
+            Ok(None) => break Ok(Burst::Drained),
+            Ok(Some(0)) => break Ok(Burst::Eof),
+            Ok(Some(n)) => {
+                act.moved(bytes, n);
+                if let Err(e) = dst.write_all(&buf[..n]).await {
+                    break Err(e);
+                }
+                if n < buf.len() {
+                    break Ok(Burst::Drained); // Wait for the poller again.
+                }
+                if zero_copy {
+                    break Ok(Burst::Bulk); // Still readable: the splice takes over at once.
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    give_back(buf);
+    burst
 }
 
 /// Passes an EOF on. The second EOF needs no shutdown: both sockets close right after, and
@@ -340,6 +355,8 @@ enum Burst {
     Eof,
     /// No pipe could be had, or the kernel cannot splice these sockets: copy instead.
     Unsupported,
+    /// A copy filled its whole buffer: splice from now on.
+    Bulk,
 }
 
 /// `splice(2)` between TCP sockets through a pipe (Linux).

@@ -71,12 +71,61 @@ pub struct Open {
     pub started: Instant,
 }
 
-/// Answers the client, splices until the tunnel ends, then records the connection. The
-/// lease is given back when this returns (its `LeaseUse` is dropped here).
+/// A tunnel whose client has been answered: what the splice needs, and nothing else (an
+/// idle tunnel keeps this for its whole life).
+pub struct Greeted {
+    client: TcpStream,
+    lease: LeaseUse,
+    upstream: UpstreamIo,
+    started: Instant,
+    reply: Reply,
+}
+
+/// Answers the client and passes on what each side sent early: the tunnel to splice, or
+/// `None` (recorded, upstream closed, lease given back) when the client could not be told.
+/// A step of its own, so that its writes and the early bytes are not part of the
+/// splice's future.
+pub async fn greet(state: &ProxyState, reply: Reply, mut open: Open) -> Option<Greeted> {
+    Span::current().record("proxy", open.lease.proxy().id.as_str());
+    let greeted = open
+        .client
+        .write_all(&reply.bytes(&open.lease))
+        .await
+        .is_ok()
+        && (open.client_early.is_empty()
+            || open.upstream.write_all(&open.client_early).await.is_ok())
+        && (open.upstream_early.is_empty()
+            || open.client.write_all(&open.upstream_early).await.is_ok());
+    if greeted {
+        return Some(Greeted {
+            client: open.client,
+            lease: open.lease,
+            upstream: open.upstream,
+            started: open.started,
+            reply,
+        });
+    }
+    let pool = open.lease.held().lease().pool_name.clone();
+    // The upstream connection closes before the lease is given back (max_concurrency).
+    drop(open.upstream);
+    drop(open.lease);
+    finish(
+        state,
+        reply.kind(),
+        Some(&pool),
+        "client_closed",
+        Transferred::default(),
+        open.started,
+    );
+    None
+}
+
+/// Splices until the tunnel ends, then records the connection. The upstream connection is
+/// closed, then the lease given back, when the splice ends.
 ///
 /// A plain function returning a block, not an `async fn`: an `async fn` moves its arguments
-/// into locals and keeps the argument slots too, so every open tunnel would carry `open`
-/// twice; the block uses its captured `open` in place.
+/// into locals and keeps the argument slots too, so every open tunnel would carry its
+/// sockets twice; the block uses what it captured in place.
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn would keep its arguments twice"
@@ -84,50 +133,31 @@ pub struct Open {
 pub fn run<'a>(
     state: &'a ProxyState,
     rt: &'a Runtime,
-    reply: Reply,
-    mut open: Open,
+    mut tunnel: Greeted,
 ) -> impl Future<Output = ()> + Send + 'a {
     async move {
-        let pool = open.lease.held().lease().pool_name.clone();
-        Span::current().record("proxy", open.lease.proxy().id.as_str());
-        let greeted = open
-            .client
-            .write_all(&reply.bytes(&open.lease))
-            .await
-            .is_ok()
-            && (open.client_early.is_empty()
-                || open.upstream.write_all(&open.client_early).await.is_ok())
-            && (open.upstream_early.is_empty()
-                || open.client.write_all(&open.upstream_early).await.is_ok());
-        if !greeted {
-            // The upstream connection closes before the lease is given back (max_concurrency).
-            drop(open.upstream);
-            drop(open.lease);
-            return finish(
-                state,
-                reply.kind(),
-                Some(&pool),
-                "client_closed",
-                Transferred::default(),
-                open.started,
-            );
-        }
-        drop((open.client_early, open.upstream_early));
-        let cancelled = open.lease.cancelled();
-        let (end, bytes) =
-            splice_upstream(&mut open.client, open.upstream, rt.limits(), cancelled).await;
-        drop(open.lease);
+        let cancelled = tunnel.lease.cancelled();
+        let (end, bytes) = splice_upstream(
+            &mut tunnel.client,
+            &mut tunnel.upstream,
+            rt.limits(),
+            cancelled,
+        )
+        .await;
+        let pool = tunnel.lease.held().lease().pool_name.clone();
+        drop(tunnel.upstream);
+        drop(tunnel.lease);
         if end == SpliceEnd::Error {
             // Pass the failure on: a reset, not a clean end of stream.
-            let _ = socket2::SockRef::from(&open.client).set_linger(Some(Duration::ZERO));
+            let _ = socket2::SockRef::from(&tunnel.client).set_linger(Some(Duration::ZERO));
         }
         finish(
             state,
-            reply.kind(),
+            tunnel.reply.kind(),
             Some(&pool),
             outcome(end),
             bytes,
-            open.started,
+            tunnel.started,
         );
     }
 }

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -195,13 +195,15 @@ pub async fn open_tunnel(
     policy: &Policy,
     timeout: Duration,
 ) -> Result<(UpstreamIo, Bytes), DialError> {
-    within(timeout, open_inner(proxy, extra, target, policy)).await
+    within(timeout, pin!(open_inner(proxy, extra, target, policy))).await
 }
 
-/// Runs a dial step within `timeout`.
-async fn within<T>(
+/// Runs a dial step within `timeout`. The step is pinned by the caller: taken by value, it
+/// would be stored twice (as the argument and inside the timeout), and every connection
+/// being opened would carry the copy.
+async fn within<T, F: Future<Output = Result<T, DialError>>>(
     timeout: Duration,
-    step: impl Future<Output = Result<T, DialError>>,
+    step: Pin<&mut F>,
 ) -> Result<T, DialError> {
     tokio::time::timeout(timeout, step)
         .await
@@ -230,7 +232,8 @@ async fn open_inner(
                 .map_err(DialError::connect)?;
             tcp.set_nodelay(true)?;
             Ok((
-                UpstreamIo::Tcp(socks5_connect(tcp, proxy, target).await?),
+                // Boxed, as the TLS handshake: its state would size every dial's future.
+                UpstreamIo::Tcp(Box::pin(socks5_connect(tcp, proxy, target)).await?),
                 Bytes::new(),
             ))
         }
@@ -248,7 +251,7 @@ pub async fn open_forward(
 ) -> Result<(UpstreamIo, Bytes), DialError> {
     match proxy.protocol {
         ProxyProtocol::Http | ProxyProtocol::Https => {
-            let io = within(timeout, connect_proxy(proxy, extra)).await?;
+            let io = within(timeout, pin!(connect_proxy(proxy, extra))).await?;
             Ok((io, Bytes::new()))
         }
         _ => open_tunnel(proxy, extra, target, policy, timeout).await,
@@ -265,7 +268,8 @@ pub async fn connect_proxy(proxy: &Proxy, extra: &UpstreamExtra) -> Result<Upstr
         (Some(tls), ProxyProtocol::Https) => {
             let name = ServerName::try_from(proxy.host.clone())
                 .map_err(|e| DialError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-            let tls = tls.connect(name, tcp).await.map_err(|e| {
+            // Boxed: the handshake's state is large, and only `https` upstreams need it.
+            let tls = Box::pin(tls.connect(name, tcp)).await.map_err(|e| {
                 if is_local(&e) {
                     DialError::Local(e)
                 } else {
