@@ -49,13 +49,41 @@ impl From<std::io::Error> for Stop {
 }
 
 /// Serves a SOCKS5 client whose first bytes (`greeting`, starting with 5) have been read.
-pub async fn handle(
+///
+/// As for CONNECT, the handshake, lease, dial and answer run in a boxed opening step, freed
+/// once the tunnel is open: an open tunnel's future holds only the splice.
+pub fn handle(
     state: Arc<ProxyState>,
     rt: Arc<Runtime>,
+    client: TcpStream,
+    greeting: Bytes,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let opening = {
+        let (state, rt) = (state.clone(), rt.clone());
+        Box::pin(async move {
+            let open = open(&state, &rt, client, greeting).await?;
+            tunnel::greet(&state, Reply::Socks5, open).await
+        })
+    };
+    async move {
+        let tunnel = {
+            let Some(greeted) = opening.await else {
+                return;
+            };
+            tunnel::run(&state, &rt, greeted)
+        };
+        tunnel.await;
+    }
+}
+
+/// Negotiates, leases and dials: what the tunnel starts from, or `None` once the client has
+/// been answered (or has left).
+async fn open(
+    state: &Arc<ProxyState>,
+    rt: &Runtime,
     mut client: TcpStream,
     greeting: Bytes,
-) {
-    let (state, rt) = (&state, &*rt);
+) -> Option<Open> {
     let started = Instant::now();
     Span::current().record("kind", "socks5");
     let limits = rt.limits();
@@ -68,9 +96,12 @@ pub async fn handle(
     early_client.extend_from_slice(&io.into_inner().into_prefix());
     let (id, target) = match negotiated {
         Ok(Ok(v)) => v,
-        Ok(Err(stop)) => return stopped(state, &mut client, stop, started).await,
+        Ok(Err(stop)) => {
+            stopped(state, &mut client, stop, started).await;
+            return None;
+        }
         Err(_) => {
-            return finish(
+            finish(
                 state,
                 "socks5",
                 None,
@@ -78,41 +109,40 @@ pub async fn handle(
                 Transferred::default(),
                 started,
             );
+            return None;
         }
     };
     record_identity(&id, &target, None);
     let dialed = tokio::select! {
         biased;
-        // Boxed: the lease and dial state is freed once the tunnel is open.
-        r = Box::pin(state.lease_and_dial(rt, &id, &target, DialMode::Tunnel, &[])) => r,
+        r = state.lease_and_dial(rt, &id, &target, DialMode::Tunnel, &[]) => r,
         () = super::connect::client_gone(&client) => {
-            return finish(state, "socks5", None, "client_closed", Transferred::default(), started);
+            finish(state, "socks5", None, "client_closed", Transferred::default(), started);
+            return None;
         }
     };
     let (lease, upstream, upstream_early) = match dialed {
         Ok(v) => v,
         Err(e) => {
             super::log_error(&e);
-            return stopped(
+            stopped(
                 state,
                 &mut client,
                 Stop::Reply(e.socks_reply(), e.code()),
                 started,
             )
             .await;
+            return None;
         }
     };
-    let open = Open {
+    Some(Open {
         client,
         client_early: Bytes::from(early_client),
         lease,
         upstream,
         upstream_early,
         started,
-    };
-    if let Some(greeted) = tunnel::greet(state, Reply::Socks5, open).await {
-        tunnel::run(state, rt, greeted).await;
-    }
+    })
 }
 
 async fn stopped(state: &ProxyState, client: &mut TcpStream, stop: Stop, started: Instant) {
