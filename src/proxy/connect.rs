@@ -24,10 +24,10 @@ use crate::target::Target;
 /// The opening step (identification, lease, dial and the client's answer, or the error
 /// answer) is a boxed future of its own, made here before anything is awaited: it takes the
 /// client socket, the head and the read buffer with it, and is freed once the tunnel is
-/// open. The tunnel's future thus
-/// holds only what the tunnel needs, not the opening's state nor this function's arguments,
-/// for the connection's whole life. State and runtime are owned, so the caller can box the
-/// future as the connection's kind as soon as the head is read.
+/// open. The tunnel's future thus holds only what the tunnel needs, not the opening's state
+/// nor this function's arguments, for the connection's whole life. State and runtime are
+/// owned, so the caller can box the future as the connection's kind as soon as the head is
+/// read.
 pub fn handle(
     state: Arc<ProxyState>,
     rt: Arc<Runtime>,

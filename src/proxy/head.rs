@@ -42,7 +42,7 @@ pub async fn read_opening<R: AsyncRead + Unpin>(
     max: usize,
     timeout: Duration,
 ) -> Result<Opening, HeadError> {
-    let mut buf = BytesMut::with_capacity(4096.min(max));
+    let mut buf = BytesMut::with_capacity(READ_CHUNK.min(max));
     let first = tokio::time::timeout(timeout, async {
         loop {
             let n = read_more(io, &mut buf, max).await?;
@@ -126,23 +126,26 @@ fn closed(buf: &BytesMut) -> HeadError {
     }
 }
 
-/// Bytes a head read may add to a full buffer: a typical head fits in the first such chunk.
+/// The first read of a connection goes into a buffer of this size: a typical head fits.
 const READ_CHUNK: usize = 4096;
+/// Room a head read wants: with less, the buffer first takes back the front that earlier
+/// heads used, or grows (its allocation doubling), so that a head does not come in crumbs.
+const MIN_ROOM: usize = READ_CHUNK / 2;
 
 /// Reads once, at most up to `max` bytes in `buf` (one more than `max` is never needed: a
 /// full buffer without a head is an error the parser reports).
 ///
-/// The buffer grows only when it is full, by [`READ_CHUNK`] (the allocation itself doubles):
-/// reserving a larger read up front made every connection hold 16 KiB while its first head
-/// was read, and the heap kept the high-water mark of the openings under way.
+/// The buffer grows only when it has less than [`MIN_ROOM`] left: reserving a larger read
+/// up front made every connection hold 16 KiB while its first head was read, and the heap
+/// kept the high-water mark of the openings under way.
 async fn read_more<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<usize, HeadError> {
     let want = max.saturating_sub(buf.len()).clamp(1, 16 * 1024);
-    if buf.capacity() == buf.len() {
-        buf.reserve(want.min(READ_CHUNK));
+    if buf.capacity() - buf.len() < MIN_ROOM {
+        buf.reserve(want.min(MIN_ROOM));
     }
     io.read_buf(&mut (&mut *buf).limit(want))
         .await
