@@ -42,15 +42,7 @@ pub fn handle(
             tunnel::greet(&state, Reply::Http, open).await
         })
     };
-    async move {
-        let tunnel = {
-            let Some(greeted) = opening.await else {
-                return;
-            };
-            tunnel::run(&state, &rt, greeted)
-        };
-        tunnel.await;
-    }
+    tunnel::serve(state, rt, opening)
 }
 
 /// Identifies, leases and dials: what the tunnel starts from, or `None` once the client has

@@ -65,15 +65,7 @@ pub fn handle(
             tunnel::greet(&state, Reply::Socks5, open).await
         })
     };
-    async move {
-        let tunnel = {
-            let Some(greeted) = opening.await else {
-                return;
-            };
-            tunnel::run(&state, &rt, greeted)
-        };
-        tunnel.await;
-    }
+    tunnel::serve(state, rt, opening)
 }
 
 /// Negotiates, leases and dials: what the tunnel starts from, or `None` once the client has

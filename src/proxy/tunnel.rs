@@ -6,6 +6,8 @@
 //! a reset towards the client too (`SO_LINGER` 0), so a cut transfer never looks complete.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -120,6 +122,28 @@ pub async fn greet(state: &ProxyState, reply: Reply, mut open: Open) -> Option<G
     None
 }
 
+/// A tunnel connection's future: `opening` (boxed by the caller, so that the handshake,
+/// lease, dial and answer are freed once the tunnel is open), then the splice. Until then
+/// this future holds the box's pointer, and afterwards only the splice.
+pub fn serve<F>(
+    state: Arc<ProxyState>,
+    rt: Arc<Runtime>,
+    opening: Pin<Box<F>>,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    F: Future<Output = Option<Greeted>> + Send + 'static,
+{
+    async move {
+        let tunnel = {
+            let Some(greeted) = opening.await else {
+                return;
+            };
+            run(&state, &rt, greeted)
+        };
+        tunnel.await;
+    }
+}
+
 /// Splices until the tunnel ends, then records the connection. The upstream connection is
 /// closed, then the lease given back, when the splice ends.
 ///
@@ -130,7 +154,7 @@ pub async fn greet(state: &ProxyState, reply: Reply, mut open: Open) -> Option<G
     clippy::manual_async_fn,
     reason = "an async fn would keep its arguments twice"
 )]
-pub fn run<'a>(
+fn run<'a>(
     state: &'a ProxyState,
     rt: &'a Runtime,
     mut tunnel: Greeted,
