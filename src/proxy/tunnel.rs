@@ -125,6 +125,10 @@ pub async fn greet(state: &ProxyState, reply: Reply, mut open: Open) -> Option<G
 /// A tunnel connection's future: `opening` (boxed by the caller, so that the handshake,
 /// lease, dial and answer are freed once the tunnel is open), then the splice. Until then
 /// this future holds the box's pointer, and afterwards only the splice.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
 pub fn serve<F>(
     state: Arc<ProxyState>,
     rt: Arc<Runtime>,
