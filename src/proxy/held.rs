@@ -341,17 +341,30 @@ impl LeaseUse {
     /// The headers a successful answer carries: the upstream's id, the lease id and, for a
     /// sticky session, the session (and the upstream it left, if it just moved).
     pub fn stamp(&self) -> Vec<(&'static str, String)> {
-        let mut h = vec![
-            ("X-Pharox-Proxy-Id", self.proxy().id.to_string()),
-            ("X-Pharox-Lease-Id", self.lease_id().to_string()),
-        ];
+        let mut h = Vec::with_capacity(4);
+        self.each_stamp(|name, value| h.push((name, value.to_string())));
+        h
+    }
+
+    /// Appends the [`stamp`](Self::stamp) to `out` as header lines (`Name: value` and CRLF
+    /// each), formatted in place.
+    pub fn write_stamp(&self, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        self.each_stamp(|name, value| {
+            // Writing to a Vec cannot fail.
+            let _ = write!(out, "{name}: {value}\r\n");
+        });
+    }
+
+    fn each_stamp(&self, mut header: impl FnMut(&'static str, &dyn std::fmt::Display)) {
+        header("X-Pharox-Proxy-Id", &self.proxy().id);
+        header("X-Pharox-Lease-Id", &self.lease_id());
         if let Some(s) = &self.session {
-            h.push(("X-Pharox-Session", s.id().to_owned()));
+            header("X-Pharox-Session", &s.id());
             if let Some(from) = &s.moved_from {
-                h.push(("X-Pharox-Session-Moved-From", from.to_string()));
+                header("X-Pharox-Session-Moved-From", from);
             }
         }
-        h
     }
 }
 

@@ -43,13 +43,11 @@ impl Reply {
         match self {
             Reply::Socks5 => vec![5, socks_reply::OK, 0, 1, 0, 0, 0, 0, 0, 0],
             Reply::Http => {
-                let mut out = b"HTTP/1.1 200 Connection established\r\n".to_vec();
-                for (k, v) in lease.stamp() {
-                    out.extend_from_slice(k.as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(v.as_bytes());
-                    out.extend_from_slice(b"\r\n");
-                }
+                const STATUS: &[u8] = b"HTTP/1.1 200 Connection established\r\n";
+                // One allocation: the status line, the stamp's two or four lines, the end.
+                let mut out = Vec::with_capacity(STATUS.len() + 160);
+                out.extend_from_slice(STATUS);
+                lease.write_stamp(&mut out);
                 out.extend_from_slice(b"\r\n");
                 out
             }
