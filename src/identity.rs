@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use base64::Engine as _;
+use rustc_hash::FxBuildHasher;
+use smallvec::SmallVec;
 use subtle::ConstantTimeEq;
 
 use crate::config::Config;
@@ -66,9 +68,11 @@ pub fn parse_username(
     if user.len() > MAX_USERNAME {
         return bad(format!("longer than {MAX_USERNAME} bytes"));
     }
-    // Segments as slices of `user`: `seg(i..j)` is segments i..j joined by their dashes.
-    let segs: Vec<&str> = user.split('-').collect();
-    let offsets: Vec<usize> = segs
+    // Segments as slices of `user`: `seg(i..j)` is segments i..j joined by their dashes. On
+    // the stack for usual user names (a heap allocation each otherwise, on every new client
+    // connection).
+    let segs: SmallVec<[&str; 16]> = user.split('-').collect();
+    let offsets: SmallVec<[usize; 16]> = segs
         .iter()
         .scan(0, |at, s| {
             let start = *at;
@@ -190,8 +194,10 @@ pub struct Identity {
 #[derive(Debug, Clone)]
 pub struct Authenticator {
     required: bool,
-    consumers: HashMap<String, ConsumerEntry>,
-    pools: HashMap<String, Arc<str>>,
+    // Built from the config only, so a fast hash is safe: a client's names are looked up,
+    // never inserted.
+    consumers: HashMap<String, ConsumerEntry, FxBuildHasher>,
+    pools: HashMap<String, Arc<str>, FxBuildHasher>,
     /// Segments of the longest pool name (`a-b-c` has 3).
     pool_segments: usize,
     default_pool: Option<Arc<str>>,
@@ -204,7 +210,7 @@ impl Authenticator {
     /// Builds the tables from a validated config, plus `discovered` pools (in the storage,
     /// not in the config: usable by consumers allowed every pool).
     pub fn new(config: &Config, discovered: &[Arc<str>]) -> Self {
-        let pools: HashMap<String, Arc<str>> = config
+        let pools: HashMap<String, Arc<str>, FxBuildHasher> = config
             .pools
             .iter()
             .map(|p| Arc::from(p.name.as_str()))

@@ -17,7 +17,7 @@ use crate::identity::Authenticator;
 use crate::model::{Credentials, Pool, Proxy, ProxyId, ProxyInfo, ProxyProtocol};
 use crate::proxy::held::Manager;
 use crate::proxy::upstream::{UpstreamExtra, tls_connector};
-use crate::proxy::{PoolRuntime, ProxyState, Runtime};
+use crate::proxy::{Extras, PoolRuntime, ProxyState, Runtime};
 use crate::storage::{LeaseError, Storage};
 use crate::target::Policy;
 
@@ -63,11 +63,9 @@ pub struct ReloadReport {
 }
 
 /// The engine records a config describes, with the extras the engine does not carry.
-fn inventory(
-    config: &Config,
-) -> Result<(Vec<Proxy>, HashMap<ProxyId, UpstreamExtra>), ReloadError> {
+fn inventory(config: &Config) -> Result<(Vec<Proxy>, Extras), ReloadError> {
     let mut proxies = Vec::new();
-    let mut extras = HashMap::new();
+    let mut extras = HashMap::default();
     let mut tls_cache: HashMap<Option<PathBuf>, tokio_rustls::TlsConnector> = HashMap::new();
     for pc in &config.pools {
         for xc in &pc.proxies {
@@ -112,7 +110,7 @@ fn inventory(
 /// Builds the runtime settings of a validated config.
 fn runtime(
     config: Config,
-    extras: HashMap<ProxyId, UpstreamExtra>,
+    extras: Extras,
     own: Vec<SocketAddr>,
     discovered: Vec<Arc<str>>,
 ) -> Runtime {

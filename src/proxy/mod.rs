@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
+use rustc_hash::FxBuildHasher;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -70,17 +71,22 @@ pub struct PoolRuntime {
     pub lease_slow: bool,
 }
 
+/// Per-upstream settings the engine does not carry, by upstream.
+pub type Extras = HashMap<ProxyId, UpstreamExtra, FxBuildHasher>;
+
 /// Everything derived from one configuration. Swapped whole on reload; a connection keeps
-/// the snapshot it started with.
+/// the snapshot it started with. Its maps are built from the config and the storage only,
+/// never from what a client sends (clients' names are only looked up), so they use a fast
+/// hash rather than a keyed one.
 pub struct Runtime {
     /// The configuration it was built from.
     pub config: Config,
     /// Credentials and identity.
     pub auth: Authenticator,
     /// Per-pool settings.
-    pub pools: HashMap<Arc<str>, PoolRuntime>,
+    pub pools: HashMap<Arc<str>, PoolRuntime, FxBuildHasher>,
     /// Per-upstream settings the engine does not carry.
-    pub extras: HashMap<ProxyId, UpstreamExtra>,
+    pub extras: Extras,
     /// Destination policy.
     pub policy: Policy,
     /// Pools of the storage that the config does not name, leasable with default settings.
