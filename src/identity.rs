@@ -194,8 +194,8 @@ pub struct Identity {
 #[derive(Debug, Clone)]
 pub struct Authenticator {
     required: bool,
-    // Built from the config only, so a fast hash is safe: a client's names are looked up,
-    // never inserted.
+    // Built from the config and the storage's pools only, so a fast hash is safe: a
+    // client's names are looked up, never inserted.
     consumers: HashMap<String, ConsumerEntry, FxBuildHasher>,
     pools: HashMap<String, Arc<str>, FxBuildHasher>,
     /// Segments of the longest pool name (`a-b-c` has 3).
