@@ -8,10 +8,18 @@
 //! worker processes' own (client), and the server's (the postmaster's children, live and
 //! reaped, read from /proc: only when the server runs on this machine).
 //!
+//! Each (daemons, pool, cap) group ends with a `floor` row: the same worker processes,
+//! connections and loops, running the smallest statements a lease can cost on this schema
+//! (one transaction bumping the first unlocked proxy below its cap and inserting the lease
+//! row, one marking it released and decrementing the counter: no selector, filter, pool
+//! lookup, health or rest test, cursor or returned proxy row). Its server µs/pair is the
+//! floor the selector rows stand on, measured in the same run (`--no-floor` leaves it out).
+//!
 //! ```sh
 //! export TEST_PHAROX_PG=$(scripts/pg-cluster.sh start)
 //! cargo bench --bench pg                      # or: cargo bench --bench pg -- --url URL
 //! cargo bench --bench pg -- --secs 2 --sizes 10,1000 --instances 1
+//! cargo bench --bench pg -- --instances 1 --tasks 1   # uncontended latency: one loop
 //! ```
 //! The benchmark works in a database of its own (`pharox_bench_PID`), dropped at the end
 //! (`--keep` leaves it, to look at plans with `EXPLAIN` or replay a statement in pgbench).
@@ -23,7 +31,7 @@ use pharox::storage::postgres::{PgSettings, PostgresStorage};
 use pharox::{AcquireRequest, Pool, Proxy, ProxyManager, ProxyProtocol, Selector, Storage};
 use tokio_postgres::NoTls;
 
-/// Concurrent acquire loops per daemon (and pooled connections).
+/// Concurrent acquire loops per daemon (and pooled connections), unless `--tasks N`.
 const TASKS: usize = 4;
 
 struct Args {
@@ -34,6 +42,10 @@ struct Args {
     selectors: Vec<Selector>,
     /// Leave the database in place at the end (to look at its plans).
     keep: bool,
+    /// Add the bare-statement `floor` row to every group.
+    floor: bool,
+    /// Acquire loops (and pooled connections) per daemon.
+    tasks: usize,
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -73,6 +85,11 @@ fn main() {
         sizes: list(arg(&args, "--sizes"), &[10, 1000, 10000]),
         instances: list(arg(&args, "--instances"), &[1, 4]),
         keep: args.iter().any(|a| a == "--keep"),
+        floor: !args.iter().any(|a| a == "--no-floor"),
+        tasks: arg(&args, "--tasks")
+            .and_then(|s| s.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(TASKS),
         selectors: list(
             arg(&args, "--selectors"),
             &[
@@ -115,9 +132,9 @@ async fn raw(url: &str) -> tokio_postgres::Client {
     c
 }
 
-fn settings(url: &str, node: &str) -> PgSettings {
+fn settings(url: &str, node: &str, tasks: usize) -> PgSettings {
     let mut s = PgSettings::new(url, node);
-    s.pool_size = TASKS;
+    s.pool_size = tasks;
     s.statement_timeout = Duration::from_secs(5);
     s
 }
@@ -134,7 +151,7 @@ async fn run(a: Args) {
         .await
         .unwrap();
     let url = with_database(&a.url, &db);
-    let admin = PostgresStorage::connect(settings(&url, "bench-admin"))
+    let admin = PostgresStorage::connect(settings(&url, "bench-admin", TASKS))
         .await
         .unwrap();
     let caps = [Some(1), None];
@@ -156,8 +173,8 @@ async fn run(a: Args) {
     sql.batch_execute(HISTORY).await.unwrap();
     sql.batch_execute("VACUUM ANALYZE").await.unwrap();
     println!(
-        "pairs/s (acquire p50 / p99 ms; misses) — {TASKS} tasks per daemon, {} s per cell",
-        a.secs
+        "pairs/s (acquire p50 / p99 ms; misses) — {} tasks per daemon, {} s per cell",
+        a.tasks, a.secs
     );
     println!(
         "| daemons | pool | cap | selector | pairs/s | p50 ms | p99 ms | misses \
@@ -169,14 +186,16 @@ async fn run(a: Args) {
     for &n in &a.instances {
         for &size in &a.sizes {
             for cap in caps {
-                for &sel in &a.selectors {
+                let floor = a.floor.then_some(Kind::Floor);
+                let kinds = a.selectors.iter().map(|&s| Kind::Selector(s)).chain(floor);
+                for sel in kinds {
                     let pool = pool_name(size, cap);
                     // What autovacuum does in a long-lived database: statistics that
                     // follow the lease table's growth (each cell adds thousands of rows).
                     sql.batch_execute("ANALYZE lease").await.unwrap();
                     let server_before = postmaster.map(server_cpu);
                     let (cell, over, hits, client_cpu) =
-                        cell(&url, &sql, &admin, n, &pool, sel, a.secs).await;
+                        cell(&url, &sql, &admin, (n, a.tasks), &pool, sel, a.secs).await;
                     let per_pair = |cpu: f64| format!("{:.0}", cpu * 1e6 / hits.max(1) as f64);
                     let server = match (postmaster, server_before) {
                         (Some(pid), Some(before)) => per_pair(server_cpu(pid) - before),
@@ -205,14 +224,37 @@ async fn run(a: Args) {
     assert_eq!(over_total, 0, "over-leasing detected");
 }
 
-/// One measurement: `n` worker processes on one pool with one selector.
+/// What a cell's loops run: the manager with a selector, or the bare floor statements.
+#[derive(Clone, Copy)]
+enum Kind {
+    Selector(Selector),
+    Floor,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Selector(s) => s.as_str(),
+            Kind::Floor => "floor",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One measurement: `n` worker processes of `tasks` loops each on one pool with one
+/// selector (or the floor).
 async fn cell(
     url: &str,
     sql: &tokio_postgres::Client,
     admin: &PostgresStorage,
-    n: usize,
+    (n, tasks): (usize, usize),
     pool: &str,
-    sel: Selector,
+    sel: Kind,
     secs: f64,
 ) -> (String, u64, u64, f64) {
     let start_at =
@@ -238,6 +280,7 @@ async fn cell(
                     &secs.to_string(),
                 ])
                 .args(["--start-at", &start_at.as_millis().to_string()])
+                .args(["--tasks", &tasks.to_string()])
                 .stdout(Stdio::piped())
                 .spawn()
                 .expect("worker process")
@@ -350,24 +393,23 @@ fn server_cpu(postmaster: u32) -> f64 {
     total
 }
 
-/// A daemon: its own storage and manager; `TASKS` loops of acquire + release.
+/// A daemon: its own storage and manager; `--tasks` loops of acquire + release.
 async fn worker(args: &[String]) {
     let get = |k| arg(args, k).expect(k);
     let (url, pool, node) = (get("--url"), get("--pool"), get("--node"));
-    let sel: Selector = get("--selector").parse().unwrap();
     let secs: f64 = get("--secs").parse().unwrap();
     let start_ms: u128 = get("--start-at").parse().unwrap();
-    let mut s = settings(&url, &node);
+    let tasks: usize = get("--tasks").parse().unwrap();
+    if get("--selector") == "floor" {
+        return floor_worker(&url, (&pool, &node), tasks, secs, start_ms).await;
+    }
+    let sel: Selector = get("--selector").parse().unwrap();
+    let mut s = settings(&url, &node, tasks);
     s.migrate = false; // the parent migrated
     let storage = PostgresStorage::connect(s).await.expect("worker connect");
     let m = ProxyManager::new(storage.clone());
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    tokio::time::sleep(Duration::from_millis(start_ms.saturating_sub(now_ms) as u64)).await;
-    let until = Instant::now() + Duration::from_secs_f64(secs);
-    let tasks: Vec<_> = (0..TASKS)
+    let until = wait_for_start(start_ms, secs).await;
+    let tasks: Vec<_> = (0..tasks)
         .map(|t| {
             let (m, pool) = (m.clone(), pool.clone());
             tokio::spawn(async move {
@@ -399,9 +441,103 @@ async fn worker(args: &[String]) {
         lat.extend(l);
     }
     storage.close().await;
+    report(hits, misses, lat);
+}
+
+/// Sleeps until the common start, and returns the end of the measurement.
+async fn wait_for_start(start_ms: u128, secs: f64) -> Instant {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    tokio::time::sleep(Duration::from_millis(start_ms.saturating_sub(now_ms) as u64)).await;
+    Instant::now() + Duration::from_secs_f64(secs)
+}
+
+/// A worker's last line: what the parent adds up.
+fn report(hits: u64, misses: u64, lat: Vec<u64>) {
     let cpu = proc_cpu(std::process::id(), false).unwrap_or(0.0);
     println!(
         "{}",
         serde_json::json!({"hits": hits, "misses": misses, "lat_us": lat, "cpu_s": cpu})
     );
+}
+
+/// The floor's lease: the first unlocked proxy of the pool below its cap, bumped, and its
+/// lease row, in one transaction (0 rows: a miss).
+const FLOOR_ACQUIRE: &str = "
+    WITH b AS (
+        UPDATE proxy p SET current_leases = p.current_leases + 1
+        WHERE p.id = (SELECT q.id FROM proxy q
+                      WHERE q.pool_id = $1
+                        AND (q.max_concurrency IS NULL OR q.current_leases < q.max_concurrency)
+                      ORDER BY q.created_at, q.id LIMIT 1 FOR UPDATE SKIP LOCKED)
+          AND (p.max_concurrency IS NULL OR p.current_leases < p.max_concurrency)
+        RETURNING p.id, p.pool_id)
+    INSERT INTO lease (id, proxy_id, pool_id, consumer_id, pool_name, status, acquired_at,
+                       expires_at, holder)
+    SELECT $2, b.id, b.pool_id, $3, $4, 'active', now(), now() + interval '60 seconds', $5
+    FROM b RETURNING id";
+
+/// The floor's release: the lease marked released, its proxy's counter decremented.
+const FLOOR_RELEASE: &str = "
+    WITH r AS (
+        UPDATE lease SET status = 'released', released_at = now()
+        WHERE id = $1 AND status = 'active' RETURNING proxy_id)
+    UPDATE proxy p SET current_leases = p.current_leases - 1 FROM r WHERE p.id = r.proxy_id";
+
+/// A floor worker: `tasks` connections, each looping over the two bare statements.
+async fn floor_worker(
+    url: &str,
+    (pool, node): (&str, &str),
+    tasks: usize,
+    secs: f64,
+    start_ms: u128,
+) {
+    let consumer = uuid::Uuid::parse_str("00000000-0000-4000-8000-000000000001").unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..tasks {
+        let c = raw(url).await;
+        let acquire = c.prepare(FLOOR_ACQUIRE).await.unwrap();
+        let release = c.prepare(FLOOR_RELEASE).await.unwrap();
+        conns.push((c, acquire, release));
+    }
+    let row = conns[0]
+        .0
+        .query_one("SELECT id FROM proxy_pool WHERE name = $1", &[&pool])
+        .await
+        .unwrap();
+    let pool_id: uuid::Uuid = row.get(0);
+    let until = wait_for_start(start_ms, secs).await;
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|(c, acquire, release)| {
+            let (pool, node) = (pool.to_string(), node.to_string());
+            tokio::spawn(async move {
+                let (mut hits, mut misses, mut lat) = (0u64, 0u64, Vec::new());
+                while Instant::now() < until {
+                    let t0 = Instant::now();
+                    let id = uuid::Uuid::new_v4();
+                    let args: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                        [&pool_id, &id, &consumer, &pool, &node];
+                    if c.query_opt(&acquire, &args).await.unwrap().is_none() {
+                        misses += 1;
+                        continue;
+                    }
+                    lat.push(t0.elapsed().as_micros() as u64);
+                    c.execute(&release, &[&id]).await.unwrap();
+                    hits += 1;
+                }
+                (hits, misses, lat)
+            })
+        })
+        .collect();
+    let (mut hits, mut misses, mut lat) = (0, 0, Vec::new());
+    for t in tasks {
+        let (h, mi, l) = t.await.unwrap();
+        hits += h;
+        misses += mi;
+        lat.extend(l);
+    }
+    report(hits, misses, lat);
 }
