@@ -175,7 +175,7 @@ fn parse_new(
     spare: &mut Fields,
 ) -> Result<Option<RequestHead>, HeadError> {
     let new = &buf[buf.len().saturating_sub(fresh)..];
-    if new.contains(&b'\n') || buf.len() >= max {
+    if memchr::memchr(b'\n', new).is_some() || buf.len() >= max {
         parse(buf, max, spare)
     } else {
         Ok(None)

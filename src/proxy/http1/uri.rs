@@ -95,23 +95,18 @@ impl<'a> AbsoluteUri<'a> {
     /// line's target); an authority equal to `known` (one that parsed before) is not checked
     /// again.
     pub(crate) fn parse_visible(uri: &'a str, known: Option<&str>) -> Result<Self, UriError> {
+        // The scans use `memchr` (vectorised): a target is scanned on every request.
         let bytes = uri.as_bytes();
-        if bytes.contains(&b'#') {
+        if memchr::memchr(b'#', bytes).is_some() {
             return Err(UriError::Fragment);
         }
-        let colon = bytes
-            .iter()
-            .position(|&b| b == b':')
-            .ok_or(UriError::NotAbsolute)?;
+        let colon = memchr::memchr(b':', bytes).ok_or(UriError::NotAbsolute)?;
         let (scheme, rest) = (&uri[..colon], &uri[colon + 1..]);
         let rest = rest.strip_prefix("//").ok_or(UriError::NotAbsolute)?;
         let scheme = parse_scheme(scheme)?;
-        let end = rest
-            .bytes()
-            .position(|b| b == b'/' || b == b'?')
-            .unwrap_or(rest.len());
+        let end = memchr::memchr2(b'/', b'?', rest.as_bytes()).unwrap_or(rest.len());
         let (authority, path_and_query) = rest.split_at(end);
-        if authority.as_bytes().contains(&b'@') {
+        if memchr::memchr(b'@', authority.as_bytes()).is_some() {
             return Err(UriError::UserInfo);
         }
         let (host, port) = host_port(authority, known == Some(authority))?;
@@ -174,7 +169,7 @@ fn host_port(authority: &str, known: bool) -> Result<(&str, Option<u16>), UriErr
             }
         }
         None => {
-            let (host, port) = match authority.bytes().position(|b| b == b':') {
+            let (host, port) = match memchr::memchr(b':', authority.as_bytes()) {
                 Some(colon) => (&authority[..colon], Some(&authority[colon + 1..])),
                 None => (authority, None),
             };
