@@ -433,13 +433,7 @@ async fn worker(args: &[String]) {
             })
         })
         .collect();
-    let (mut hits, mut misses, mut lat) = (0, 0, Vec::new());
-    for t in tasks {
-        let (h, mi, l) = t.await.unwrap();
-        hits += h;
-        misses += mi;
-        lat.extend(l);
-    }
+    let (hits, misses, lat) = gather(tasks).await;
     storage.close().await;
     report(hits, misses, lat);
 }
@@ -452,6 +446,20 @@ async fn wait_for_start(start_ms: u128, secs: f64) -> Instant {
         .as_millis();
     tokio::time::sleep(Duration::from_millis(start_ms.saturating_sub(now_ms) as u64)).await;
     Instant::now() + Duration::from_secs_f64(secs)
+}
+
+/// Loop results: hits, misses and acquire latencies (µs), added up.
+type Tally = (u64, u64, Vec<u64>);
+
+async fn gather(tasks: Vec<tokio::task::JoinHandle<Tally>>) -> Tally {
+    let (mut hits, mut misses, mut lat) = (0, 0, Vec::new());
+    for t in tasks {
+        let (h, mi, l) = t.await.unwrap();
+        hits += h;
+        misses += mi;
+        lat.extend(l);
+    }
+    (hits, misses, lat)
 }
 
 /// A worker's last line: what the parent adds up.
@@ -532,12 +540,6 @@ async fn floor_worker(
             })
         })
         .collect();
-    let (mut hits, mut misses, mut lat) = (0, 0, Vec::new());
-    for t in tasks {
-        let (h, mi, l) = t.await.unwrap();
-        hits += h;
-        misses += mi;
-        lat.extend(l);
-    }
+    let (hits, misses, lat) = gather(tasks).await;
     report(hits, misses, lat);
 }
