@@ -194,10 +194,11 @@ pub struct Identity {
 #[derive(Debug, Clone)]
 pub struct Authenticator {
     required: bool,
-    // Built from the config and the storage's pools only, so a fast hash is safe: a
-    // client's names are looked up, never inserted.
+    // Consumers come from the config file alone, so a fast hash is safe: a client's names
+    // are looked up, never inserted. Pools also come from the storage, where the lease API,
+    // Python workers and other daemons add names: the default (keyed) hash.
     consumers: HashMap<String, ConsumerEntry, FxBuildHasher>,
-    pools: HashMap<String, Arc<str>, FxBuildHasher>,
+    pools: HashMap<String, Arc<str>>,
     /// Segments of the longest pool name (`a-b-c` has 3).
     pool_segments: usize,
     default_pool: Option<Arc<str>>,
@@ -210,7 +211,7 @@ impl Authenticator {
     /// Builds the tables from a validated config, plus `discovered` pools (in the storage,
     /// not in the config: usable by consumers allowed every pool).
     pub fn new(config: &Config, discovered: &[Arc<str>]) -> Self {
-        let pools: HashMap<String, Arc<str>, FxBuildHasher> = config
+        let pools: HashMap<String, Arc<str>> = config
             .pools
             .iter()
             .map(|p| Arc::from(p.name.as_str()))

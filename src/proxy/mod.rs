@@ -71,20 +71,20 @@ pub struct PoolRuntime {
     pub lease_slow: bool,
 }
 
-/// Per-upstream settings the engine does not carry, by upstream.
+/// Per-upstream settings the engine does not carry, by upstream. Built from the config file
+/// alone (a client's ids are looked up, never inserted), so a fast hash is safe.
 pub type Extras = HashMap<ProxyId, UpstreamExtra, FxBuildHasher>;
 
 /// Everything derived from one configuration. Swapped whole on reload; a connection keeps
-/// the snapshot it started with. Its maps are built from the config and the storage only,
-/// never from what a client sends (clients' names are only looked up), so they use a fast
-/// hash rather than a keyed one.
+/// the snapshot it started with.
 pub struct Runtime {
     /// The configuration it was built from.
     pub config: Config,
     /// Credentials and identity.
     pub auth: Authenticator,
-    /// Per-pool settings.
-    pub pools: HashMap<Arc<str>, PoolRuntime, FxBuildHasher>,
+    /// Per-pool settings: the config's pools and the storage's (the default, keyed hash:
+    /// the lease API, Python workers and other daemons add names there).
+    pub pools: HashMap<Arc<str>, PoolRuntime>,
     /// Per-upstream settings the engine does not carry.
     pub extras: Extras,
     /// Destination policy.
