@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Instructions pharox executes per plain-HTTP keep-alive request, counted with callgrind: a
-# figure that does not move with the machine's noise, for A/B of changes to the relay.
+# Instructions pharox executes per plain-HTTP keep-alive request (or, with MODE=tunnel-rate,
+# per tunnel: CONNECT, echo, close), counted with callgrind: a figure that does not move with
+# the machine's noise, for A/B of changes to the relay.
 #
 #   apt-get install -y valgrind
 #   cargo build --release
 #   PHAROX_BIN=target/release/pharox benches/http-instructions.sh
 #   PHAROX_BIN=/tmp/pharox-before OUT=/tmp/before benches/http-instructions.sh   # keep profiles
+#   MODE=tunnel-rate PHAROX_BIN=target/release/pharox benches/http-instructions.sh
 #
 # It starts the shared fleet's origin and upstreams (../shared/bench, see its README), runs
 # pharox under callgrind twice (3 000 then 9 000 requests from 8 keep-alive connections of
@@ -18,6 +20,12 @@ cd "$(dirname "$0")/.."
 
 : "${PHAROX_BIN:?set PHAROX_BIN to a pharox binary (cargo build --release)}"
 : "${OUT:=${TMPDIR:-/tmp}/pharox-http-instructions}"
+MODE=${MODE:-http-rps}
+case $MODE in
+http-rps) UNIT=request ;;
+tunnel-rate) UNIT=tunnel ;;
+*) echo "MODE must be http-rps or tunnel-rate" >&2; exit 2 ;;
+esac
 BENCH=${BENCH:-../shared/bench}
 # shellcheck source=/dev/null
 source "$BENCH/peers/peers.env"
@@ -51,7 +59,7 @@ for n in 3000 9000; do
         "$PHAROX_BIN" serve --config "$CONFIG" 2> "$OUT.$n.log" &
     pid=$!
     until (echo > "/dev/tcp/${ADDR%:*}/${ADDR#*:}") 2> /dev/null; do sleep 0.2; done
-    taskset -c "$LOADGEN_CPU" "$LOAD" load http-rps --proxy "$ADDR" --proxy-auth bench-pool-chain:bench \
+    taskset -c "$LOADGEN_CPU" "$LOAD" load "$MODE" --proxy "$ADDR" --proxy-auth bench-pool-chain:bench \
         -c 8 --count "$n" --duration 120 --warmup 0 > /dev/null
     kill -INT "$pid"
     wait "$pid"
@@ -59,4 +67,4 @@ done
 
 a=$(($(total "$OUT.3000.cg") - $(setup "$OUT.3000.cg")))
 b=$(($(total "$OUT.9000.cg") - $(setup "$OUT.9000.cg")))
-echo "instructions per request: $(((b - a) / 6000))"
+echo "instructions per $UNIT: $(((b - a) / 6000))"

@@ -146,16 +146,56 @@ impl Target {
 
     /// `host:port`, bracketing IPv6 literals: safe to write into a head.
     pub fn authority(&self) -> String {
+        let mut out = String::with_capacity(24);
+        self.push_authority(&mut out);
+        out
+    }
+
+    /// Appends [`Target::authority`] to `out`. IPv4 literals, names and the port are
+    /// written digit by digit, not through `fmt`: this runs for every tunnel opened.
+    pub fn push_authority(&self, out: &mut String) {
         match &self.host {
-            Host::Ip(IpAddr::V6(v6)) => format!("[{v6}]:{}", self.port),
-            host => format!("{host}:{}", self.port),
+            Host::Ip(IpAddr::V6(v6)) => {
+                use std::fmt::Write;
+                // Writing to a `String` cannot fail.
+                let _ = write!(out, "[{v6}]");
+            }
+            Host::Ip(IpAddr::V4(v4)) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push('.');
+                    }
+                    push_decimal(out, octet.into());
+                }
+            }
+            Host::Name(name) => out.push_str(name),
         }
+        out.push(':');
+        push_decimal(out, self.port);
     }
 
     /// The host as text (no brackets), for resolvers and SOCKS5.
     pub fn host_str(&self) -> String {
         self.host.to_string()
     }
+}
+
+/// Appends `n` in decimal.
+#[inline]
+fn push_decimal(out: &mut String, n: u16) {
+    let mut digits = [0u8; 5];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // ASCII digits: always UTF-8.
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 /// A decimal port 1-65535 (digits only).

@@ -204,6 +204,29 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(config(2000))]
+
+    /// The authority written digit by digit (every tunnel's CONNECT) is what `fmt` writes.
+    #[test]
+    fn authorities_are_written_as_fmt_writes_them(
+        ip in any::<IpAddr>(),
+        port in 1..=u16::MAX,
+        name in "[a-z][a-z0-9-]{0,20}[a-z0-9](\\.[a-z]{1,10}){0,3}",
+    ) {
+        let want = match ip {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => format!("[{v6}]:{port}"),
+            IpAddr::V6(v6) => format!("{}:{port}", v6.to_ipv4_mapped().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED)),
+            IpAddr::V4(v4) => format!("{v4}:{port}"),
+        };
+        let host = Host::parse(&ip.to_string()).unwrap();
+        prop_assert_eq!(Target::new(host, port).unwrap().authority(), want);
+        let mut out = String::from("x");
+        Target::new(Host::parse(&name).unwrap(), port).unwrap().push_authority(&mut out);
+        prop_assert_eq!(out, format!("x{name}:{port}"));
+    }
+}
+
 /// A daemon with one strict recording HTTP upstream (with credentials), on a runtime of its
 /// own so that proptest's synchronous runner can drive it.
 struct Listener {

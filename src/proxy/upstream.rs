@@ -304,17 +304,13 @@ async fn http_connect(
     proxy: &Proxy,
     target: &Target,
 ) -> Result<Bytes, DialError> {
-    let authority = target.authority();
-    let mut req = String::with_capacity(2 * authority.len() + 96);
-    for part in [
-        "CONNECT ",
-        &authority,
-        " HTTP/1.1\r\nHost: ",
-        &authority,
-        "\r\n",
-    ] {
-        req.push_str(part);
-    }
+    let mut req = String::with_capacity(160);
+    req.push_str("CONNECT ");
+    target.push_authority(&mut req);
+    let authority = 8..req.len();
+    req.push_str(" HTTP/1.1\r\nHost: ");
+    req.extend_from_within(authority);
+    req.push_str("\r\n");
     if let Some(c) = &proxy.credentials {
         req.push_str("Proxy-Authorization: ");
         push_basic_auth(c, &mut req);
