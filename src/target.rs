@@ -183,19 +183,22 @@ impl Target {
 /// Appends `n` in decimal.
 #[inline]
 fn push_decimal(out: &mut String, n: u16) {
-    let mut digits = [0u8; 5];
-    let mut at = digits.len();
-    let mut n = n;
+    let mut buf = [0; 20];
+    // ASCII digits: always UTF-8.
+    out.push_str(std::str::from_utf8(decimal(n.into(), &mut buf)).unwrap_or_default());
+}
+
+/// `n` in decimal, written into `buf`.
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
     loop {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
+        buf[at] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
-            break;
+            return &buf[at..];
         }
     }
-    // ASCII digits: always UTF-8.
-    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 /// A decimal port 1-65535 (digits only).

@@ -12,6 +12,7 @@ use super::{
     BodyFraming, Kind, RequestHead, ResponseHead, is_field_byte, is_field_content, is_token,
     is_vchar, list, trim_ows,
 };
+use crate::target::decimal;
 
 /// Why a head was not written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -182,19 +183,6 @@ impl HeaderLines {
 fn put(out: &mut BytesMut, parts: &[&[u8]]) {
     for part in parts {
         out.extend_from_slice(part);
-    }
-}
-
-/// `n` in decimal, written into `buf`.
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[at..];
-        }
     }
 }
 
