@@ -306,8 +306,9 @@ async fn http_connect(
 ) -> Result<Bytes, DialError> {
     let mut req = String::with_capacity(160);
     req.push_str("CONNECT ");
+    let start = req.len();
     target.push_authority(&mut req);
-    let authority = 8..req.len();
+    let authority = start..req.len();
     req.push_str(" HTTP/1.1\r\nHost: ");
     req.extend_from_within(authority);
     req.push_str("\r\n");
