@@ -8,6 +8,7 @@
 #   PHAROX_BIN=target/release/pharox benches/http-instructions.sh
 #   PHAROX_BIN=/tmp/pharox-before OUT=/tmp/before benches/http-instructions.sh   # keep profiles
 #   MODE=tunnel-rate PHAROX_BIN=target/release/pharox benches/http-instructions.sh
+#   FLOOR_BIN=target/release/examples/floor-relay benches/http-instructions.sh   # the floor
 #
 # It starts the shared fleet's origin and upstreams (../shared/bench, see its README), runs
 # pharox under callgrind twice (3 000 then 9 000 requests from 8 keep-alive connections of
@@ -15,10 +16,15 @@
 # shutdown cancel out; one-time set-up inside `OnceCell`s (clock calibration, which runs for
 # a set time) is left out of both. pharox and the load generator are pinned as in the shared
 # fleet (peers.env): how many requests one wake-up of pharox finds depends on it. `callgrind_annotate OUT.9000.cg` shows where it goes.
+# With FLOOR_BIN (cargo build --release --example floor-relay) it counts the floor relay
+# instead (benches/floor-relay.rs: parse each head once, forward it unchanged), the client
+# carrying the upstream's credentials as through HAProxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-: "${PHAROX_BIN:?set PHAROX_BIN to a pharox binary (cargo build --release)}"
+if [ -z "${FLOOR_BIN:-}" ]; then
+    : "${PHAROX_BIN:?set PHAROX_BIN to a pharox binary (cargo build --release), or FLOOR_BIN}"
+fi
 : "${OUT:=${TMPDIR:-/tmp}/pharox-http-instructions}"
 MODE=${MODE:-http-rps}
 case $MODE in
@@ -53,13 +59,22 @@ setup() {
         awk '!/=>/ && /OnceCell<T>::initialize/ { gsub(",", "", $1); if ($1 > m) m = $1 } END { print m + 0 }'
 }
 
+if [ -n "${FLOOR_BIN:-}" ]; then
+    # shellcheck disable=SC2086 # one argument per upstream
+    SERVE=("$FLOOR_BIN" "$ADDR" $UPSTREAMS)
+    AUTH=$UPSTREAM_AUTH
+else
+    SERVE=("$PHAROX_BIN" serve --config "$CONFIG")
+    AUTH=bench-pool-chain:bench
+fi
+
 for n in 3000 9000; do
     env $(compgen -e | grep '^PHAROX_' | sed 's/^/-u /') RUST_LOG=warn taskset -c "$PROXY_CPU" \
         valgrind --tool=callgrind --callgrind-out-file="$OUT.$n.cg" \
-        "$PHAROX_BIN" serve --config "$CONFIG" 2> "$OUT.$n.log" &
+        "${SERVE[@]}" 2> "$OUT.$n.log" &
     pid=$!
     until (echo > "/dev/tcp/${ADDR%:*}/${ADDR#*:}") 2> /dev/null; do sleep 0.2; done
-    taskset -c "$LOADGEN_CPU" "$LOAD" load "$MODE" --proxy "$ADDR" --proxy-auth bench-pool-chain:bench \
+    taskset -c "$LOADGEN_CPU" "$LOAD" load "$MODE" --proxy "$ADDR" --proxy-auth "$AUTH" \
         -c 8 --count "$n" --duration 120 --warmup 0 > /dev/null
     kill -INT "$pid"
     wait "$pid"

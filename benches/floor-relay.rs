@@ -1,0 +1,190 @@
+//! The least an HTTP-aware forward proxy on tokio does per unit of work, as a floor to compare
+//! pharox's CPU with (benches/README.md, "Floors"). Not part of the daemon.
+//!
+//! Per client connection it connects to the next upstream proxy (round robin) and then, per
+//! request: reads the request head until `httparse` has parsed it, writes it to the upstream
+//! unchanged, reads the response head the same way, and writes it and its `Content-Length`
+//! body back. A `CONNECT` is forwarded the same way and, once its `2xx` reply is back, the
+//! connection becomes a byte splice (`copy_bidirectional`). No identity, no lease, no header
+//! edits, no limits beyond the buffer: the client must carry the upstream's credentials, as
+//! it does through HAProxy in TCP mode. Any other framing (chunked, close-delimited) ends the
+//! connection.
+//!
+//! ```sh
+//! cargo build --release --example floor-relay
+//! taskset -c 0 target/release/examples/floor-relay 127.0.0.1:18207 127.0.0.2:18100 127.0.0.3:18100
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Largest head read before the connection is dropped.
+const MAX_HEAD: usize = 16 * 1024;
+const HEADERS: usize = 32;
+
+fn main() -> std::io::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let usage = || std::io::Error::other("usage: floor-relay LISTEN UPSTREAM...");
+    let listen: SocketAddr = args
+        .next()
+        .ok_or_else(usage)?
+        .parse()
+        .map_err(|_| usage())?;
+    let upstreams: Vec<SocketAddr> = args
+        .map(|a| a.parse().map_err(|_| usage()))
+        .collect::<Result<_, _>>()?;
+    if upstreams.is_empty() {
+        return Err(usage());
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(listen, upstreams.into()))
+}
+
+async fn serve(listen: SocketAddr, upstreams: Arc<[SocketAddr]>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    let next = Arc::new(AtomicUsize::new(0));
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        r = async {
+            loop {
+                let (client, _) = listener.accept().await?;
+                let i = next.fetch_add(1, Ordering::Relaxed) % upstreams.len();
+                let upstream = upstreams[i];
+                tokio::spawn(async move {
+                    let _ = relay(client, upstream).await;
+                });
+            }
+        } => r,
+    }
+}
+
+async fn relay(mut client: TcpStream, upstream: SocketAddr) -> std::io::Result<()> {
+    client.set_nodelay(true)?;
+    let mut up = TcpStream::connect(upstream).await?;
+    up.set_nodelay(true)?;
+    let mut from_client = BytesMut::with_capacity(4096);
+    let mut from_up = BytesMut::with_capacity(4096);
+    loop {
+        let Some(req) = read_head(&mut client, &mut from_client, true).await? else {
+            return Ok(());
+        };
+        forward(&mut client, &mut from_client, &mut up, req.len, req.body).await?;
+        let Some(res) = read_head(&mut up, &mut from_up, false).await? else {
+            return Ok(());
+        };
+        let status_ok = from_up.starts_with(b"HTTP/1.1 2") || from_up.starts_with(b"HTTP/1.0 2");
+        let body = if req.connect { Some(0) } else { res.body };
+        forward(&mut up, &mut from_up, &mut client, res.len, body).await?;
+        if req.connect {
+            if !status_ok {
+                return Ok(());
+            }
+            // Bytes either side sent early go first.
+            client.write_all(&from_up).await?;
+            up.write_all(&from_client).await?;
+            tokio::io::copy_bidirectional(&mut client, &mut up).await?;
+            return Ok(());
+        }
+    }
+}
+
+/// A parsed head: its length, whether it was a CONNECT, and its body's length (`None` for
+/// framing other than `Content-Length`).
+struct Head {
+    len: usize,
+    connect: bool,
+    body: Option<u64>,
+}
+
+/// Reads until `buf` starts with a whole head and parses it once. `None` when the peer closed
+/// before a head began.
+async fn read_head(
+    io: &mut TcpStream,
+    buf: &mut BytesMut,
+    request: bool,
+) -> std::io::Result<Option<Head>> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; HEADERS];
+        let parsed = if request {
+            let mut req = httparse::Request::new(&mut headers);
+            req.parse(buf).map(|s| match s {
+                httparse::Status::Complete(len) => Some(Head {
+                    len,
+                    connect: req.method == Some("CONNECT"),
+                    body: body_length(req.headers),
+                }),
+                httparse::Status::Partial => None,
+            })
+        } else {
+            let mut res = httparse::Response::new(&mut headers);
+            res.parse(buf).map(|s| match s {
+                httparse::Status::Complete(len) => Some(Head {
+                    len,
+                    connect: false,
+                    body: body_length(res.headers),
+                }),
+                httparse::Status::Partial => None,
+            })
+        };
+        match parsed {
+            Ok(Some(head)) => return Ok(Some(head)),
+            Ok(None) if buf.len() < MAX_HEAD => {}
+            _ => return Err(std::io::Error::other("bad or oversized head")),
+        }
+        if io.read_buf(buf).await? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+    }
+}
+
+/// The `Content-Length` of a head's fields (0 when there is none); `None` for any other
+/// framing.
+fn body_length(fields: &[httparse::Header<'_>]) -> Option<u64> {
+    let mut length = 0;
+    for h in fields {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return None;
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            length = std::str::from_utf8(h.value).ok()?.trim().parse().ok()?;
+        }
+    }
+    Some(length)
+}
+
+/// Writes the head and `body` bytes from `buf` (reading more from `from` as needed) to `to`.
+async fn forward(
+    from: &mut TcpStream,
+    buf: &mut BytesMut,
+    to: &mut TcpStream,
+    head: usize,
+    body: Option<u64>,
+) -> std::io::Result<()> {
+    let Some(body) = body else {
+        return Err(std::io::Error::other("framing other than Content-Length"));
+    };
+    let mut left = head as u64 + body;
+    loop {
+        let n = left.min(buf.len() as u64) as usize;
+        to.write_all(&buf[..n]).await?;
+        buf.advance(n);
+        left -= n as u64;
+        if left == 0 {
+            return Ok(());
+        }
+        if from.read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
