@@ -44,24 +44,23 @@ fn main() -> std::io::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(serve(listen, upstreams.into()))
+        .block_on(async {
+            let listener = TcpListener::bind(listen).await?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => Ok(()),
+                r = serve(listener, upstreams.into()) => r,
+            }
+        })
 }
 
-async fn serve(listen: SocketAddr, upstreams: Arc<[SocketAddr]>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(listen).await?;
-    let next = Arc::new(AtomicUsize::new(0));
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        r = async {
-            loop {
-                let (client, _) = listener.accept().await?;
-                let i = next.fetch_add(1, Ordering::Relaxed) % upstreams.len();
-                let upstream = upstreams[i];
-                tokio::spawn(async move {
-                    let _ = relay(client, upstream).await;
-                });
-            }
-        } => r,
+async fn serve(listener: TcpListener, upstreams: Arc<[SocketAddr]>) -> std::io::Result<()> {
+    let next = AtomicUsize::new(0);
+    loop {
+        let (client, _) = listener.accept().await?;
+        let upstream = upstreams[next.fetch_add(1, Ordering::Relaxed) % upstreams.len()];
+        tokio::spawn(async move {
+            let _ = relay(client, upstream).await;
+        });
     }
 }
 
@@ -186,5 +185,82 @@ async fn forward(
         if from.read_buf(buf).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upstream that answers each request head with `ok`, and a CONNECT with 200 and then
+    /// an echo; it records the heads it saw.
+    async fn upstream(listener: TcpListener, seen: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) {
+        let (mut io, _) = listener.accept().await.unwrap();
+        let mut buf = BytesMut::new();
+        while let Some(head) = read_head(&mut io, &mut buf, true).await.unwrap() {
+            seen.send(buf.split_to(head.len).to_vec()).unwrap();
+            if head.connect {
+                io.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                let (mut r, mut w) = io.split();
+                w.write_all(&buf).await.unwrap();
+                tokio::io::copy(&mut r, &mut w).await.unwrap();
+                return;
+            }
+            io.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn start() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+        let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(upstream(up, tx));
+        let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = relay.local_addr().unwrap();
+        tokio::spawn(serve(relay, [up_addr].into()));
+        (addr, rx)
+    }
+
+    async fn read_exactly(io: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut out = vec![0; n];
+        io.read_exact(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn forwards_keep_alive_requests_unchanged() {
+        let (addr, mut seen) = start().await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let get = b"GET http://a/ HTTP/1.1\r\nHost: a\r\nProxy-Authorization: Basic eDp5\r\n\r\n";
+        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        for _ in 0..2 {
+            client.write_all(get).await.unwrap();
+            assert_eq!(read_exactly(&mut client, answer.len()).await, answer);
+            assert_eq!(seen.recv().await.unwrap(), get);
+        }
+        let post = b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n";
+        client
+            .write_all(&[&post[..], b"abc"].concat())
+            .await
+            .unwrap();
+        assert_eq!(read_exactly(&mut client, answer.len()).await, answer);
+        assert_eq!(seen.recv().await.unwrap(), post);
+    }
+
+    #[tokio::test]
+    async fn splices_a_tunnel_after_its_reply() {
+        let (addr, mut seen) = start().await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let connect = b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n";
+        client.write_all(connect).await.unwrap();
+        let reply = b"HTTP/1.1 200 Connection established\r\n\r\n";
+        assert_eq!(read_exactly(&mut client, reply.len()).await, reply);
+        assert_eq!(seen.recv().await.unwrap(), connect);
+        client.write_all(b"ECHO").await.unwrap();
+        assert_eq!(read_exactly(&mut client, 4).await, b"ECHO");
     }
 }
