@@ -1,12 +1,12 @@
 //! The least an HTTP-aware forward proxy on tokio does per unit of work, as a floor to compare
-//! pharox's CPU with (benches/README.md, "Floors"). Not part of the daemon.
+//! pharox's CPU with (benches/README.md, "Runs 22–24"). Not part of the daemon.
 //!
 //! Per client connection it connects to the next upstream proxy (round robin) and then, per
 //! request: reads the request head until `httparse` has parsed it, writes it to the upstream
 //! unchanged, reads the response head the same way, and writes it and its `Content-Length`
 //! body back. A `CONNECT` is forwarded the same way and, once its `2xx` reply is back, the
 //! connection becomes a byte splice (`copy_bidirectional`). No identity, no lease, no header
-//! edits, no limits beyond the buffer: the client must carry the upstream's credentials, as
+//! edits, no limit but a head's size: the client must carry the upstream's credentials, as
 //! it does through HAProxy in TCP mode. Any other framing (chunked, close-delimited) ends the
 //! connection.
 //!
@@ -16,8 +16,6 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,20 +46,20 @@ fn main() -> std::io::Result<()> {
             let listener = TcpListener::bind(listen).await?;
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => Ok(()),
-                r = serve(listener, upstreams.into()) => r,
+                r = serve(listener, upstreams) => r,
             }
         })
 }
 
-async fn serve(listener: TcpListener, upstreams: Arc<[SocketAddr]>) -> std::io::Result<()> {
-    let next = AtomicUsize::new(0);
-    loop {
+async fn serve(listener: TcpListener, upstreams: Vec<SocketAddr>) -> std::io::Result<()> {
+    for next in 0.. {
         let (client, _) = listener.accept().await?;
-        let upstream = upstreams[next.fetch_add(1, Ordering::Relaxed) % upstreams.len()];
+        let upstream = upstreams[next % upstreams.len()];
         tokio::spawn(async move {
             let _ = relay(client, upstream).await;
         });
     }
+    Ok(())
 }
 
 async fn relay(mut client: TcpStream, upstream: SocketAddr) -> std::io::Result<()> {
@@ -221,7 +219,7 @@ mod tests {
         tokio::spawn(upstream(up, tx));
         let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = relay.local_addr().unwrap();
-        tokio::spawn(serve(relay, [up_addr].into()));
+        tokio::spawn(serve(relay, vec![up_addr]));
         (addr, rx)
     }
 
