@@ -190,13 +190,17 @@ async fn forward(
 mod tests {
     use super::*;
 
-    /// An upstream that answers each request head with `ok`, and a CONNECT with 200 and then
-    /// an echo; it records the heads it saw.
+    /// An upstream that answers each request with `ok`, and a CONNECT with 200 and then an
+    /// echo; it records each request it saw, head and body.
     async fn upstream(listener: TcpListener, seen: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) {
         let (mut io, _) = listener.accept().await.unwrap();
         let mut buf = BytesMut::new();
         while let Some(head) = read_head(&mut io, &mut buf, true).await.unwrap() {
-            seen.send(buf.split_to(head.len).to_vec()).unwrap();
+            let whole = head.len + head.body.expect("Content-Length framing") as usize;
+            while buf.len() < whole {
+                assert_ne!(io.read_buf(&mut buf).await.unwrap(), 0, "body cut short");
+            }
+            seen.send(buf.split_to(whole).to_vec()).unwrap();
             if head.connect {
                 io.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                     .await
@@ -223,9 +227,12 @@ mod tests {
         (addr, rx)
     }
 
+    /// `n` bytes, or a failure (not a hang) when they do not come.
     async fn read_exactly(io: &mut TcpStream, n: usize) -> Vec<u8> {
         let mut out = vec![0; n];
-        io.read_exact(&mut out).await.unwrap();
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(10), io.read_exact(&mut out));
+        read.await.expect("answered in time").unwrap();
         out
     }
 
@@ -246,7 +253,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(read_exactly(&mut client, answer.len()).await, answer);
-        assert_eq!(seen.recv().await.unwrap(), post);
+        assert_eq!(seen.recv().await.unwrap(), [&post[..], b"abc"].concat());
+        // The body did not leak into the next request.
+        client.write_all(get).await.unwrap();
+        assert_eq!(read_exactly(&mut client, answer.len()).await, answer);
+        assert_eq!(seen.recv().await.unwrap(), get);
     }
 
     #[tokio::test]
