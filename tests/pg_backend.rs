@@ -1,7 +1,8 @@
 //! One `PostgresStorage` and the database around it: Python pharox 0.11 on a database the
 //! daemon migrated and filled, rows that only the database has (Python's) leased with their
-//! stored credentials, the schema check, `check`, the observer, and passwords that never
-//! show (URL masking, `Debug`, every error message).
+//! stored credentials, the schema check, `check`, the observer, passwords that never show
+//! (URL masking, `Debug`, every error message), and nodes that create the same consumer or
+//! pool at the same moment.
 
 mod pgsupport;
 
@@ -594,4 +595,66 @@ async fn a_release_finds_its_lease_by_key_whatever_the_statistics_said() {
     let plan = plan.to_string();
     assert!(plan.contains("\"lease_pkey\""), "{plan}");
     assert!(!plan.contains("lease_active_"), "no partial index: {plan}");
+}
+
+/// Two nodes creating the same consumers and pools at the same moment (the same names, so
+/// the same v5 ids) both get the one row: no unique violation, one id per name, which both
+/// nodes then use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creators_of_one_consumer_and_pool_agree() {
+    let Some(db) = TestDb::new("creators").await else {
+        return;
+    };
+    let nodes = [db.storage("make-a").await, db.storage("make-b").await];
+    nodes[0].upsert_pool(Pool::new("shared")).await.unwrap();
+    let proxy = Proxy::new("m1", "shared", ProxyProtocol::Http, "10.1.3.1", 8000);
+    nodes[0].upsert_proxies(vec![proxy]).await.unwrap();
+    const ROUNDS: usize = 40;
+    const PER_NODE: usize = 4;
+    for round in 0..ROUNDS {
+        let mut set = tokio::task::JoinSet::new();
+        for node in &nodes {
+            for _ in 0..PER_NODE {
+                let (n, consumer) = (node.clone(), format!("maker-{round}"));
+                set.spawn(async move {
+                    let req = AcquireRequest::new("shared").consumer(consumer.as_str());
+                    let now = std::time::SystemTime::now();
+                    // Eight acquirers on one proxy may miss (it stays row-locked by another
+                    // through every attempt): the consumer was resolved all the same.
+                    match n.acquire(&req, now).await?.lease {
+                        Some(lease) => n.release(&lease, now).await.map(|_| ()),
+                        None => Ok(()),
+                    }
+                });
+                let (n, pool) = (node.clone(), format!("made-{round}"));
+                set.spawn(async move { n.upsert_pool(Pool::new(pool)).await });
+            }
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+    }
+    let sql = db.sql().await;
+    let count = |table: &'static str, prefix: &'static str| {
+        let sql = &sql;
+        async move {
+            let q = format!(
+                "SELECT count(*), count(DISTINCT name) FROM {table} WHERE name LIKE '{prefix}%'"
+            );
+            let row = sql.query_one(q.as_str(), &[]).await.unwrap();
+            (row.get::<_, i64>(0), row.get::<_, i64>(1))
+        }
+    };
+    let n = ROUNDS as i64;
+    assert_eq!(
+        count("consumer", "maker-").await,
+        (n, n),
+        "one row per consumer"
+    );
+    assert_eq!(
+        count("proxy_pool", "made-").await,
+        (n, n),
+        "one row per pool"
+    );
+    assert_eq!(pgsupport::snapshot(&sql).await, (0, 0, 0, 0));
 }

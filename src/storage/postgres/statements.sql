@@ -887,10 +887,15 @@ LISTEN pharox_capacity;
 --   $1 text consumer name (<= 128 chars: consumer.name is VARCHAR(128))
 --   $2 uuid id to use if we create it (uuid v5 of the name, see inventory; Python's are v4)
 -- Returns 1 row (id), or 0 rows in the rare race above: simply run it again.
+-- RUST: ON CONFLICT without a target: two daemons creating the same name at once insert the
+-- same v5 id too, and a conflict target of (name) alone left the primary key out of the
+-- arbiters, so the second insert failed with a unique violation on consumer_pkey instead of
+-- doing nothing (seen under a fleet of daemons and Python workers; tests/pg_backend.rs
+-- concurrent_creators_of_one_consumer_and_pool_agree).
 -- name: consumer_upsert
 WITH ins AS (
     INSERT INTO consumer (id, name) VALUES ($2::uuid, $1::text)
-    ON CONFLICT (name) DO NOTHING
+    ON CONFLICT DO NOTHING
     RETURNING id
 )
 SELECT id FROM ins
@@ -1029,16 +1034,27 @@ WHERE ($1::text IS NULL OR pool.name = $1::text)
 -- pool_upsert: $1 uuid v5 id (used only when creating), $2 text name, $3 text description,
 -- $4 boolean lease_slow. Returns id (the existing one when the name exists); 0 rows only in
 -- a creation race: run again. No write when nothing changed.
+-- RUST: insert-or-nothing, then an update, rather than ON CONFLICT (name) DO UPDATE: DO
+-- UPDATE needs a conflict target, and with (name) as the only arbiter two daemons creating
+-- the pool at once (same name, same v5 id) made the second fail on the primary key. A row
+-- a concurrent creator committed after this statement's snapshot is invisible to both `upd`
+-- and the final SELECT: 0 rows, run again (the next run sees it and updates it).
 -- name: pool_upsert
-WITH up AS (
-    INSERT INTO proxy_pool AS pp (id, name, description, lease_slow)
+WITH ins AS (
+    INSERT INTO proxy_pool (id, name, description, lease_slow)
     VALUES ($1::uuid, $2::text, $3::text, $4::boolean)
-    ON CONFLICT (name) DO UPDATE
-    SET description = EXCLUDED.description, lease_slow = EXCLUDED.lease_slow
-    WHERE (pp.description, pp.lease_slow) IS DISTINCT FROM (EXCLUDED.description, EXCLUDED.lease_slow)
+    ON CONFLICT DO NOTHING
+    RETURNING id
+),
+upd AS (
+    UPDATE proxy_pool pp SET description = $3::text, lease_slow = $4::boolean
+    WHERE pp.name = $2::text AND NOT EXISTS (SELECT 1 FROM ins)
+      AND (pp.description, pp.lease_slow) IS DISTINCT FROM ($3::text, $4::boolean)
     RETURNING id
 )
-SELECT id FROM up
+SELECT id FROM ins
+UNION ALL
+SELECT id FROM upd
 UNION ALL
 SELECT id FROM proxy_pool WHERE name = $2::text
 LIMIT 1;
