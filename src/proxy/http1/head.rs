@@ -295,10 +295,11 @@ pub fn parse_request(
     buf: &[u8],
     max_head: usize,
 ) -> Result<Option<(RequestHead, usize)>, FramingError> {
-    let Some((start, end)) = locate_head(buf, max_head)? else {
+    let Some(found) = find_head(buf, max_head, &mut Fields::new())? else {
         return Ok(None);
     };
-    let mut head = request_layout(&buf[start..end], &mut Fields::new())?;
+    let (start, end) = (found.start, found.end);
+    let mut head = request_layout(&buf[start..end], found)?;
     head.raw = Bytes::copy_from_slice(&buf[start..end]);
     Ok(Some((head, end)))
 }
@@ -319,10 +320,11 @@ pub(crate) fn take_request_reusing(
     max_head: usize,
     spare: &mut Fields,
 ) -> Result<Option<RequestHead>, FramingError> {
-    let Some((start, end)) = locate_head(buf, max_head)? else {
+    let Some(found) = find_head(buf, max_head, spare)? else {
         return Ok(None);
     };
-    let mut head = request_layout(&buf[start..end], spare)?;
+    let (start, end) = (found.start, found.end);
+    let mut head = request_layout(&buf[start..end], found)?;
     head.raw = buf.split_to(end).freeze().slice(start..);
     Ok(Some(head))
 }
@@ -334,10 +336,11 @@ pub fn parse_response(
     max_head: usize,
     head_request: bool,
 ) -> Result<Option<(ResponseHead, usize)>, FramingError> {
-    let Some((start, end)) = locate_head(buf, max_head)? else {
+    let Some(found) = find_head(buf, max_head, &mut Fields::new())? else {
         return Ok(None);
     };
-    let mut head = response_layout(&buf[start..end], head_request, &mut Fields::new())?;
+    let (start, end) = (found.start, found.end);
+    let mut head = response_layout(&buf[start..end], head_request, found)?;
     head.raw = Bytes::copy_from_slice(&buf[start..end]);
     Ok(Some((head, end)))
 }
@@ -358,12 +361,87 @@ pub(crate) fn take_response_reusing(
     head_request: bool,
     spare: &mut Fields,
 ) -> Result<Option<ResponseHead>, FramingError> {
-    let Some((start, end)) = locate_head(buf, max_head)? else {
+    let Some(found) = find_head(buf, max_head, spare)? else {
         return Ok(None);
     };
-    let mut head = response_layout(&buf[start..end], head_request, spare)?;
+    let (start, end) = (found.start, found.end);
+    let mut head = response_layout(&buf[start..end], head_request, found)?;
     head.raw = buf.split_to(end).freeze().slice(start..);
     Ok(Some(head))
+}
+
+/// A head found in a buffer: where it lies, and its header lines tokenised (spans from
+/// `start`).
+struct Found {
+    start: usize,
+    end: usize,
+    headers: Fields,
+}
+
+/// Finds and tokenises the head at the start of `buf`: [`fast_head`] when it takes the head,
+/// else [`locate_head`] and [`header_spans`], which accept exactly the same heads and say what
+/// is wrong with the others. `Ok(None)` while the head is incomplete.
+fn find_head(buf: &[u8], max: usize, spare: &mut Fields) -> Result<Option<Found>, FramingError> {
+    if let Some(found) = fast_head(buf, max, spare) {
+        return Ok(Some(found));
+    }
+    let Some((start, end)) = locate_head(buf, max)? else {
+        return Ok(None);
+    };
+    let head = &buf[start..end];
+    let headers = header_spans(head, start_line(head).1, spare)?;
+    Ok(Some(Found {
+        start,
+        end,
+        headers,
+    }))
+}
+
+/// The common case in one pass: httparse finds the end of the head while it tokenises the
+/// header lines, and the line endings it skipped are checked from the spans it returns (CRLF
+/// after the start line, after each header line's value and its trailing whitespace, and as
+/// the blank line). httparse refuses obs-fold (a line starting with whitespace is no header
+/// name). `None` (`spare` untouched) for anything else: an incomplete head, a bare LF, a
+/// refused line; [`locate_head`] then decides.
+fn fast_head(buf: &[u8], max: usize, spare: &mut Fields) -> Option<Found> {
+    let window = &buf[..buf.len().min(max.min(MAX_SPAN))];
+    let mut start = 0;
+    while window[start..].starts_with(b"\r\n") {
+        start += 2;
+    }
+    let rest = &window[start..];
+    let lf = memchr::memchr(b'\n', rest)?;
+    if lf == 0 || rest[lf - 1] != b'\r' {
+        return None;
+    }
+    let fields_at = lf + 1;
+    let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+    let mut all;
+    let parsed = match httparse::parse_headers(&rest[fields_at..], &mut few) {
+        Err(httparse::Error::TooManyHeaders) => {
+            all = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            httparse::parse_headers(&rest[fields_at..], &mut all)
+        }
+        r => r,
+    };
+    let Ok(httparse::Status::Complete((len, headers))) = parsed else {
+        return None;
+    };
+    let end = fields_at + len;
+    let head = &rest[..end];
+    if !head.ends_with(b"\r\n") {
+        return None;
+    }
+    let mut fields = std::mem::take(spare);
+    if push_fields(head, headers, &mut fields, true).is_err() {
+        *spare = fields;
+        return None;
+    }
+    Some(Found {
+        start,
+        end: start + end,
+        headers: fields,
+    })
 }
 
 /// Finds the head in `buf` (after any empty lines, RFC 9112 §2.2) and checks each line's
@@ -433,10 +511,10 @@ fn start_line(head: &[u8]) -> (&[u8], usize) {
     (&head[..lf.saturating_sub(1)], lf + 1)
 }
 
-fn request_layout(head: &[u8], spare: &mut Fields) -> Result<RequestHead, FramingError> {
-    let (line, fields_at) = start_line(head);
+fn request_layout(head: &[u8], found: Found) -> Result<RequestHead, FramingError> {
+    let line = start_line(head).0;
     let (method, target, minor) = request_line(line)?;
-    let headers = header_spans(head, fields_at, spare)?;
+    let headers = found.headers;
     let facts = Facts::of(kinded(head, &headers), true);
     if facts.hosts > 1 {
         return Err(FramingError::DuplicateHost);
@@ -460,11 +538,11 @@ fn request_layout(head: &[u8], spare: &mut Fields) -> Result<RequestHead, Framin
 fn response_layout(
     head: &[u8],
     head_request: bool,
-    spare: &mut Fields,
+    found: Found,
 ) -> Result<ResponseHead, FramingError> {
-    let (line, fields_at) = start_line(head);
+    let line = start_line(head).0;
     let (minor, code, reason) = status_line(line)?;
-    let headers = header_spans(head, fields_at, spare)?;
+    let headers = found.headers;
     let facts = Facts::of(kinded(head, &headers), false);
     let framing = response_framing(&facts, minor, code, head_request)?;
     let reusable = framing != BodyFraming::UntilClose && code != 101;
@@ -568,6 +646,17 @@ fn spans_into<'h>(
         Err(httparse::Error::TooManyHeaders) => return Err(FramingError::TooManyHeaders),
         Err(_) => return Err(FramingError::InvalidHeaderValue),
     };
+    push_fields(head, headers, fields, false)
+}
+
+/// The spans of httparse's `headers` (slices of `head`) into `fields`; with `check_crlf`,
+/// an error unless each line ends in CRLF (after the value's trailing whitespace).
+fn push_fields(
+    head: &[u8],
+    headers: &[httparse::Header<'_>],
+    fields: &mut Fields,
+    check_crlf: bool,
+) -> Result<(), FramingError> {
     fields.clear();
     fields.reserve(headers.len());
     for h in headers.iter() {
@@ -575,9 +664,11 @@ fn spans_into<'h>(
         let value = Span::within(head, h.value);
         let (name, value) = name.zip(value).ok_or(FramingError::InvalidHeaderName)?;
         let (n, v) = (name.end as usize, value.end as usize);
-        let plain = value.start as usize == n + 2
-            && head.get(n..n + 2) == Some(b": ")
-            && head.get(v..v + 2) == Some(b"\r\n");
+        let crlf = head.get(v..v + 2) == Some(b"\r\n");
+        if check_crlf && !crlf && !crlf_after_whitespace(&head[v..]) {
+            return Err(FramingError::BareLf);
+        }
+        let plain = crlf && value.start as usize == n + 2 && head.get(n..n + 2) == Some(b": ");
         fields.push(Field {
             name,
             value,
@@ -586,6 +677,15 @@ fn spans_into<'h>(
         });
     }
     Ok(())
+}
+
+/// Whether `rest` (what follows a header value) is `*(SP / HTAB) CRLF`, then anything.
+fn crlf_after_whitespace(rest: &[u8]) -> bool {
+    let ws = rest
+        .iter()
+        .position(|&b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(rest.len());
+    rest[ws..].starts_with(b"\r\n")
 }
 
 fn fields<'a>(raw: &'a [u8], headers: &'a [Field]) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
@@ -969,7 +1069,59 @@ mod tests {
         })
     }
 
+    /// [`fast_head`] takes exactly the heads that [`locate_head`] and [`header_spans`] take,
+    /// with the same bounds and fields.
+    fn fast_path_agrees(buf: &[u8], max: usize) {
+        let fast = fast_head(buf, max, &mut Fields::new());
+        let exact = locate_head(buf, max).ok().flatten().and_then(|(start, end)| {
+            let head = &buf[start..end];
+            let headers = header_spans(head, start_line(head).1, &mut Fields::new()).ok()?;
+            Some((start, end, headers))
+        });
+        let parts = |f: &Fields| -> Vec<_> {
+            f.iter()
+                .map(|f| (f.name, f.value, f.kind, f.plain))
+                .collect()
+        };
+        match (fast, exact) {
+            (None, None) => {}
+            (Some(fast), Some((start, end, headers))) => {
+                assert_eq!((fast.start, fast.end), (start, end));
+                assert_eq!(parts(&fast.headers), parts(&headers));
+            }
+            (fast, exact) => panic!(
+                "fast path {}, exact path {} for {:?}",
+                if fast.is_some() { "took it" } else { "did not" },
+                if exact.is_some() { "took it" } else { "did not" },
+                String::from_utf8_lossy(buf)
+            ),
+        }
+    }
+
+    /// A head with its line structure edited: CR, LF, whitespace and colons put anywhere
+    /// (bare LFs, lone CRs, obs-fold, whitespace before colons, early or missing blank lines).
+    fn mangled_line_ends() -> impl Strategy<Value = Vec<u8>> {
+        let base = b"\r\nGET http://a/ HTTP/1.1\r\nHost: a\r\nX-A:  b \t\r\nX-B:\r\n\
+            Connection: close\r\n\r\nbody"
+            .to_vec();
+        let byte = prop::sample::select(&b"\r\n \t:a"[..]);
+        let edit = (any::<prop::sample::Index>(), byte, any::<bool>());
+        proptest::collection::vec(edit, 0..6).prop_map(move |edits| {
+            let mut head = base.clone();
+            for (at, b, insert) in edits {
+                let i = at.index(head.len());
+                if insert {
+                    head.insert(i, b);
+                } else {
+                    head[i] = b;
+                }
+            }
+            head
+        })
+    }
+
     fn never_panics(buf: &[u8], max: usize) {
+        fast_path_agrees(buf, max);
         match parse_request(buf, max) {
             Ok(Some((head, len))) => {
                 assert!(len <= buf.len() && len <= max);
@@ -1054,6 +1206,11 @@ mod tests {
 
         #[test]
         fn mangled_heads_never_panic(buf in mangled_head(), max in 0usize..200) {
+            never_panics(&buf, max);
+        }
+
+        #[test]
+        fn heads_with_mangled_line_ends_never_panic(buf in mangled_line_ends(), max in 0usize..200) {
             never_panics(&buf, max);
         }
 
