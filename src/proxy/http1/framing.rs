@@ -27,9 +27,11 @@ pub(super) struct Facts<'a> {
     pub(super) upgrade_token: bool,
     /// Index of the first `Proxy-Authorization` header.
     pub(super) authorization: Option<usize>,
-    /// Whether any `X-Pharox-*` header, `Connection` or `Proxy-Connection` header is there.
+    /// Whether any `X-Pharox-*` header is there.
     pub(super) pharox: bool,
-    pub(super) connection_lists: bool,
+    /// Whether a `Connection` list (or `Proxy-Connection`, when it counts) names anything but
+    /// `keep-alive`: only then can it name a header to remove.
+    pub(super) connection_options: bool,
 }
 
 impl<'a> Facts<'a> {
@@ -55,16 +57,8 @@ impl<'a> Facts<'a> {
                     f.upgrade.get_or_insert(i);
                 }
                 Kind::Expect => f.expect_continue |= value.eq_ignore_ascii_case(b"100-continue"),
-                Kind::Connection => {
-                    f.connection_lists = true;
-                    f.connection(value);
-                }
-                Kind::ProxyConnection => {
-                    f.connection_lists = true;
-                    if proxy_connection {
-                        f.connection(value);
-                    }
-                }
+                Kind::Connection => f.connection(value),
+                Kind::ProxyConnection if proxy_connection => f.connection(value),
                 Kind::ProxyAuthorization => {
                     f.authorization.get_or_insert(i);
                 }
@@ -76,9 +70,24 @@ impl<'a> Facts<'a> {
     }
 
     fn connection(&mut self, value: &[u8]) {
+        // Nearly every list is a lone `keep-alive` or `close`, as sent.
+        match value {
+            b"keep-alive" | b"Keep-Alive" => {
+                self.keep_alive = true;
+                return;
+            }
+            b"close" | b"Close" => {
+                self.close = true;
+                self.connection_options = true;
+                return;
+            }
+            _ => {}
+        }
         for token in list(value) {
+            let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
+            self.keep_alive |= keep_alive;
+            self.connection_options |= !keep_alive;
             self.close |= token.eq_ignore_ascii_case(b"close");
-            self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             self.upgrade_token |= token.eq_ignore_ascii_case(b"upgrade");
         }
     }

@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use super::framing::{Facts, request_framing, response_framing};
 use super::uri::{AbsoluteUri, UriError};
 use super::{
-    BodyFraming, FramingError, Kind, MAX_HEADERS, is, is_field_byte, is_token, is_vchar, trim_ows,
+    BodyFraming, FramingError, Kind, MAX_HEADERS, is, is_field_byte, is_token, is_visible, trim_ows,
 };
 
 /// Where a part of a head lies in its raw bytes (heads are far shorter than 4 GiB: see
@@ -72,9 +72,10 @@ pub struct RequestHead {
     upgrade: Option<usize>,
     /// Index of the first `Proxy-Authorization` header.
     authorization: Option<usize>,
-    /// Whether `X-Pharox-*`, `Connection` / `Proxy-Connection` headers are there.
+    /// Whether `X-Pharox-*` headers are there.
     pharox: bool,
-    connection_lists: bool,
+    /// Whether a `Connection` / `Proxy-Connection` list names more than `keep-alive`.
+    connection_options: bool,
 }
 
 impl RequestHead {
@@ -136,9 +137,10 @@ impl RequestHead {
         self.pharox
     }
 
-    /// Whether the head has `Connection` or `Proxy-Connection` headers.
-    pub(crate) fn has_connection_lists(&self) -> bool {
-        self.connection_lists
+    /// Whether a `Connection` or `Proxy-Connection` list names more than `keep-alive` (only
+    /// such a list can name headers to remove).
+    pub(crate) fn has_connection_options(&self) -> bool {
+        self.connection_options
     }
 
     /// The method as sent (a token).
@@ -204,7 +206,8 @@ pub struct ResponseHead {
     reason: Span,
     framing: BodyFraming,
     keep_alive: bool,
-    connection_lists: bool,
+    /// Whether a `Connection` list names more than `keep-alive`.
+    connection_options: bool,
 }
 
 impl ResponseHead {
@@ -245,9 +248,9 @@ impl ResponseHead {
         write_fields(&self.raw, &self.headers, out, keep);
     }
 
-    /// Whether the head has `Connection` headers.
-    pub(crate) fn has_connection_lists(&self) -> bool {
-        self.connection_lists
+    /// Whether a `Connection` list names more than `keep-alive`.
+    pub(crate) fn has_connection_options(&self) -> bool {
+        self.connection_options
     }
 
     /// The head's header list, for the next head of the connection.
@@ -526,7 +529,7 @@ fn request_layout(head: &[u8], found: Found) -> Result<RequestHead, FramingError
         upgrade: facts.upgrade.filter(|_| minor == 1 && facts.upgrade_token),
         authorization: facts.authorization,
         pharox: facts.pharox,
-        connection_lists: facts.connection_lists,
+        connection_options: facts.connection_options,
         raw: Bytes::new(),
         headers,
         method,
@@ -548,7 +551,7 @@ fn response_layout(
     let reusable = framing != BodyFraming::UntilClose && code != 101;
     Ok(ResponseHead {
         keep_alive: reusable && !facts.close && (minor == 1 || facts.keep_alive),
-        connection_lists: facts.connection_lists,
+        connection_options: facts.connection_options,
         raw: Bytes::new(),
         headers,
         minor,
@@ -569,7 +572,7 @@ fn request_line(line: &[u8]) -> Result<(Span, Span, u8), FramingError> {
     if !is_token(method) {
         return Err(FramingError::InvalidMethod);
     }
-    if target.is_empty() || !target.iter().all(|&b| is_vchar(b)) {
+    if target.is_empty() || !is_visible(target) {
         return Err(FramingError::InvalidTarget);
     }
     let minor = version(&line[last + 1..])?;
@@ -901,6 +904,37 @@ mod tests {
     }
 
     #[test]
+    fn connection_lists_naming_more_than_keep_alive() {
+        let get = |lines: &str| {
+            request(format!("GET / HTTP/1.1\r\n{lines}\r\n").as_bytes())
+                .unwrap()
+                .has_connection_options()
+        };
+        assert!(!get(""));
+        assert!(!get(
+            "Connection: keep-alive\r\nProxy-Connection: Keep-Alive ,\r\n"
+        ));
+        assert!(get("Connection: keep-alive, X-Trace\r\n"));
+        assert!(get("Connection: close\r\n"));
+        assert!(get("Proxy-Connection: X-Trace\r\n"));
+        let got = |lines: &str| {
+            parse_response(
+                format!("HTTP/1.1 200 OK\r\n{lines}\r\n").as_bytes(),
+                4096,
+                false,
+            )
+            .unwrap()
+            .unwrap()
+            .0
+            .has_connection_options()
+        };
+        assert!(!got("Connection: Keep-Alive\r\n"));
+        assert!(got("Connection: keep-alive, X-Trace\r\n"));
+        // A response's `Proxy-Connection` names nothing: it is only removed.
+        assert!(!got("Proxy-Connection: X-Trace\r\n"));
+    }
+
+    #[test]
     fn expect_and_upgrade() {
         let get = |v: &str, lines: &str| {
             request(format!("GET / HTTP/{v}\r\n{lines}\r\n").as_bytes()).unwrap()
@@ -1073,11 +1107,14 @@ mod tests {
     /// with the same bounds and fields.
     fn fast_path_agrees(buf: &[u8], max: usize) {
         let fast = fast_head(buf, max, &mut Fields::new());
-        let exact = locate_head(buf, max).ok().flatten().and_then(|(start, end)| {
-            let head = &buf[start..end];
-            let headers = header_spans(head, start_line(head).1, &mut Fields::new()).ok()?;
-            Some((start, end, headers))
-        });
+        let exact = locate_head(buf, max)
+            .ok()
+            .flatten()
+            .and_then(|(start, end)| {
+                let head = &buf[start..end];
+                let headers = header_spans(head, start_line(head).1, &mut Fields::new()).ok()?;
+                Some((start, end, headers))
+            });
         let parts = |f: &Fields| -> Vec<_> {
             f.iter()
                 .map(|f| (f.name, f.value, f.kind, f.plain))
@@ -1092,7 +1129,11 @@ mod tests {
             (fast, exact) => panic!(
                 "fast path {}, exact path {} for {:?}",
                 if fast.is_some() { "took it" } else { "did not" },
-                if exact.is_some() { "took it" } else { "did not" },
+                if exact.is_some() {
+                    "took it"
+                } else {
+                    "did not"
+                },
                 String::from_utf8_lossy(buf)
             ),
         }
@@ -1136,10 +1177,9 @@ mod tests {
                     head.has_pharox_headers(),
                     kinds().any(|k| k == Kind::Pharox)
                 );
-                assert_eq!(
-                    head.has_connection_lists(),
-                    kinds().any(|k| matches!(k, Kind::Connection | Kind::ProxyConnection))
-                );
+                // Only a head with connection options can name a header to remove.
+                let named = super::super::rewrite::connection_named(head.fields(), true);
+                assert!(head.has_connection_options() || named.is_empty());
             }
             Ok(None) => assert!(buf.len() < max),
             Err(_) => {}
@@ -1149,11 +1189,8 @@ mod tests {
                 assert!(len <= buf.len() && len <= max && head.code() >= 100);
                 fields_are_writable(head.fields());
                 copies_fields_as_rebuilt(&head.raw, &head.headers);
-                assert_eq!(
-                    head.has_connection_lists(),
-                    head.fields()
-                        .any(|f| matches!(f.0, Kind::Connection | Kind::ProxyConnection))
-                );
+                let named = super::super::rewrite::connection_named(head.fields(), false);
+                assert!(head.has_connection_options() || named.is_empty());
             }
         }
     }

@@ -148,6 +148,11 @@ fn header(out: &mut BytesMut, name: &[u8], value: &[u8]) -> Result<(), BuildErro
     Ok(())
 }
 
+/// The `Connection` lines pharox writes, whole.
+const CONNECTION_KEEP_ALIVE: &[u8] = b"Connection: keep-alive\r\n";
+const CONNECTION_CLOSE: &[u8] = b"Connection: close\r\n";
+const CONNECTION_UPGRADE: &[u8] = b"Connection: upgrade\r\n";
+
 /// A header line of a parsed head, or one built here from checked parts: written as it is.
 fn checked_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     debug_assert!(is_token(name) && is_field_content(value) && trim_ows(value) == value);
@@ -224,7 +229,7 @@ impl RequestRewrite<'_> {
         uri: &AbsoluteUri<'_>,
         out: &mut BytesMut,
     ) -> Result<(), BuildError> {
-        let named = if head.has_connection_lists() {
+        let named = if head.has_connection_options() {
             connection_named(head.fields(), true)
         } else {
             SmallVec::new()
@@ -258,12 +263,11 @@ impl RequestRewrite<'_> {
                 BodyFraming::Chunked => checked_header(out, b"Transfer-Encoding", b"chunked"),
                 BodyFraming::None | BodyFraming::UntilClose => {}
             }
-            let connection: &[u8] = match (upgrade, self.keep_alive) {
-                (true, _) => b"upgrade",
-                (false, true) => b"keep-alive",
-                (false, false) => b"close",
-            };
-            checked_header(out, b"Connection", connection);
+            out.extend_from_slice(match (upgrade, self.keep_alive) {
+                (true, _) => CONNECTION_UPGRADE,
+                (false, true) => CONNECTION_KEEP_ALIVE,
+                (false, false) => CONNECTION_CLOSE,
+            });
             out.extend_from_slice(self.added.as_bytes());
             Ok(())
         })
@@ -287,20 +291,20 @@ impl ResponseRewrite<'_> {
     /// the stamp and `Connection` (none on an interim 1xx). The head's parts were checked by
     /// the parser and are written as they are.
     pub fn write(&self, head: &ResponseHead, out: &mut BytesMut) -> Result<(), BuildError> {
-        let named = if head.has_connection_lists() {
+        let named = if head.has_connection_options() {
             connection_named(head.fields(), false)
         } else {
             SmallVec::new()
         };
         let switching = head.is_switching_protocols();
-        let connection: Option<&[u8]> = if switching {
-            Some(b"upgrade")
+        let connection: &[u8] = if switching {
+            CONNECTION_UPGRADE
         } else if head.is_interim() {
-            None
+            b""
         } else if self.keep_alive && head.framing() != BodyFraming::UntilClose {
-            Some(b"keep-alive")
+            CONNECTION_KEEP_ALIVE
         } else {
-            Some(b"close")
+            CONNECTION_CLOSE
         };
         out.reserve(head.raw().len() + self.stamp.as_bytes().len() + 32);
         build(out, |out| {
@@ -312,9 +316,7 @@ impl ResponseRewrite<'_> {
                 forwards_response_header(kind, name, &named, switching)
             });
             out.extend_from_slice(self.stamp.as_bytes());
-            if let Some(c) = connection {
-                checked_header(out, b"Connection", c);
-            }
+            out.extend_from_slice(connection);
             Ok(())
         })
     }
@@ -322,7 +324,7 @@ impl ResponseRewrite<'_> {
 
 /// Header names listed in `Connection` (and `Proxy-Connection`, for requests), but those
 /// removed anyway (`keep-alive`, `upgrade`, ...: hop-by-hop by their kind).
-fn connection_named<'a>(
+pub(super) fn connection_named<'a>(
     fields: impl Iterator<Item = (Kind, &'a [u8], &'a [u8])>,
     proxy_connection: bool,
 ) -> SmallVec<[&'a [u8]; 4]> {
