@@ -183,10 +183,13 @@ pub(super) async fn read_response(
 ) -> Result<ResponseHead, ReadFail> {
     let read = async {
         loop {
-            match take_response_reusing(&mut up.buf, MAX_RESPONSE_HEAD, head_request, spare) {
-                Ok(Some(head)) => return Ok(head),
-                Ok(None) => {}
-                Err(e) => return Err(ReadFail::Bad(format!("malformed response: {e}"))),
+            // Before the first read the buffer is mostly empty: nothing to parse.
+            if !up.buf.is_empty() {
+                match take_response_reusing(&mut up.buf, MAX_RESPONSE_HEAD, head_request, spare) {
+                    Ok(Some(head)) => return Ok(head),
+                    Ok(None) => {}
+                    Err(e) => return Err(ReadFail::Bad(format!("malformed response: {e}"))),
+                }
             }
             up.buf.reserve(16 * 1024);
             match up.io.read_buf(&mut up.buf).await {

@@ -178,7 +178,8 @@ fn lease_lines(lease: &LeaseUse) -> Result<(HeaderLines, HeaderLines), ProxyErro
 struct Known {
     auth: Option<Vec<u8>>,
     pharox: Vec<(Vec<u8>, Vec<u8>)>,
-    id: Identity,
+    /// Shared with each request's exchange: one count, not a copy of its names.
+    id: Arc<Identity>,
     key: Arc<str>,
 }
 
@@ -320,13 +321,13 @@ impl Relay<'_> {
 
     /// The request's identity: the connection's known one if the request carries the same
     /// credentials and identity headers, else authenticated afresh (and remembered).
-    fn identity(&mut self, head: &RequestHead) -> Result<(Identity, Arc<str>), ProxyError> {
+    fn identity(&mut self, head: &RequestHead) -> Result<(Arc<Identity>, Arc<str>), ProxyError> {
         if let Some(k) = &self.known
             && k.matches(head)
         {
             return Ok((k.id.clone(), k.key.clone()));
         }
-        let id = identify(&self.rt.auth, head)?;
+        let id = Arc::new(identify(&self.rt.auth, head)?);
         let key: Arc<str> = Arc::from(format!(
             "{}\n{}\n{:?}\n{:?}",
             id.consumer,

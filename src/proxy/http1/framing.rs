@@ -35,13 +35,14 @@ pub(super) struct Facts<'a> {
 }
 
 impl<'a> Facts<'a> {
-    /// `proxy_connection`: whether `Proxy-Connection` counts as `Connection` (requests).
+    /// From each header line's index, kind and value (lines of no kind of ours may be left
+    /// out); `proxy_connection`: whether `Proxy-Connection` counts as `Connection` (requests).
     pub(super) fn of(
-        headers: impl Iterator<Item = (Kind, &'a [u8], &'a [u8])>,
+        headers: impl Iterator<Item = (usize, Kind, &'a [u8])>,
         proxy_connection: bool,
     ) -> Self {
         let mut f = Facts::default();
-        for (i, (kind, _, value)) in headers.enumerate() {
+        for (i, kind, value) in headers {
             match kind {
                 Kind::ContentLength => {
                     f.content_lengths += 1;

@@ -378,6 +378,8 @@ pub(crate) fn take_response_reusing(
 struct Found {
     start: usize,
     end: usize,
+    /// The length of the start line (without its CRLF).
+    line: usize,
     headers: Fields,
 }
 
@@ -392,10 +394,12 @@ fn find_head(buf: &[u8], max: usize, spare: &mut Fields) -> Result<Option<Found>
         return Ok(None);
     };
     let head = &buf[start..end];
-    let headers = header_spans(head, start_line(head).1, spare)?;
+    let (line, fields_at) = start_line(head);
+    let headers = header_spans(head, fields_at, spare)?;
     Ok(Some(Found {
         start,
         end,
+        line: line.len(),
         headers,
     }))
 }
@@ -443,6 +447,7 @@ fn fast_head(buf: &[u8], max: usize, spare: &mut Fields) -> Option<Found> {
     Some(Found {
         start,
         end: start + end,
+        line: lf - 1,
         headers: fields,
     })
 }
@@ -515,10 +520,10 @@ fn start_line(head: &[u8]) -> (&[u8], usize) {
 }
 
 fn request_layout(head: &[u8], found: Found) -> Result<RequestHead, FramingError> {
-    let line = start_line(head).0;
+    let line = &head[..found.line];
     let (method, target, minor) = request_line(line)?;
     let headers = found.headers;
-    let facts = Facts::of(kinded(head, &headers), true);
+    let facts = facts(head, &headers, true);
     if facts.hosts > 1 {
         return Err(FramingError::DuplicateHost);
     }
@@ -543,10 +548,10 @@ fn response_layout(
     head_request: bool,
     found: Found,
 ) -> Result<ResponseHead, FramingError> {
-    let line = start_line(head).0;
+    let line = &head[..found.line];
     let (minor, code, reason) = status_line(line)?;
     let headers = found.headers;
-    let facts = Facts::of(kinded(head, &headers), false);
+    let facts = facts(head, &headers, false);
     let framing = response_framing(&facts, minor, code, head_request)?;
     let reusable = framing != BodyFraming::UntilClose && code != 101;
     Ok(ResponseHead {
@@ -693,6 +698,17 @@ fn crlf_after_whitespace(rest: &[u8]) -> bool {
 
 fn fields<'a>(raw: &'a [u8], headers: &'a [Field]) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
     headers.iter().map(|f| (f.name.of(raw), f.value.of(raw)))
+}
+
+/// What the header lines say about framing and the connection: only lines of a kind of
+/// ours are looked at.
+fn facts<'a>(raw: &'a [u8], headers: &[Field], proxy_connection: bool) -> Facts<'a> {
+    let ours = headers
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.kind != Kind::Other)
+        .map(|(i, f)| (i, f.kind, f.value.of(raw)));
+    Facts::of(ours, proxy_connection)
 }
 
 fn kinded<'a>(
