@@ -15,7 +15,11 @@
 # the shared load generator) and prints the difference per request, so that start-up and
 # shutdown cancel out; one-time set-up inside `OnceCell`s (clock calibration, which runs for
 # a set time) is left out of both. pharox and the load generator are pinned as in the shared
-# fleet (peers.env): how many requests one wake-up of pharox finds depends on it. `callgrind_annotate OUT.9000.cg` shows where it goes.
+# fleet (peers.env): how many requests one wake-up of pharox finds depends on it, and it
+# moves the total by some ±10 % between runs of one build (tokio's wake-ups, readiness polls
+# and epoll turns). For plain HTTP it also prints the relay's own figure: the inclusive count
+# of the connection's request loop (`Relay::run`), which repeats within 0.1 % and is the one to
+# A/B a change to the relay with. `callgrind_annotate OUT.9000.cg` shows where it goes.
 # With FLOOR_BIN (cargo build --release --example floor-relay) it counts the floor relay
 # instead (benches/floor-relay.rs: parse each head once, forward it unchanged), the client
 # carrying the upstream's credentials as through HAProxy.
@@ -54,6 +58,10 @@ trap '"$RUNP" stop >&2 || true' EXIT
 } > "$CONFIG"
 
 total() { callgrind_annotate "$1" | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }'; }
+relay() {
+    callgrind_annotate --inclusive=yes "$1" |
+        awk '/:pharox::proxy::forward::Relay::run::\{\{closure\}\} \[/ { gsub(",", "", $1); if ($1 > m) m = $1 } END { print m + 0 }'
+}
 setup() {
     callgrind_annotate --inclusive=yes "$1" |
         awk '!/=>/ && /OnceCell<T>::initialize/ { gsub(",", "", $1); if ($1 > m) m = $1 } END { print m + 0 }'
@@ -83,3 +91,6 @@ done
 a=$(($(total "$OUT.3000.cg") - $(setup "$OUT.3000.cg")))
 b=$(($(total "$OUT.9000.cg") - $(setup "$OUT.9000.cg")))
 echo "instructions per $UNIT: $(((b - a) / 6000))"
+if [ -z "${FLOOR_BIN:-}" ] && [ "$MODE" = http-rps ]; then
+    echo "of which the relay's request loop: $((($(relay "$OUT.9000.cg") - $(relay "$OUT.3000.cg")) / 6000))"
+fi
