@@ -1129,7 +1129,7 @@ mod tests {
             .and_then(|(start, end)| {
                 let head = &buf[start..end];
                 let headers = header_spans(head, start_line(head).1, &mut Fields::new()).ok()?;
-                Some((start, end, headers))
+                Some((start, end, start_line(head).0.len(), headers))
             });
         let parts = |f: &Fields| -> Vec<_> {
             f.iter()
@@ -1138,8 +1138,8 @@ mod tests {
         };
         match (fast, exact) {
             (None, None) => {}
-            (Some(fast), Some((start, end, headers))) => {
-                assert_eq!((fast.start, fast.end), (start, end));
+            (Some(fast), Some((start, end, line, headers))) => {
+                assert_eq!((fast.start, fast.end, fast.line), (start, end, line));
                 assert_eq!(parts(&fast.headers), parts(&headers));
             }
             (fast, exact) => panic!(
