@@ -127,15 +127,7 @@ impl<'a> AbsoluteUri<'a> {
         if user {
             return Err(UriError::UserInfo);
         }
-        let (host, port) = host_port(authority, colon, known == Some(authority))?;
-        Ok(AbsoluteUri {
-            port: port.unwrap_or(scheme.default_port()),
-            scheme,
-            authority,
-            host,
-            path_and_query,
-            uri,
-        })
+        Self::assemble(uri, scheme, (authority, colon), path_and_query, known)
     }
 
     /// [`AbsoluteUri::parse_visible`] for any scheme.
@@ -154,6 +146,18 @@ impl<'a> AbsoluteUri<'a> {
             return Err(UriError::UserInfo);
         }
         let colon = memchr::memchr(b':', authority.as_bytes());
+        Self::assemble(uri, scheme, (authority, colon), path_and_query, known)
+    }
+
+    /// The URI from its parts, its authority's host and port checked (`colon`: where the
+    /// authority's first `:` is).
+    fn assemble(
+        uri: &'a str,
+        scheme: Scheme,
+        (authority, colon): (&'a str, Option<usize>),
+        path_and_query: &'a str,
+        known: Option<&str>,
+    ) -> Result<Self, UriError> {
         let (host, port) = host_port(authority, colon, known == Some(authority))?;
         Ok(AbsoluteUri {
             port: port.unwrap_or(scheme.default_port()),
