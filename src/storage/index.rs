@@ -38,7 +38,7 @@ type LeastUsedKey = (u32, SystemTime, u64);
 /// The eligible slots of one view in one selector's order.
 pub(super) enum Index {
     /// Insertion order (slot number).
-    First(BTreeSet<u32>),
+    First(SlotBits),
     /// Id order (`ranked`).
     Id(BTreeSet<u64>),
     LeastUsed(BTreeSet<LeastUsedKey>),
@@ -54,7 +54,7 @@ pub(super) enum Index {
 impl Index {
     pub(super) fn new(selector: Selector) -> Self {
         match selector {
-            Selector::FirstAvailable => Index::First(BTreeSet::new()),
+            Selector::FirstAvailable => Index::First(SlotBits::default()),
             Selector::RoundRobin => Index::Id(BTreeSet::new()),
             Selector::LeastUsed => Index::LeastUsed(BTreeSet::new()),
             Selector::LowestLatency => Index::Latency(BTreeSet::new()),
@@ -85,9 +85,7 @@ impl Index {
 
     pub(super) fn insert(&mut self, slot: u32, s: &Snap) {
         match self {
-            Index::First(set) => {
-                set.insert(slot);
-            }
+            Index::First(set) => set.insert(slot),
             Index::Id(set) => {
                 set.insert(ranked(s.rank, slot));
             }
@@ -110,9 +108,7 @@ impl Index {
 
     pub(super) fn remove(&mut self, slot: u32, s: &Snap) {
         match self {
-            Index::First(set) => {
-                set.remove(&slot);
-            }
+            Index::First(set) => set.remove(slot),
             Index::Id(set) => {
                 set.remove(&ranked(s.rank, slot));
             }
@@ -146,7 +142,7 @@ impl Index {
         start: usize,
     ) -> Box<dyn Iterator<Item = u32> + 'a> {
         match self {
-            Index::First(set) => Box::new(set.iter().copied()),
+            Index::First(set) => Box::new(set.iter()),
             Index::Id(set) => {
                 let from = ranked(rr_from, 0);
                 Box::new(
@@ -171,7 +167,7 @@ impl Index {
     /// The preferred candidate without a residual filter, without building an iterator.
     pub(super) fn first(&self, rr_from: u32, start: usize) -> Option<u32> {
         match self {
-            Index::First(set) => set.first().copied(),
+            Index::First(set) => set.first(),
             Index::Id(set) => set
                 .range(ranked(rr_from, 0)..)
                 .next()
@@ -243,5 +239,130 @@ impl View {
                 }
             }
         }
+    }
+}
+
+/// A set of slot numbers in slot order: one bit per slot, and one bit per 64 slots telling
+/// which words of the first level have a bit set, so that the lowest member is found by
+/// scanning 1/4 096 of the slot range. Inserting and removing never allocate once the
+/// set has grown to the highest slot (a `BTreeSet` splits and merges nodes when the same
+/// few slots come and go, as they do under `first_available`).
+#[derive(Default)]
+pub(super) struct SlotBits {
+    words: Vec<u64>,
+    /// Bit `i % 64` of `summary[i / 64]`: `words[i]` is not zero.
+    summary: Vec<u64>,
+}
+
+impl SlotBits {
+    pub(super) fn insert(&mut self, slot: u32) {
+        let w = (slot / 64) as usize;
+        if self.words.len() <= w {
+            self.words.resize(w + 1, 0);
+            self.summary.resize(w / 64 + 1, 0);
+        }
+        self.words[w] |= 1 << (slot % 64);
+        self.summary[w / 64] |= 1 << (w % 64);
+    }
+
+    pub(super) fn remove(&mut self, slot: u32) {
+        let w = (slot / 64) as usize;
+        let Some(word) = self.words.get_mut(w) else {
+            return;
+        };
+        *word &= !(1 << (slot % 64));
+        if *word == 0 {
+            self.summary[w / 64] &= !(1 << (w % 64));
+        }
+    }
+
+    /// The lowest member.
+    pub(super) fn first(&self) -> Option<u32> {
+        self.next_from(0)
+    }
+
+    /// The lowest member at or after word `w` of the first level.
+    fn next_from(&self, w: usize) -> Option<u32> {
+        let mut s = w / 64;
+        let mut mask = u64::MAX.checked_shl((w % 64) as u32).unwrap_or(0);
+        while let Some(&bits) = self.summary.get(s) {
+            let live = bits & mask;
+            if live != 0 {
+                let w = s * 64 + live.trailing_zeros() as usize;
+                let slot = w * 64 + self.words[w].trailing_zeros() as usize;
+                return Some(slot as u32);
+            }
+            s += 1;
+            mask = u64::MAX;
+        }
+        None
+    }
+
+    /// The members in slot order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        let mut next = self.first();
+        std::iter::from_fn(move || {
+            let slot = next?;
+            let w = (slot / 64) as usize;
+            // The rest of this word, then the next word with a member.
+            let rest = self.words[w] & (u64::MAX << (slot % 64)) & !(1 << (slot % 64));
+            next = if rest != 0 {
+                Some((w * 64) as u32 + rest.trailing_zeros())
+            } else {
+                self.next_from(w + 1)
+            };
+            Some(slot)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SlotBits;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    proptest! {
+        /// Against a `BTreeSet`: the same members, the same lowest, the same order, after
+        /// any sequence of inserts and removes (slots spread over several summary words).
+        #[test]
+        fn slot_bits_is_an_ordered_set(ops in prop::collection::vec((any::<bool>(), 0u32..9_000), 0..400)) {
+            let mut bits = SlotBits::default();
+            let mut model = BTreeSet::new();
+            for (add, slot) in ops {
+                if add {
+                    bits.insert(slot);
+                    model.insert(slot);
+                } else {
+                    bits.remove(slot);
+                    model.remove(&slot);
+                }
+                prop_assert_eq!(bits.first(), model.first().copied());
+            }
+            prop_assert_eq!(bits.iter().collect::<Vec<_>>(), model.iter().copied().collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn edges_of_words() {
+        let mut bits = SlotBits::default();
+        assert_eq!(bits.first(), None);
+        bits.remove(5);
+        for slot in [63, 64, 4_095, 4_096, 0] {
+            bits.insert(slot);
+        }
+        assert_eq!(
+            bits.iter().collect::<Vec<_>>(),
+            vec![0, 63, 64, 4_095, 4_096]
+        );
+        bits.remove(0);
+        bits.remove(63);
+        assert_eq!(bits.first(), Some(64));
+        bits.remove(64);
+        bits.remove(4_095);
+        assert_eq!(bits.first(), Some(4_096));
+        bits.remove(4_096);
+        assert_eq!(bits.first(), None);
+        assert_eq!(bits.iter().count(), 0);
     }
 }
