@@ -20,11 +20,14 @@
 //!
 //! The state moves once per burst instead of once per operation. Waiters spin on a hand-over
 //! counter on a line of its own, which the holder writes only when it hands over, and look at
-//! the lock's word itself rarely (each look costs the holder a line transfer); they yield
-//! their core after [`SPIN_FOR`] (more runnable threads than cores: let the holder run) and
-//! sleep between looks after [`SLEEP_AFTER`]. Nothing here affects what the state
-//! does: the lock only decides who runs the next critical section, and each one still runs
-//! alone, start to end.
+//! the lock's word itself rarely: each look costs the holder a line transfer, so the looks
+//! follow one doubling schedule ([`FIRST_POLL`] to [`LAST_POLL`]) whatever the waiter does
+//! between them, and a spinning waiter reads the clock only every [`CLOCK_EVERY`] spins
+//! (a waiter that looked at the word after every yield, or read the clock at every spin,
+//! slowed the holder by a fifth and more: benches/README.md). Waiters yield their core after
+//! [`SPIN_FOR`] (more runnable threads than cores: let the holder run) and sleep between
+//! looks after [`SLEEP_AFTER`]. Nothing here affects what the state does: the lock only
+//! decides who runs the next critical section, and each one still runs alone, start to end.
 //!
 //! The crate has no `unsafe` code, so the state itself sits in a `std::sync::Mutex` behind
 //! this gate: only the gate's holder ever locks it, so that mutex is never contended (two
@@ -50,10 +53,12 @@ const SEQ: u64 = 1 << 20;
 pub(super) const BURST: u32 = 1024;
 /// First and longest time between a waiter's looks at the lock's word (doubling).
 const FIRST_POLL: Duration = Duration::from_micros(1);
-const LAST_POLL: Duration = Duration::from_micros(16);
+const LAST_POLL: Duration = Duration::from_micros(64);
+/// Spins between a spinning waiter's clock reads (one to a few µs of `pause`s, by CPU).
+const CLOCK_EVERY: u32 = 64;
 /// Waiting after which a free lock is taken at once.
 const PATIENCE: Duration = Duration::from_millis(1);
-/// Waiting after which a waiter yields its core between polls ...
+/// Waiting after which a waiter yields its core between its looks at the hand-over counter ...
 const SPIN_FOR: Duration = Duration::from_micros(300);
 /// ... and after which it sleeps between polls.
 const SLEEP_AFTER: Duration = Duration::from_millis(3);
@@ -121,6 +126,9 @@ impl<T> PoolLock<T> {
         let start = Instant::now();
         let mut previous = None;
         let mut poll = FIRST_POLL;
+        let mut next_look = start + poll;
+        let mut spins = 0u32;
+        let mut yielding = false;
         loop {
             if w & LOCKED == 0 {
                 let handed_over = w & HANDOFF != 0 && w >> 20 != registered;
@@ -145,24 +153,33 @@ impl<T> PoolLock<T> {
                 }
             }
             previous = Some(w);
-            let waited = start.elapsed();
-            if waited >= SLEEP_AFTER {
-                std::thread::sleep(SLEEP);
-            } else if waited >= SPIN_FOR {
-                std::thread::yield_now();
-            } else {
-                // Until a hand-over or the next look at the word.
-                let until = Instant::now() + poll;
-                poll = (poll * 2).min(LAST_POLL);
-                loop {
-                    let h = self.handoffs.0.load(Ordering::Acquire);
-                    if h != handoffs {
-                        handoffs = h;
-                        break;
-                    }
-                    if Instant::now() >= until {
-                        break;
-                    }
+            // Wait for a hand-over or the next look at the word, whichever comes first.
+            loop {
+                let h = self.handoffs.0.load(Ordering::Acquire);
+                if h != handoffs {
+                    handoffs = h;
+                    break;
+                }
+                // While spinning, the clock only every few spins: a waiter that reads it
+                // at every spin slows the holder down (benches/README.md).
+                spins = spins.wrapping_add(1);
+                if !yielding && !spins.is_multiple_of(CLOCK_EVERY) {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let now = Instant::now();
+                if now >= next_look {
+                    poll = (poll * 2).min(LAST_POLL);
+                    next_look = now + poll;
+                    break;
+                }
+                let waited = now - start;
+                yielding = waited >= SPIN_FOR;
+                if waited >= SLEEP_AFTER {
+                    std::thread::sleep(SLEEP);
+                } else if yielding {
+                    std::thread::yield_now();
+                } else {
                     std::hint::spin_loop();
                 }
             }
