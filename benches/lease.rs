@@ -1,11 +1,14 @@
 //! Acquire + release pairs per second: the in-memory storage through the manager, for pools
 //! of 10, 1 000 and 100 000 exclusive proxies, each selector: one thread (`1t`), two threads
-//! contending on one pool (`2t`), two threads each on its own pool of the same storage
+//! contending on one pool (`2t`), two threads on one pool taking turns on a token of their
+//! own (`2t-turns`: the pool's lock is never contended, a floor for any lock that lets one
+//! thread at a time run a burst), two threads each on its own pool of the same storage
 //! (`2t-2pools`), next to a naive baseline (a `Mutex<Vec<_>>` scanned linearly on every
 //! acquire, as the Python library does). Run with `cargo bench --bench lease`.
 
 use std::future::Future;
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Barrier, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
@@ -74,6 +77,52 @@ fn two_threads(
         barrier.wait();
         let start = Instant::now();
         pairs(m, req, n - n / 2);
+        other.join().unwrap();
+        start.elapsed()
+    })
+}
+
+/// Pairs per turn in `2t-turns`: about the pool lock's burst (1 024 critical sections).
+const TURN: u64 = 512;
+
+/// A turn counter on a line of its own, and which threads are done.
+#[repr(align(128))]
+struct Turns {
+    turn: AtomicU64,
+    done: AtomicU64,
+}
+
+/// Two threads on one pool, `n` pairs in all, taking turns of [`TURN`] pairs: a thread
+/// waits for its turn spinning on the counter alone, so the pool's lock is never contended
+/// and its state moves between the cores once per turn.
+fn two_threads_in_turns(m: &ProxyManager, req: &AcquireRequest, n: u64) -> Duration {
+    let turns = Turns {
+        turn: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+    };
+    let run = |me: u64, mut left: u64| {
+        while left > 0 {
+            while turns.turn.load(Ordering::Acquire) % 2 != me
+                && turns.done.load(Ordering::Acquire) & (1 << (1 - me)) == 0
+            {
+                std::hint::spin_loop();
+            }
+            let k = left.min(TURN);
+            pairs(m, req, k);
+            left -= k;
+            turns.turn.fetch_add(1, Ordering::Release);
+        }
+        turns.done.fetch_or(1 << me, Ordering::Release);
+    };
+    let barrier = Barrier::new(2);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            barrier.wait();
+            run(1, n / 2);
+        });
+        barrier.wait();
+        let start = Instant::now();
+        run(0, n - n / 2);
         other.join().unwrap();
         start.elapsed()
     })
@@ -155,6 +204,9 @@ fn bench(c: &mut Criterion) {
             });
             group.bench_function(BenchmarkId::new("pharox-2t", selector), |b| {
                 b.iter_custom(|n| two_threads((&m, &req), (&m, &req), n))
+            });
+            group.bench_function(BenchmarkId::new("pharox-2t-turns", selector), |b| {
+                b.iter_custom(|n| two_threads_in_turns(&m, &req, n))
             });
             // Two pools of the same storage, one per thread: what does not scale here is
             // shared by the whole storage.
