@@ -68,15 +68,27 @@ fn two_threads(
     (m2, req2): (&ProxyManager, &AcquireRequest),
     n: u64,
 ) -> Duration {
+    in_two_threads(n, |me, k| {
+        if me == 0 {
+            pairs(m, req, k)
+        } else {
+            pairs(m2, req2, k)
+        }
+    })
+}
+
+/// Runs `work(0, n - n / 2)` here and `work(1, n / 2)` on a second thread; returns the
+/// elapsed time from the moment both are ready until both are done.
+fn in_two_threads(n: u64, work: impl Fn(u64, u64) + Sync) -> Duration {
     let barrier = Barrier::new(2);
     std::thread::scope(|s| {
         let other = s.spawn(|| {
             barrier.wait();
-            pairs(m2, req2, n / 2);
+            work(1, n / 2);
         });
         barrier.wait();
         let start = Instant::now();
-        pairs(m, req, n - n / 2);
+        work(0, n - n / 2);
         other.join().unwrap();
         start.elapsed()
     })
@@ -100,7 +112,7 @@ fn two_threads_in_turns(m: &ProxyManager, req: &AcquireRequest, n: u64) -> Durat
         turn: AtomicU64::new(0),
         done: AtomicU64::new(0),
     };
-    let run = |me: u64, mut left: u64| {
+    in_two_threads(n, |me, mut left| {
         while left > 0 {
             while turns.turn.load(Ordering::Acquire) % 2 != me
                 && turns.done.load(Ordering::Acquire) & (1 << (1 - me)) == 0
@@ -113,18 +125,6 @@ fn two_threads_in_turns(m: &ProxyManager, req: &AcquireRequest, n: u64) -> Durat
             turns.turn.fetch_add(1, Ordering::Release);
         }
         turns.done.fetch_or(1 << me, Ordering::Release);
-    };
-    let barrier = Barrier::new(2);
-    std::thread::scope(|s| {
-        let other = s.spawn(|| {
-            barrier.wait();
-            run(1, n / 2);
-        });
-        barrier.wait();
-        let start = Instant::now();
-        run(0, n - n / 2);
-        other.join().unwrap();
-        start.elapsed()
     })
 }
 
