@@ -1,6 +1,6 @@
 //! Acquire + release pairs per second: the in-memory storage through the manager, for pools
 //! of 10, 1 000 and 100 000 exclusive proxies, each selector: one thread (`1t`), two threads
-//! contending on one pool (`2t`), two threads on one pool taking turns on a token of their
+//! contending on one pool (`2t`), two threads on one pool taking turns on a counter of their
 //! own (`2t-turns`: the pool's lock is never contended, a floor for any lock that lets one
 //! thread at a time run a burst), two threads each on its own pool of the same storage
 //! (`2t-2pools`), next to a naive baseline (a `Mutex<Vec<_>>` scanned linearly on every

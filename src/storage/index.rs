@@ -284,7 +284,7 @@ impl SlotBits {
     /// The lowest member at or after word `w` of the first level.
     fn next_from(&self, w: usize) -> Option<u32> {
         let mut s = w / 64;
-        let mut mask = u64::MAX.checked_shl((w % 64) as u32).unwrap_or(0);
+        let mut mask = u64::MAX << (w % 64);
         while let Some(&bits) = self.summary.get(s) {
             let live = bits & mask;
             if live != 0 {
